@@ -1,0 +1,1 @@
+"""How ftpipe's stages are started: the CLI and its executors."""

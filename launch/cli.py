@@ -1,0 +1,118 @@
+"""`ftpipe run | validate | plan | status`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from pipeline.config import RunConfig, check_paths, load_config
+from pipeline.errors import UserError
+from pipeline.run_dir import STAGES, RunDir
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ftpipe", description="Fine-tune Hugging Face models from one YAML file.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pipeline (skipping stages that are up to date)")
+    _config_args(run)
+    run.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                     help="redo STAGE (and what depends on it) even if up to date; repeatable")
+    run.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    for name in ("validate", "plan"):
+        check = sub.add_parser(name, help="check the config and print the plan without running anything")
+        _config_args(check)
+        check.add_argument("--stages", help="comma-separated subset of stages")
+    status = sub.add_parser("status", help="show which stages of a run directory are done")
+    status.add_argument("run_dir", type=Path)
+    return parser
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="run config (YAML)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY.SUB=VALUE", help="config overrides")
+
+
+def _load(args: argparse.Namespace) -> RunConfig:
+    cfg = load_config(args.config, args.overrides)
+    check_paths(cfg)
+    return cfg
+
+
+def _stages(args: argparse.Namespace) -> list[str] | None:
+    return [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from launch.local import print_plan, print_summary, run_pipeline
+    from pipeline.runner import plan
+
+    cfg = _load(args)
+    planned = plan(cfg, _stages(args), tuple(args.force))
+    print_plan(cfg, planned)
+    if args.dry_run:
+        return 0
+    run_pipeline(cfg, planned, progress=not args.no_progress)
+    print_summary(cfg)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from launch.local import print_plan
+    from pipeline.runner import plan
+
+    cfg = _load(args)
+    print(f"{args.config}: config is valid")
+    print_plan(cfg, plan(cfg, _stages(args)))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    run_dir = RunDir(args.run_dir)
+    if not (args.run_dir / "config.yaml").is_file():
+        raise UserError(f"{args.run_dir}: not a run directory (no config.yaml)")
+    for name in STAGES:
+        manifest = run_dir.read_manifest(name)
+        started = run_dir.stage(name).exists()
+        state = "done" if manifest else ("partial" if started else "pending")
+        detail = f"{manifest['wall_seconds']:.1f}s" if manifest else ""
+        print(f"  {name:<11} {state:<8} {detail}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_validate, "status": cmd_status}
+
+
+def _quiet_libraries() -> None:
+    logging.basicConfig(level=logging.INFO, format="ftpipe: %(message)s", stream=sys.stderr)
+    for name in ("alembic", "mlflow", "urllib3", "httpx", "datasets", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as err:
+        print(f"ftpipe: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ftpipe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Running a planned pipeline on this machine, in this process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig, dump_config
+from pipeline.runner import PlannedStage, execute
+from pipeline.run_dir import atomic_write_text
+from pipeline.tracking import Tracker, default_tracking_uri
+
+log = logging.getLogger("ftpipe")
+
+
+def build_tracker(cfg: RunConfig, environ: dict[str, str] | None = None) -> Tracker | None:
+    if not cfg.tracking.enabled:
+        return None
+    environ = os.environ if environ is None else environ
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    uri = cfg.tracking.mlflow_uri or environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(output_dir)
+    artifacts = output_dir / "mlartifacts" if uri.startswith("sqlite:") else None
+    return Tracker(uri, cfg.tracking.experiment or cfg.name, cfg.name, artifacts)
+
+
+def run_pipeline(cfg: RunConfig, planned: list[PlannedStage], progress: bool = True) -> dict[str, dict]:
+    """Execute the plan with MLflow tracking; the parent run ends FAILED if a stage raises."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = cfg.run_dir / "config.yaml"
+    atomic_write_text(config_file, dump_config(cfg))
+    tracker = build_tracker(cfg)
+    if tracker:
+        tracker.start(cfg.model_dump(mode="json"), config_file, {"ftpipe.run_dir": str(cfg.run_dir.resolve())})
+    status = "FAILED"
+    try:
+        manifests = execute(cfg, planned, tracker, progress, on_stage=lambda s, m: _report(s, m, tracker))
+        status = "FINISHED"
+        return manifests
+    finally:
+        if tracker and not tracker.close(status):
+            log.warning("tracking incomplete for this run (see warnings above)")
+
+
+def _report(stage: PlannedStage, manifest: dict | None, tracker: Tracker | None) -> None:
+    if manifest is None:
+        log.info("%-11s skipped (%s)", stage.name, stage.reason)
+        if tracker:
+            tracker.set_tag(f"ftpipe.stage.{stage.name}", "skipped")
+        return
+    log.info("%-11s done in %.1fs", stage.name, manifest["wall_seconds"])
+    if tracker:
+        tracker.set_tag(f"ftpipe.stage.{stage.name}", stage.action)
+        tracker.log_parent_metrics(_headline(stage.name, manifest))
+
+
+def _headline(stage: str, manifest: dict[str, Any]) -> dict[str, float]:
+    from pipeline.evaluate import scalar_metrics
+
+    if stage == "evaluate":
+        return {f"eval_{k}": v for k, v in scalar_metrics(manifest["metrics"]).items()}
+    if stage == "train":
+        keys = ("steps", "tokens_trained", "seconds", "tokens_per_second")
+        return {f"train_{k}": float(manifest[k]) for k in keys}
+    return {}
+
+
+def print_plan(cfg: RunConfig, planned: list[PlannedStage], out=sys.stdout) -> None:
+    print(f"run directory: {cfg.run_dir}", file=out)
+    for stage in planned:
+        target = cfg.run_dir / stage.name
+        print(f"  {stage.name:<11} {stage.action:<7} {stage.reason:<34} -> {target}", file=out)
+
+
+def print_summary(cfg: RunConfig, out=sys.stdout) -> None:
+    metrics_file = cfg.run_dir / "evaluate" / "metrics.json"
+    if not metrics_file.is_file():
+        return
+    metrics = json.loads(metrics_file.read_text())
+    keys = [k for k, v in metrics.items() if isinstance(v, (int, float)) and k != "base"]
+    base = metrics.get("base")
+    print(f"\nheld-out metrics ({cfg.run_dir / 'evaluate' / 'metrics.json'}):", file=out)
+    print(f"  {'metric':<14}" + (f"{'before':>12}" if base else "") + f"{'after':>12}", file=out)
+    for key in keys:
+        before = f"{base[key]:>12.4f}" if base and key in base else ""
+        print(f"  {key:<14}{before}{metrics[key]:>12.4f}", file=out)
+    print(f"model: {cfg.run_dir / 'consolidate' / 'model'}", file=out)

@@ -1,0 +1,259 @@
+"""The run config: pydantic models, YAML loading, dotted CLI overrides, one-line errors."""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(description="Local model directory or hub id of the pretrained model.")
+    task: Literal["causal_lm", "sequence_classification"] = Field(
+        "causal_lm", description="Head to train: next-token prediction or sequence classification.")
+    num_labels: int | None = Field(
+        None, ge=2, description="Classes for sequence_classification; defaults to len(data.labels).")
+
+
+class DataConfig(Section):
+    train: list[str] = Field(min_length=1, description="Training files or globs (jsonl, parquet, csv, txt).")
+    eval: list[str] = Field(
+        default_factory=list, description="Held-out files; when empty, eval_fraction of train is held out.")
+    format: Literal["text", "classification"] = Field(
+        "text", description="Row format: plain text (causal LM) or text + label (classification).")
+    text_field: str = Field("text", description="Field holding the text.")
+    label_field: str = Field("label", description="Field holding the label (classification).")
+    labels: list[str] | None = Field(
+        None, description="Label names in index order; rows may give a name or an index.")
+    eval_fraction: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Share of train rows held out by a stable hash of the row.")
+    num_shards: int = Field(4, ge=1, description="Number of parquet shards the shard stage writes per split.")
+    max_seq_len: int = Field(128, ge=8, description="Tokens per example; longer examples are truncated.")
+    max_reject_fraction: float = Field(
+        0.01, ge=0.0, le=1.0, description="Fail before training when more than this share of rows is rejected.")
+
+
+class TrainConfig(Section):
+    strategy: Literal["single"] = Field("single", description="Distribution strategy.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass per rank.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(5.0e-5, gt=0, description="Peak learning rate (AdamW).")
+    warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps with linear warmup.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not applied to biases/norms).")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
+    seed: int = Field(0, description="Seed for initialisation, data order and dropout.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast.")
+    checkpoint_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
+    keep_last: int = Field(2, ge=1, description="Complete checkpoints kept on disk.")
+    log_every: int = Field(1, ge=1, description="Optimizer steps between logged metrics.")
+
+
+class EvaluateConfig(Section):
+    batch_size: int = Field(32, ge=1, description="Examples per evaluation forward pass.")
+    compare_base: bool = Field(False, description="Also score the untouched base model (before/after table).")
+    num_generations: int = Field(4, ge=0, description="causal_lm: eval examples continued into samples.jsonl.")
+    max_new_tokens: int = Field(32, ge=1, description="causal_lm: tokens generated per sample.")
+
+
+class TrackingConfig(Section):
+    enabled: bool = Field(True, description="Record the run in MLflow.")
+    mlflow_uri: str | None = Field(
+        None, description="Tracking URI; null: MLFLOW_TRACKING_URI, else a sqlite file in output_dir.")
+    experiment: str | None = Field(None, description="MLflow experiment; null: the run name.")
+
+
+class LaunchConfig(Section):
+    backend: Literal["local"] = Field("local", description="Where stages run.")
+
+
+class RunConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; the run directory's name.")
+    output_dir: str = Field("runs", description="Parent folder of run directories.")
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
+
+    @model_validator(mode="after")
+    def _task_matches_format(self) -> RunConfig:
+        classify = self.model.task == "sequence_classification"
+        if classify != (self.data.format == "classification"):
+            raise ValueError(
+                f"model.task {self.model.task!r} needs data.format "
+                f"{'classification' if classify else 'text'!r}, got {self.data.format!r}")
+        if classify:
+            self._check_labels()
+        return self
+
+    def _check_labels(self) -> None:
+        labels, num = self.data.labels, self.model.num_labels
+        if labels is None and num is None:
+            raise ValueError("sequence_classification needs model.num_labels or data.labels")
+        if labels is not None and num is not None and len(labels) != num:
+            raise ValueError(f"model.num_labels is {num} but data.labels has {len(labels)} names")
+        if labels is not None and len(set(labels)) != len(labels):
+            raise ValueError("data.labels has duplicate names")
+        if num is None:
+            self.model.num_labels = len(labels)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config, apply `a.b=value` overrides, validate; UserError on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"{path}: cannot read config: {err}") from None
+    raw = _parse_yaml(path, text)
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate_config(raw, path, text)
+
+
+def validate_config(raw: dict, path: Path | str = "<config>", text: str | None = None) -> RunConfig:
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        lines = _yaml_lines(text)
+        messages = [_describe_error(e, path, lines) for e in err.errors()]
+        more = f" (and {len(messages) - 1} more)" if len(messages) > 1 else ""
+        raise UserError(messages[0] + more) from None
+
+
+def _parse_yaml(path: Path, text: str) -> dict:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UserError(f"{where}: invalid YAML: {problem}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the config must be a YAML mapping of sections (name, model, data, ...)")
+    return raw
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError(f"override {item!r}: expected KEY.SUB=VALUE, e.g. train.lr=1e-4")
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override {item!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def _describe_error(error: dict, path: Path | str, lines: dict) -> str:
+    loc = tuple(str(p) for p in error["loc"])
+    dotted = ".".join(loc) or "config"
+    where = f"{path}:{lines[loc]}" if loc in lines else str(path)
+    if error["type"] == "extra_forbidden":
+        hint = _closest_key(loc)
+        return f"{where}: unknown key '{dotted}'" + (f" (did you mean '{hint}'?)" if hint else "")
+    if error["type"] == "missing":
+        return f"{where}: missing required key '{dotted}'"
+    message = re.sub(r"^Value error, ", "", error["msg"])
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    if not loc:
+        return f"{where}: {message}"
+    return f"{where}: {dotted}: {message}{shown}"
+
+
+def _closest_key(loc: tuple[str, ...]) -> str | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    match = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.5)
+    return ".".join((*loc[:-1], match[0])) if match else None
+
+
+def _yaml_lines(text: str | None) -> dict[tuple[str, ...], int]:
+    """Map each key path in the YAML text to its 1-based line, for error messages."""
+    if not text:
+        return {}
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    found: dict[tuple[str, ...], int] = {}
+
+    def walk(node: Any, prefix: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                here = (*prefix, str(key.value))
+                found[here] = key.start_mark.line + 1
+                walk(value, here)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, value in enumerate(node.value):
+                found[(*prefix, str(index))] = value.start_mark.line + 1
+                walk(value, (*prefix, str(index)))
+
+    walk(root, ())
+    return found
+
+
+# --- checks that touch the file system ---------------------------------------------------------
+
+
+def expand_sources(patterns: list[str], key: str) -> list[Path]:
+    """Resolve globs in order; a pattern that matches nothing is an error naming the key."""
+    files: list[Path] = []
+    for index, pattern in enumerate(patterns):
+        matches = sorted(glob.glob(pattern, recursive=True))
+        matches = [m for m in matches if Path(m).is_file()]
+        if not matches:
+            raise UserError(f"{key}[{index}]: no file matches {pattern!r}")
+        files.extend(Path(m) for m in matches if Path(m) not in files)
+    return files
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Fail early, naming the key, when an input the run needs is missing."""
+    expand_sources(cfg.data.train, "data.train")
+    if cfg.data.eval:
+        expand_sources(cfg.data.eval, "data.eval")
+    name = cfg.model.name_or_path
+    local = Path(name)
+    if not local.exists() and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
+        raise UserError(f"model.name_or_path: {name!r} is neither a local directory nor a hub id")
+    if local.exists() and not (local / "config.json").is_file():
+        raise UserError(f"model.name_or_path: {name!r} has no config.json")
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,185 @@
+"""Plan and execute stages: fingerprints decide what is up to date, manifests say what is done."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pipeline
+from pipeline.config import RunConfig, expand_sources
+from pipeline.context import NullStageTracker, StageContext
+from pipeline.errors import UserError
+from pipeline.run_dir import STAGES, DigestCache, RunDir, fingerprint
+
+PACKAGE_DIR = Path(pipeline.__file__).parent
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+
+
+def _files(folder: Path, weights: bool) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES) \
+        if weights else sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix not in WEIGHT_SUFFIXES)
+
+
+def _model_digest(cfg: RunConfig, cache: DigestCache, weights: bool) -> dict[str, str]:
+    folder = Path(cfg.model.name_or_path)
+    if not folder.exists():
+        return {"hub_id": cfg.model.name_or_path}
+    return {str(p.relative_to(folder)): cache.digest(p) for p in _files(folder, weights)}
+
+
+def _shard_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
+    data = cfg.data.model_dump(exclude={"max_seq_len"})
+    sources = expand_sources(cfg.data.train, "data.train") + (
+        expand_sources(cfg.data.eval, "data.eval") if cfg.data.eval else [])
+    return {"data": data, "num_labels": cfg.model.num_labels,
+            "files": {str(p): cache.digest(p) for p in sources}}
+
+
+def _tokenize_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
+    return {"max_seq_len": cfg.data.max_seq_len, "format": cfg.data.format,
+            "tokenizer": _model_digest(cfg, cache, weights=False)}
+
+
+def _train_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
+    return {"model": cfg.model.model_dump(), "labels": cfg.data.labels, "train": cfg.train.model_dump(),
+            "weights": _model_digest(cfg, cache, weights=True), "config": _model_digest(cfg, cache, False)}
+
+
+def _evaluate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
+    return {"evaluate": cfg.evaluate.model_dump(), "seed": cfg.train.seed}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    module: str
+    inputs: tuple[str, ...]
+    config_inputs: Callable[[RunConfig, DigestCache], dict[str, Any]]
+    code: tuple[str, ...]
+
+    def run(self, cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+        return importlib.import_module(self.module).run(cfg, ctx)
+
+    def code_version(self) -> str:
+        digest = hashlib.sha256(pipeline.__version__.encode())
+        for pattern in self.code:
+            for path in sorted(PACKAGE_DIR.glob(pattern)):
+                digest.update(path.read_bytes())
+        return digest.hexdigest()[:16]
+
+
+SPECS: dict[str, StageSpec] = {s.name: s for s in (
+    StageSpec("shard", "pipeline.shard", (), _shard_inputs, ("shard.py",)),
+    StageSpec("tokenize", "pipeline.tokenize", ("shard",), _tokenize_inputs, ("tokenize.py", "models.py")),
+    StageSpec("train", "pipeline.train.stage", ("tokenize",), _train_inputs, ("train/*.py", "models.py")),
+    StageSpec("consolidate", "pipeline.consolidate", ("train",), lambda c, d: {},
+              ("consolidate.py", "train/engine.py")),
+    StageSpec("evaluate", "pipeline.evaluate", ("consolidate",), _evaluate_inputs,
+              ("evaluate.py", "train/objective.py", "train/data.py")),
+)}
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    action: str  # run | skip | resume | stale (not selected and not up to date)
+    reason: str
+    fingerprint: str
+
+
+def plan(cfg: RunConfig, stages: list[str] | None = None, force: tuple[str, ...] = ()) -> list[PlannedStage]:
+    """Decide for each stage whether it runs, resumes or is skipped, and why."""
+    selected = list(stages or STAGES)
+    for name in (*selected, *force):
+        if name not in SPECS:
+            raise UserError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    run_dir = RunDir(cfg.run_dir)
+    cache = DigestCache(Path(cfg.output_dir) / ".digest-cache.json")
+    planned: dict[str, PlannedStage] = {}
+    for name in STAGES:
+        spec = SPECS[name]
+        fp = fingerprint({"config": spec.config_inputs(cfg, cache), "code": spec.code_version(),
+                          "inputs": [planned[i].fingerprint for i in spec.inputs]})
+        planned[name] = _decide(run_dir, spec, fp, planned, name in selected, name in force)
+    cache.save()
+    result = [planned[n] for n in STAGES]
+    _check_selection(result)
+    return result
+
+
+def _decide(run_dir: RunDir, spec: StageSpec, fp: str, planned: dict[str, PlannedStage],
+            selected: bool, forced: bool) -> PlannedStage:
+    manifest = run_dir.read_manifest(spec.name)
+    upstream = [i for i in spec.inputs if planned[i].action in ("run", "resume", "stale")]
+    if forced:
+        reason = "forced"
+    elif manifest is None:
+        reason = "not done yet"
+    elif upstream:
+        reason = f"input {upstream[0]} is being redone"
+    elif manifest.get("fingerprint") != fp:
+        reason = "config, inputs or code changed"
+    elif any(manifest.get("inputs", {}).get(i) != run_dir.read_manifest(i).get("run_id") for i in spec.inputs):
+        reason = "input was redone since"
+    else:
+        return PlannedStage(spec.name, "skip", "up to date", fp)
+    if not selected:
+        return PlannedStage(spec.name, "stale", reason, fp)
+    partial = (run_dir.stage(spec.name) / ".fingerprint")
+    resumable = manifest is None and not forced and partial.is_file() and partial.read_text().strip() == fp
+    return PlannedStage(spec.name, "resume" if resumable else "run", reason, fp)
+
+
+def _check_selection(result: list[PlannedStage]) -> None:
+    for index, stage in enumerate(result):
+        if stage.action not in ("run", "resume"):
+            continue
+        stale = [s.name for s in result[:index] if s.action == "stale" and s.name in SPECS[stage.name].inputs]
+        if stale:
+            raise UserError(f"--stages: {stage.name} needs {stale[0]}, which is not up to date "
+                            f"({result[[s.name for s in result].index(stale[0])].reason}); add it to --stages")
+
+
+def execute(cfg: RunConfig, planned: list[PlannedStage], tracker=None, progress: bool = True,
+            on_stage: Callable[[PlannedStage, dict | None], None] | None = None) -> dict[str, dict]:
+    """Run the planned stages in order; each manifest is written last, after its outputs."""
+    run_dir = RunDir(cfg.run_dir)
+    run_dir.root.mkdir(parents=True, exist_ok=True)
+    manifests: dict[str, dict] = {}
+    for stage in planned:
+        if stage.action in ("run", "resume"):
+            manifests[stage.name] = run_stage(cfg, stage, run_dir, tracker, progress)
+        if on_stage:
+            on_stage(stage, manifests.get(stage.name))
+    return manifests
+
+
+def run_stage(cfg: RunConfig, stage: PlannedStage, run_dir: RunDir, tracker, progress: bool) -> dict:
+    spec = SPECS[stage.name]
+    run_dir.claim_stage(stage.name, stage.fingerprint)
+    stage_run = tracker.stage(stage.name, {"action": stage.action, "reason": stage.reason,
+                                           "fingerprint": stage.fingerprint}) if tracker else None
+    ctx = StageContext(run_dir, tracker=stage_run or NullStageTracker(), progress=progress)
+    started = time.time()
+    try:
+        manifest = spec.run(cfg, ctx)
+    except BaseException:
+        if stage_run:
+            stage_run.finish("FAILED")
+        raise
+    manifest.update(stage=stage.name, fingerprint=stage.fingerprint, run_id=uuid.uuid4().hex,
+                    inputs={i: run_dir.read_manifest(i)["run_id"] for i in spec.inputs},
+                    code_version=spec.code_version(), ftpipe_version=pipeline.__version__,
+                    started_at=started, wall_seconds=round(time.time() - started, 3))
+    run_dir.write_manifest(stage.name, manifest)
+    if stage_run:
+        stage_run.finish("FINISHED", run_dir.manifest_path(stage.name))
+    return manifest

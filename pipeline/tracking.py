@@ -1,0 +1,159 @@
+"""MLflow tracking that cannot stop training.
+
+Every call goes through one background thread: a slow or unreachable tracking server delays only
+that thread, and the first failure turns tracking off with one warning while the run goes on.
+One parent run per `ftpipe run`, one nested run per stage that runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("ftpipe.tracking")
+FLUSH_TIMEOUT_S = 60.0
+
+
+def default_tracking_uri(output_dir: Path) -> str:
+    return f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(obj, dict):
+        out: dict[str, str] = {}
+        for key, value in obj.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): str(obj)[:6000]}
+
+
+class _Worker:
+    """Runs queued calls in order on a daemon thread; gives up for good after the first error."""
+
+    def __init__(self) -> None:
+        self.queue: queue.Queue = queue.Queue()
+        self.failed = False
+        self.thread = threading.Thread(target=self._loop, name="ftpipe-mlflow", daemon=True)
+        self.thread.start()
+
+    def submit(self, call: Callable[[], Any]) -> None:
+        if not self.failed:
+            self.queue.put(call)
+
+    def _loop(self) -> None:
+        while (call := self.queue.get()) is not None:
+            if self.failed:
+                continue
+            try:
+                call()
+            except Exception as err:  # noqa: BLE001 - tracking must never take training down
+                self.failed = True
+                log.warning("MLflow tracking disabled after an error: %s", str(err).splitlines()[0])
+
+    def close(self, timeout: float) -> bool:
+        self.queue.put(None)
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+
+class StageRun:
+    """A nested MLflow run; the run id is filled in by the worker when it is created."""
+
+    def __init__(self, tracker: Tracker, name: str):
+        self.tracker = tracker
+        self.name = name
+        self.run_id: str | None = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.tracker.submit(lambda: self.tracker.log_batch(self.run_id, metrics, step))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.tracker.submit(lambda: self.tracker.log_params_now(self.run_id, params))
+
+    def finish(self, status: str, manifest_path: Path | None = None) -> None:
+        def call() -> None:
+            client = self.tracker.client
+            if manifest_path is not None and manifest_path.is_file():
+                client.log_artifact(self.run_id, str(manifest_path), artifact_path=self.name)
+            client.set_terminated(self.run_id, status=status)
+        self.tracker.submit(call)
+
+
+class Tracker:
+    """The MLflow side of one pipeline run."""
+
+    def __init__(self, uri: str, experiment: str, run_name: str, artifact_root: Path | None = None):
+        self.uri, self.experiment, self.run_name = uri, experiment, run_name
+        self.artifact_root = artifact_root
+        self.parent_id: str | None = None
+        self.client = None
+        self.worker = _Worker()
+
+    def submit(self, call: Callable[[], Any]) -> None:
+        self.worker.submit(call)
+
+    def start(self, params: dict[str, Any], config_file: Path, tags: dict[str, str]) -> None:
+        def call() -> None:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=self.uri)
+            experiment_id = self._experiment_id()
+            run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
+            self.parent_id = run.info.run_id
+            self.log_params_now(self.parent_id, flatten(params))
+            self.client.log_artifact(self.parent_id, str(config_file))
+        self.submit(call)
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is not None:
+            return found.experiment_id
+        location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
+        return self.client.create_experiment(self.experiment, artifact_location=location)
+
+    def stage(self, name: str, params: dict[str, Any]) -> StageRun:
+        stage = StageRun(self, name)
+
+        def call() -> None:
+            tags = {"mlflow.parentRunId": self.parent_id, "ftpipe.stage": name}
+            run = self.client.create_run(self._experiment_id(), run_name=name, tags=tags)
+            stage.run_id = run.info.run_id
+            self.log_params_now(stage.run_id, flatten(params))
+        self.submit(call)
+        return stage
+
+    def log_parent_metrics(self, metrics: dict[str, float]) -> None:
+        self.submit(lambda: self.log_batch(self.parent_id, metrics, None))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.submit(lambda: self.client.set_tag(self.parent_id, key, value))
+
+    def log_batch(self, run_id: str, metrics: dict[str, float], step: int | None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        entries = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(run_id, metrics=entries)
+
+    def log_params_now(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        entries = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for start in range(0, len(entries), 100):
+            self.client.log_batch(run_id, params=entries[start:start + 100])
+
+    def close(self, status: str) -> bool:
+        self.submit(lambda: self.client.set_terminated(self.parent_id, status=status))
+        done = self.worker.close(FLUSH_TIMEOUT_S)
+        if not done:
+            log.warning("MLflow did not answer within %.0fs; some tracking data was not sent", FLUSH_TIMEOUT_S)
+        return done and not self.worker.failed
+
+    @property
+    def failed(self) -> bool:
+        return self.worker.failed

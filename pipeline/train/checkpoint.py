@@ -1,0 +1,84 @@
+"""Atomic checkpoints: written under a partial name, renamed, and marked complete last.
+
+Only folders named step-NNNNNN that hold the COMPLETE marker count; the latest one is found by
+scanning, never from a pointer file that a crash could leave ahead of the data.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.run_dir import atomic_write_json, atomic_write_text
+
+MARKER = "COMPLETE"
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:06d}"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
+
+
+def save_checkpoint(root: Path, step: int, engine: Any, state: dict[str, Any], rank: int = 0) -> Path:
+    """Write engine + trainer state + RNG for `step`; the marker goes in after the rename."""
+    partial = root / f".step-{step:06d}.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    engine.save(partial)
+    torch.save(capture_rng(), partial / f"rng-rank{rank}.pt")
+    atomic_write_json(partial / "trainer_state.json", state)
+    final = step_dir(root, step)
+    if final.exists():
+        shutil.rmtree(final)
+    partial.rename(final)
+    atomic_write_text(final / MARKER, f"step {step}\n")
+    return final
+
+
+def load_checkpoint(folder: Path, engine: Any, rank: int = 0) -> dict[str, Any]:
+    engine.load(folder)
+    rng_file = folder / f"rng-rank{rank}.pt"
+    if rng_file.is_file():
+        restore_rng(torch.load(rng_file, weights_only=False))
+    return json.loads((folder / "trainer_state.json").read_text())
+
+
+def prune(root: Path, keep_last: int) -> None:
+    """Drop old complete checkpoints beyond keep_last, and partial ones a crash left behind."""
+    for folder in complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(folder, ignore_errors=True)
+    for folder in root.glob(".step-*.partial"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def capture_rng() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

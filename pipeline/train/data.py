@@ -1,0 +1,94 @@
+"""Resumable, world-size-independent batches from a memory-mapped tokenized split.
+
+The data position is a global sample offset: optimizer step s consumes the global positions
+[s*G, (s+1)*G) of an endless stream made of one seeded permutation per epoch. Each rank takes
+its slice of every micro-batch, so the same offset means the same samples at any world size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+
+class SampleOrder:
+    """Maps global sample positions to row indices: a fresh seeded permutation per epoch."""
+
+    def __init__(self, num_rows: int, seed: int):
+        assert num_rows > 0
+        self.num_rows = num_rows
+        self.seed = seed
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if self._cached is None or self._cached[0] != epoch:
+            self._cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_rows))
+        return self._cached[1]
+
+    def rows(self, start: int, count: int) -> np.ndarray:
+        positions = np.arange(start, start + count)
+        out = np.empty(count, dtype=np.int64)
+        for epoch in np.unique(positions // self.num_rows):
+            mask = positions // self.num_rows == epoch
+            out[mask] = self.permutation(int(epoch))[positions[mask] % self.num_rows]
+        return out
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.world_size
+
+    def micro_start(self, step: int, micro: int, rank: int) -> int:
+        per_micro = self.micro_batch_size * self.world_size
+        return step * self.global_batch + micro * per_micro + rank * self.micro_batch_size
+
+
+class TrainBatches:
+    """Builds padded micro-batches for one rank and the global target count for a step."""
+
+    def __init__(self, table: pa.Table, layout: BatchLayout, seed: int, pad_id: int):
+        self.table = table
+        self.layout = layout
+        self.order = SampleOrder(table.num_rows, seed)
+        self.pad_id = pad_id
+        self.num_targets = table.column("num_targets").to_numpy()
+        self.classification = "label" in table.column_names
+
+    def global_targets(self, step: int) -> int:
+        """Targets (tokens or examples) in the whole global batch: the loss denominator."""
+        rows = self.order.rows(step * self.layout.global_batch, self.layout.global_batch)
+        return int(self.num_targets[rows].sum())
+
+    def rows_for(self, step: int, micro: int, rank: int) -> np.ndarray:
+        start = self.layout.micro_start(step, micro, rank)
+        return self.order.rows(start, self.layout.micro_batch_size)
+
+    def micro_batch(self, step: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
+        rows = self.rows_for(step, micro, rank)
+        picked = self.table.take(pa.array(rows))
+        batch = collate(picked.column("input_ids").to_pylist(), self.pad_id)
+        if self.classification:
+            batch["labels"] = torch.tensor(picked.column("label").to_pylist(), dtype=torch.long)
+        batch["rows"] = torch.from_numpy(rows)
+        return batch
+
+
+def collate(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence; labels are the ids with padding ignored (-100)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
