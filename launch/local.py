@@ -69,14 +69,16 @@ def _headline(stage: str, manifest: dict[str, Any]) -> dict[str, float]:
     return {}
 
 
-def print_plan(cfg: RunConfig, planned: list[PlannedStage], out=sys.stdout) -> None:
+def print_plan(cfg: RunConfig, planned: list[PlannedStage], out=None) -> None:
+    out = out or sys.stdout
     print(f"run directory: {cfg.run_dir}", file=out)
     for stage in planned:
         target = cfg.run_dir / stage.name
         print(f"  {stage.name:<11} {stage.action:<7} {stage.reason:<34} -> {target}", file=out)
 
 
-def print_summary(cfg: RunConfig, out=sys.stdout) -> None:
+def print_summary(cfg: RunConfig, out=None) -> None:
+    out = out or sys.stdout
     metrics_file = cfg.run_dir / "evaluate" / "metrics.json"
     if not metrics_file.is_file():
         return

@@ -1,0 +1,51 @@
+"""Running the real CLI from tests, in-process or as a separate process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from launch.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ftpipe(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def ftpipe_process(*args: str, cwd: Path | None = None, env: dict | None = None,
+                   script: str | None = None) -> subprocess.CompletedProcess:
+    """Run ftpipe in a fresh interpreter; `script` runs first (e.g. to inject a fault)."""
+    code = (script or "") + "\nimport sys\nfrom launch.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def losses(run_dir: Path) -> list[float]:
+    lines = (run_dir / "train" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if line.strip()]
+
+
+def manifest(run_dir: Path, stage: str) -> dict:
+    return json.loads((run_dir / stage / "manifest.json").read_text())
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted((run_dir / "consolidate" / "model").glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=atol, rtol=0), key
