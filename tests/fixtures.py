@@ -83,11 +83,11 @@ def build_tiny_bert(folder: Path) -> Path:
     return folder
 
 
-def causal_config(tmp: Path, model: Path, data: Path, **sections) -> dict:
+def causal_config(tmp: Path, model: Path, source: Path, **sections) -> dict:
     cfg = {
         "name": "lm", "output_dir": str(tmp / "runs"),
         "model": {"name_or_path": str(model), "task": "causal_lm"},
-        "data": {"train": [str(data)], "format": "text", "eval_fraction": 0.2, "num_shards": 2,
+        "data": {"train": [str(source)], "format": "text", "eval_fraction": 0.2, "num_shards": 2,
                  "max_seq_len": 32},
         "train": {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 2, "lr": 1e-3, "warmup_ratio": 0.1,
                   "checkpoint_every": 2, "keep_last": 2, "seed": 0},
@@ -97,11 +97,11 @@ def causal_config(tmp: Path, model: Path, data: Path, **sections) -> dict:
     return merge(cfg, sections)
 
 
-def classification_config(tmp: Path, model: Path, data: Path, **sections) -> dict:
+def classification_config(tmp: Path, model: Path, source: Path, **sections) -> dict:
     cfg = {
         "name": "cls", "output_dir": str(tmp / "runs"),
         "model": {"name_or_path": str(model), "task": "sequence_classification"},
-        "data": {"train": [str(data)], "format": "classification", "labels": ["negative", "positive"],
+        "data": {"train": [str(source)], "format": "classification", "labels": ["negative", "positive"],
                  "eval_fraction": 0.2, "num_shards": 2, "max_seq_len": 24},
         "train": {"max_steps": 30, "micro_batch_size": 16, "lr": 3e-3, "checkpoint_every": 10, "seed": 0},
         "evaluate": {"batch_size": 32, "compare_base": True},

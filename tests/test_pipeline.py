@@ -136,3 +136,11 @@ def test_identical_runs_give_identical_weights(tmp_path, tiny_llama, text_data):
         assert ftpipe("run", cfg, "--no-progress") == 0
     assert losses(tmp_path / "runs" / "a") == losses(tmp_path / "runs" / "b")
     assert_same_weights(weights(tmp_path / "runs" / "a"), weights(tmp_path / "runs" / "b"))
+
+
+def test_bf16_autocast_tracks_fp32(tmp_path, tiny_llama, text_data):
+    for name, precision in (("fp32", "fp32"), ("bf16", "bf16")):
+        cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name=name, train={"precision": precision})
+        assert ftpipe("run", fixtures.write_config(tmp_path / f"{name}.yaml", cfg), "--no-progress") == 0
+    fp32, bf16 = losses(tmp_path / "runs" / "fp32"), losses(tmp_path / "runs" / "bf16")
+    assert fp32 != bf16 and bf16 == pytest.approx(fp32, abs=0.05)
