@@ -127,17 +127,21 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read config: {err}") from None
     raw = _parse_yaml(path, text)
+    lines = _yaml_lines(text)
     for item in overrides:
-        _apply_override(raw, item)
-    return validate_config(raw, path, text)
+        key = _apply_override(raw, item)
+        for loc in [loc for loc in lines if loc[: len(key)] == key]:
+            del lines[loc]  # the value now comes from the command line, not from that line
+    return validate_config(raw, path, lines)
 
 
-def validate_config(raw: dict, path: Path | str = "<config>", text: str | None = None) -> RunConfig:
+def validate_config(raw: dict, path: Path | str = "<config>", lines: dict | None = None) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        lines = _yaml_lines(text)
-        messages = [_describe_error(e, path, lines) for e in err.errors()]
+        # Unknown keys first: a misspelled required key also shows up as "missing".
+        errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        messages = [_describe_error(e, path, lines or {}) for e in errors]
         more = f" (and {len(messages) - 1} more)" if len(messages) > 1 else ""
         raise UserError(messages[0] + more) from None
 
@@ -155,7 +159,7 @@ def _parse_yaml(path: Path, text: str) -> dict:
     return raw
 
 
-def _apply_override(raw: dict, item: str) -> None:
+def _apply_override(raw: dict, item: str) -> tuple[str, ...]:
     key, sep, value = item.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise UserError(f"override {item!r}: expected KEY.SUB=VALUE, e.g. train.lr=1e-4")
@@ -171,6 +175,7 @@ def _apply_override(raw: dict, item: str) -> None:
             raise UserError(f"override {item!r}: {part!r} is not a section")
         node = child
     node[parts[-1]] = parsed
+    return tuple(parts)
 
 
 def _describe_error(error: dict, path: Path | str, lines: dict) -> str:

@@ -135,5 +135,7 @@ class DigestCache:
         return file_digest(path, self.entries)
 
     def save(self) -> None:
+        if not self.path.parent.is_dir():
+            return  # planning alone (validate, --dry-run) must not create the output folder
         with contextlib.suppress(OSError):
             atomic_write_json(self.path, self.entries)

@@ -10,6 +10,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +85,7 @@ def _read_text_lines(path: Path, text_field: str) -> Iterator[RawRow]:
 
 def _read_csv(path: Path, delimiter: str) -> Iterator[RawRow]:
     # surrogateescape keeps undecodable bytes visible so one bad row is rejected, not the file.
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as handle:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
         for row in reader:
             number = reader.line_num
@@ -108,9 +109,27 @@ def _has_surrogates(text: str) -> bool:
 def _read_parquet(path: Path) -> Iterator[RawRow]:
     number = 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=FLUSH_ROWS):
-        for row in batch.to_pylist():
+        try:
+            rows: list[dict | None] = batch.to_pylist()
+        except UnicodeDecodeError:
+            rows = _decode_rows_one_by_one(batch)
+        for row in rows:
             number += 1
-            yield RawRow(number, row)
+            yield RawRow(number, row) if row is not None else RawRow(number, None, "invalid UTF-8")
+
+
+def _decode_rows_one_by_one(batch: pa.RecordBatch) -> list[dict | None]:
+    """Some writers put invalid UTF-8 in string columns; reject those rows, keep the others."""
+    as_binary = pa.RecordBatch.from_arrays(
+        [c.cast(pa.binary()) if pa.types.is_string(c.type) else c for c in batch.columns],
+        names=batch.schema.names)
+    rows: list[dict | None] = []
+    for row in as_binary.to_pylist():
+        try:
+            rows.append({k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in row.items()})
+        except UnicodeDecodeError:
+            rows.append(None)
+    return rows
 
 
 class RowValidator:
@@ -138,6 +157,8 @@ class RowValidator:
             return "", f"field '{name}' must be a string, got {type(value).__name__}"
         if not value.strip():
             return "", f"empty text in field '{name}'"
+        if _has_surrogates(value):
+            return "", f"invalid Unicode (lone surrogate) in field '{name}'"
         return value, None
 
     def _label(self, row: dict[str, Any]) -> tuple[int, str | None]:
@@ -159,7 +180,7 @@ def _as_index(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
         return int(value)
     return None
 

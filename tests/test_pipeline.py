@@ -144,3 +144,13 @@ def test_bf16_autocast_tracks_fp32(tmp_path, tiny_llama, text_data):
         assert ftpipe("run", fixtures.write_config(tmp_path / f"{name}.yaml", cfg), "--no-progress") == 0
     fp32, bf16 = losses(tmp_path / "runs" / "fp32"), losses(tmp_path / "runs" / "bf16")
     assert fp32 != bf16 and bf16 == pytest.approx(fp32, abs=0.05)
+
+
+def test_status_shows_done_and_pending_stages(tmp_path, lm_config, capsys):
+    assert ftpipe("run", lm_config, "--no-progress", "--stages", "shard,tokenize") == 0
+    capsys.readouterr()
+    assert ftpipe("status", tmp_path / "runs" / "lm") == 0
+    lines = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
+    assert lines == {"shard": "done", "tokenize": "done", "train": "pending", "consolidate": "pending",
+                     "evaluate": "pending"}
+    assert ftpipe("status", tmp_path / "nowhere") == 2
