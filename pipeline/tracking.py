@@ -101,6 +101,7 @@ class Tracker:
         def call() -> None:
             from mlflow.tracking import MlflowClient
 
+            logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO on import
             self.client = MlflowClient(tracking_uri=self.uri)
             experiment_id = self._experiment_id()
             run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
