@@ -99,7 +99,7 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     root = logging.getLogger("ftpipe")
     if not root.handlers:
         handler = _StderrHandler()
@@ -110,6 +110,11 @@ def _quiet_libraries() -> None:
     for name in ("alembic", "mlflow", "urllib3", "httpx", "datasets", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    from pipeline.distributed import prepare_accelerator_env
+
+    prepare_accelerator_env()  # before transformers imports DeepSpeed, which would warn
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
-    _quiet_libraries()
+    quiet_libraries()
     try:
         return COMMANDS[args.command](args)
     except UserError as err:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from launch.torchrun import launch_stage
 from pipeline.config import RunConfig, dump_config
 from pipeline.runner import PlannedStage, execute
 from pipeline.run_dir import atomic_write_text
@@ -38,7 +39,8 @@ def run_pipeline(cfg: RunConfig, planned: list[PlannedStage], progress: bool = T
         tracker.start(cfg.model_dump(mode="json"), config_file, {"ftpipe.run_dir": str(cfg.run_dir.resolve())})
     status = "FAILED"
     try:
-        manifests = execute(cfg, planned, tracker, progress, on_stage=lambda s, m: _report(s, m, tracker))
+        manifests = execute(cfg, planned, tracker, progress, on_stage=lambda s, m: _report(s, m, tracker),
+                            launcher=launch_stage)
         status = "FINISHED"
         return manifests
     finally:

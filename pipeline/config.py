@@ -18,12 +18,22 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class LoraConfig(Section):
+    r: int = Field(8, ge=1, description="Adapter rank.")
+    alpha: float = Field(16.0, gt=0, description="Adapter scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="Module names (or 'all-linear') that get adapters.")
+    merge: bool = Field(True, description="consolidate: merge adapters into the weights, or save only the adapter.")
+
+
 class ModelConfig(Section):
     name_or_path: str = Field(description="Local model directory or hub id of the pretrained model.")
     task: Literal["causal_lm", "sequence_classification"] = Field(
         "causal_lm", description="Head to train: next-token prediction or sequence classification.")
     num_labels: int | None = Field(
         None, ge=2, description="Classes for sequence_classification; defaults to len(data.labels).")
+    lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) instead of the full model.")
 
 
 class DataConfig(Section):
@@ -44,12 +54,51 @@ class DataConfig(Section):
         0.01, ge=0.0, le=1.0, description="Fail before training when more than this share of rows is rejected.")
 
 
+class DeepSpeedConfig(Section):
+    zero_stage: Literal[1, 2, 3] = Field(2, description="ZeRO stage: 1 optimizer, 2 + gradients, 3 + parameters.")
+    offload_optimizer: Literal["none", "cpu"] = Field("none", description="Keep optimizer state in host memory.")
+    offload_params: Literal["none", "cpu"] = Field("none", description="Keep parameters in host memory (stage 3).")
+    config: str | None = Field(
+        None, description="A DeepSpeed JSON (e.g. ds_configs/zero3.json); its \"auto\" fields come from this run config.")
+
+    @model_validator(mode="after")
+    def _offload_params_needs_stage3(self) -> DeepSpeedConfig:
+        if self.offload_params == "cpu" and self.zero_stage != 3:
+            raise ValueError("train.deepspeed.offload_params: cpu needs zero_stage: 3")
+        return self
+
+
+class FSDPConfig(Section):
+    reshard_after_forward: bool = Field(
+        True, description="Free gathered parameters after forward (less memory, one more all-gather).")
+    cpu_offload: bool = Field(False, description="Keep sharded parameters and gradients in host memory.")
+
+
+class FreezeConfig(Section):
+    patterns: list[str] = Field(
+        default_factory=list, description="Parameter-name globs to freeze, e.g. 'model.embed_tokens.*'.")
+    train_last_layers: int | None = Field(
+        None, ge=0, description="Freeze everything but the last N transformer layers and the head.")
+    head_only: bool = Field(False, description="Freeze everything but the task head.")
+
+
 class TrainConfig(Section):
-    strategy: Literal["single"] = Field("single", description="Distribution strategy.")
+    strategy: Literal["single", "ddp", "deepspeed", "fsdp"] = Field(
+        "single", description="single process, or data parallel (ddp), DeepSpeed ZeRO, or FSDP2 across ranks.")
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="strategy: deepspeed.")
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="strategy: fsdp (FSDP2 fully_shard).")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute layer activations in backward (less memory, ~30% more compute).")
+    freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="Partial fine-tuning.")
+    sample_ledger: bool = Field(
+        False, description="Write train/ledger/rank-N.jsonl: the row ids each rank trained at each step.")
     epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
     micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass per rank.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    global_batch_size: int | None = Field(
+        None, ge=1, description="Examples per optimizer step over all ranks; when set, grad_accum is derived "
+        "from it (global / (micro_batch_size x ranks)), so the run resumes unchanged at any world size.")
     lr: float = Field(5.0e-5, gt=0, description="Peak learning rate (AdamW).")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps with linear warmup.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not applied to biases/norms).")
@@ -76,7 +125,14 @@ class TrackingConfig(Section):
 
 
 class LaunchConfig(Section):
-    backend: Literal["local"] = Field("local", description="Where stages run.")
+    backend: Literal["local", "torchrun"] = Field(
+        "local", description="local: every stage in this process; torchrun: train under torchrun.")
+    nproc_per_node: int = Field(1, ge=1, description="torchrun: ranks per node.")
+    nnodes: int = Field(1, ge=1, description="torchrun: nodes.")
+    node_rank: int = Field(0, ge=0, description="torchrun: this node's rank (multi-node, static rendezvous).")
+    rdzv_endpoint: str | None = Field(
+        None, description="torchrun: HOST:PORT of the rendezvous (multi-node); null: localhost.")
+    max_restarts: int = Field(0, ge=0, description="torchrun: restarts of all ranks after a rank fails.")
 
 
 class RunConfig(Section):
@@ -98,7 +154,19 @@ class RunConfig(Section):
                 f"{'classification' if classify else 'text'!r}, got {self.data.format!r}")
         if classify:
             self._check_labels()
+        self._check_launch()
         return self
+
+    def _check_launch(self) -> None:
+        ranks = self.launch.nproc_per_node * self.launch.nnodes
+        if self.launch.backend == "local" and ranks > 1:
+            raise ValueError(f"launch.nproc_per_node/nnodes ask for {ranks} ranks; set launch.backend: torchrun")
+        if self.train.strategy == "single" and ranks > 1:
+            raise ValueError(f"train.strategy 'single' cannot use {ranks} ranks; use ddp, fsdp or deepspeed")
+        if self.launch.nnodes > 1 and not self.launch.rdzv_endpoint:
+            raise ValueError("launch.nnodes > 1 needs launch.rdzv_endpoint (HOST:PORT of the first node)")
+        if self.train.deepspeed.config and self.train.strategy != "deepspeed":
+            raise ValueError("train.deepspeed.config is set but train.strategy is not 'deepspeed'")
 
     def _check_labels(self) -> None:
         labels, num = self.data.labels, self.model.num_labels

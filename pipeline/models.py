@@ -46,7 +46,7 @@ def load_model(cfg: ModelConfig, labels: list[str] | None = None,
     except (OSError, ValueError) as err:
         raise UserError(f"model.name_or_path: cannot load {source!r} as {cfg.task}: "
                         f"{str(err).splitlines()[0]}") from None
-    _prepare_pad_token(model)
+    prepare_pad_token(model)
     return model
 
 
@@ -54,7 +54,7 @@ def load_model_config(cfg: ModelConfig, labels: list[str] | None = None):
     return AutoConfig.from_pretrained(cfg.name_or_path, **label_kwargs(cfg, labels))
 
 
-def _prepare_pad_token(model: PreTrainedModel) -> None:
+def prepare_pad_token(model: PreTrainedModel) -> None:
     # Classification heads pick the last non-pad token; they need a pad id even for decoder models.
     config = model.config
     if getattr(config, "pad_token_id", None) is None and getattr(config, "eos_token_id", None) is not None:

@@ -48,8 +48,14 @@ def _tokenize_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
             "tokenizer": _model_digest(cfg, cache, weights=False)}
 
 
+# Settings that change how, not what, the run trains: changing them resumes instead of restarting.
+TRAIN_HOW = {"checkpoint_every", "keep_last", "log_every", "sample_ledger"}
+BATCH_LAYOUT = {"micro_batch_size", "grad_accum"}
+
+
 def _train_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
-    return {"model": cfg.model.model_dump(), "labels": cfg.data.labels, "train": cfg.train.model_dump(),
+    exclude = TRAIN_HOW | (BATCH_LAYOUT if cfg.train.global_batch_size is not None else set())
+    return {"model": cfg.model.model_dump(), "labels": cfg.data.labels, "train": cfg.train.model_dump(exclude=exclude),
             "weights": _model_digest(cfg, cache, weights=True), "config": _model_digest(cfg, cache, False)}
 
 
@@ -79,7 +85,7 @@ class StageSpec:
 SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("shard", "pipeline.shard", (), _shard_inputs, ("shard.py",)),
     StageSpec("tokenize", "pipeline.tokenize", ("shard",), _tokenize_inputs, ("tokenize.py", "models.py")),
-    StageSpec("train", "pipeline.train.stage", ("tokenize",), _train_inputs, ("train/*.py", "models.py")),
+    StageSpec("train", "pipeline.train.stage", ("tokenize",), _train_inputs, ("train/*.py", "models.py", "distributed.py")),
     StageSpec("consolidate", "pipeline.consolidate", ("train",), lambda c, d: {},
               ("consolidate.py", "train/engine.py")),
     StageSpec("evaluate", "pipeline.evaluate", ("consolidate",), _evaluate_inputs,
@@ -148,21 +154,30 @@ def _check_selection(result: list[PlannedStage]) -> None:
                             f"({result[[s.name for s in result].index(stale[0])].reason}); add it to --stages")
 
 
+StageLauncher = Callable[[StageSpec, RunConfig, StageContext], dict[str, Any]]
+
+
+def run_here(spec: StageSpec, cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    return spec.run(cfg, ctx)
+
+
 def execute(cfg: RunConfig, planned: list[PlannedStage], tracker=None, progress: bool = True,
-            on_stage: Callable[[PlannedStage, dict | None], None] | None = None) -> dict[str, dict]:
+            on_stage: Callable[[PlannedStage, dict | None], None] | None = None,
+            launcher: StageLauncher = run_here) -> dict[str, dict]:
     """Run the planned stages in order; each manifest is written last, after its outputs."""
     run_dir = RunDir(cfg.run_dir)
     run_dir.root.mkdir(parents=True, exist_ok=True)
     manifests: dict[str, dict] = {}
     for stage in planned:
         if stage.action in ("run", "resume"):
-            manifests[stage.name] = run_stage(cfg, stage, run_dir, tracker, progress)
+            manifests[stage.name] = run_stage(cfg, stage, run_dir, tracker, progress, launcher)
         if on_stage:
             on_stage(stage, manifests.get(stage.name))
     return manifests
 
 
-def run_stage(cfg: RunConfig, stage: PlannedStage, run_dir: RunDir, tracker, progress: bool) -> dict:
+def run_stage(cfg: RunConfig, stage: PlannedStage, run_dir: RunDir, tracker, progress: bool,
+              launcher: StageLauncher = run_here) -> dict:
     spec = SPECS[stage.name]
     run_dir.claim_stage(stage.name, stage.fingerprint)
     stage_run = tracker.stage(stage.name, {"action": stage.action, "reason": stage.reason,
@@ -170,7 +185,7 @@ def run_stage(cfg: RunConfig, stage: PlannedStage, run_dir: RunDir, tracker, pro
     ctx = StageContext(run_dir, tracker=stage_run or NullStageTracker(), progress=progress)
     started = time.time()
     try:
-        manifest = spec.run(cfg, ctx)
+        manifest = launcher(spec, cfg, ctx)
     except BaseException:
         if stage_run:
             stage_run.finish("FAILED")

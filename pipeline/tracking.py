@@ -69,6 +69,15 @@ class StageRun:
         self.name = name
         self.run_id: str | None = None
 
+    def wait_for_id(self, timeout: float = FLUSH_TIMEOUT_S) -> str | None:
+        """The run id once the background thread has created the run; None if tracking failed."""
+        created = threading.Event()
+        self.tracker.submit(created.set)
+        deadline = time.monotonic() + timeout
+        while not created.wait(0.2) and not self.tracker.failed and time.monotonic() < deadline:
+            pass
+        return None if self.tracker.failed else self.run_id
+
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self.tracker.submit(lambda: self.tracker.log_batch(self.run_id, metrics, step))
 
@@ -158,3 +167,30 @@ class Tracker:
     @property
     def failed(self) -> bool:
         return self.worker.failed
+
+
+class AttachedStageRun:
+    """A stage run created by the pipeline process, logged to from another process (a torchrun
+    rank): same background thread and same give-up-on-first-error rule."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.run_id = run_id
+        self.worker = _Worker()
+        self.client = None
+
+        def connect() -> None:
+            from mlflow.tracking import MlflowClient
+
+            logging.getLogger("mlflow").setLevel(logging.WARNING)
+            self.client = MlflowClient(tracking_uri=uri)
+        self.worker.submit(connect)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.worker.submit(lambda: Tracker.log_batch(self, self.run_id, metrics, step))
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        self.worker.submit(lambda: Tracker.log_params_now(self, self.run_id, params))
+
+    def close(self) -> bool:
+        done = self.worker.close(FLUSH_TIMEOUT_S)
+        return done and not self.worker.failed

@@ -77,7 +77,7 @@ def test_sample_order_is_a_permutation_per_epoch_and_world_size_free():
     assert list(order.rows(5, 10)) == list(first[5:]) + list(second[:5])
     one, two = BatchLayout(4, 2, 1), BatchLayout(2, 2, 2)
     assert one.global_batch == two.global_batch == 8
-    seen = sorted(two.micro_start(3, m, r) + i for m in range(2) for r in range(2) for i in range(2))
+    seen = sorted(two.micro_start(24, m, r) + i for m in range(2) for r in range(2) for i in range(2))
     assert seen == list(range(24, 32))
 
 
@@ -85,6 +85,9 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     factors = [lr_factor(s, 10, 0.2) for s in range(10)]
     assert factors[:2] == [0.5, 1.0] and factors[2] == 1.0
     assert all(a >= b for a, b in zip(factors[2:], factors[3:])) and lr_factor(10, 10, 0.2) == 0.0
+    # The schedule follows samples: two steps of 4 samples land where one of 8 does.
+    assert lr_factor(20, 40, 0.1, global_batch=4) == lr_factor(20, 40, 0.1, global_batch=8) < 1.0
+    assert lr_factor(0, 40, 0.5, global_batch=4) == 0.2
 
 
 class _TinyEngine:

@@ -1,7 +1,8 @@
-"""Atomic checkpoints: written under a partial name, renamed, and marked complete last.
+"""Atomic checkpoints: written by every rank under a partial name, renamed, marked complete last.
 
 Only folders named step-NNNNNN that hold the COMPLETE marker count; the latest one is found by
-scanning, never from a pointer file that a crash could leave ahead of the data.
+scanning, never from a pointer file (such as DeepSpeed's `latest`) that a crash could leave
+ahead of the data. Rank 0 renames and marks only after a barrier proves every rank finished.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import distributed
+from pipeline.distributed import DistEnv
 from pipeline.run_dir import atomic_write_json, atomic_write_text
 
 MARKER = "COMPLETE"
@@ -38,29 +41,41 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(root: Path, step: int, engine: Any, state: dict[str, Any], rank: int = 0) -> Path:
-    """Write engine + trainer state + RNG for `step`; the marker goes in after the rename."""
+def save_checkpoint(root: Path, step: int, engine: Any, state: dict[str, Any],
+                    dist: DistEnv = DistEnv()) -> Path:
+    """Every rank writes its part of `step`; rank 0 publishes the folder once all have."""
     partial = root / f".step-{step:06d}.partial"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
-    engine.save(partial)
-    torch.save(capture_rng(), partial / f"rng-rank{rank}.pt")
-    atomic_write_json(partial / "trainer_state.json", state)
     final = step_dir(root, step)
-    if final.exists():
-        shutil.rmtree(final)
-    partial.rename(final)
-    atomic_write_text(final / MARKER, f"step {step}\n")
+    if dist.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    distributed.barrier()
+    engine.save(partial)
+    torch.save(capture_rng(), partial / f"rng-rank{dist.rank}.pt")
+    distributed.barrier()
+    if dist.is_main:
+        describe = getattr(engine, "describe", lambda: {"format": "custom"})
+        atomic_write_json(partial / "meta.json", describe())
+        atomic_write_json(partial / "trainer_state.json", state)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        atomic_write_text(final / MARKER, f"step {step}\n")
+    distributed.barrier()
     return final
 
 
-def load_checkpoint(folder: Path, engine: Any, rank: int = 0) -> dict[str, Any]:
+def load_checkpoint(folder: Path, engine: Any, dist: DistEnv = DistEnv()) -> dict[str, Any]:
+    """Load engine state on every rank; RNG only where this rank saved one (same world size)."""
     engine.load(folder)
-    rng_file = folder / f"rng-rank{rank}.pt"
+    rng_file = folder / f"rng-rank{dist.rank}.pt"
     if rng_file.is_file():
         restore_rng(torch.load(rng_file, weights_only=False))
     return json.loads((folder / "trainer_state.json").read_text())
+
+
+def checkpoint_meta(folder: Path) -> dict[str, Any]:
+    meta = folder / "meta.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
 def prune(root: Path, keep_last: int) -> None:

@@ -1,8 +1,9 @@
 """Resumable, world-size-independent batches from a memory-mapped tokenized split.
 
-The data position is a global sample offset: optimizer step s consumes the global positions
-[s*G, (s+1)*G) of an endless stream made of one seeded permutation per epoch. Each rank takes
-its slice of every micro-batch, so the same offset means the same samples at any world size.
+The data position is a global sample offset into an endless stream made of one seeded
+permutation per epoch: a step starting at offset o consumes positions [o, o + G) for a global
+batch of G. Each rank takes its slice of every micro-batch, so a checkpoint's offset means the
+same next sample at any world size or batch layout.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import torch
+
+from pipeline.config import TrainConfig
+from pipeline.errors import UserError
 
 
 class SampleOrder:
@@ -47,9 +51,20 @@ class BatchLayout:
     def global_batch(self) -> int:
         return self.micro_batch_size * self.grad_accum * self.world_size
 
-    def micro_start(self, step: int, micro: int, rank: int) -> int:
+    def micro_start(self, offset: int, micro: int, rank: int) -> int:
         per_micro = self.micro_batch_size * self.world_size
-        return step * self.global_batch + micro * per_micro + rank * self.micro_batch_size
+        return offset + micro * per_micro + rank * self.micro_batch_size
+
+
+def batch_layout(cfg: TrainConfig, world_size: int) -> BatchLayout:
+    """The layout for this world size; global_batch_size, when set, fixes the global batch."""
+    if cfg.global_batch_size is None:
+        return BatchLayout(cfg.micro_batch_size, cfg.grad_accum, world_size)
+    per_micro = cfg.micro_batch_size * world_size
+    if cfg.global_batch_size % per_micro:
+        raise UserError(f"train.global_batch_size: {cfg.global_batch_size} is not a multiple of "
+                        f"micro_batch_size x ranks = {cfg.micro_batch_size} x {world_size}")
+    return BatchLayout(cfg.micro_batch_size, cfg.global_batch_size // per_micro, world_size)
 
 
 class TrainBatches:
@@ -63,17 +78,17 @@ class TrainBatches:
         self.num_targets = table.column("num_targets").to_numpy()
         self.classification = "label" in table.column_names
 
-    def global_targets(self, step: int) -> int:
-        """Targets (tokens or examples) in the whole global batch: the loss denominator."""
-        rows = self.order.rows(step * self.layout.global_batch, self.layout.global_batch)
+    def global_targets(self, offset: int) -> int:
+        """Targets (tokens or examples) in the global batch at `offset`: the loss denominator."""
+        rows = self.order.rows(offset, self.layout.global_batch)
         return int(self.num_targets[rows].sum())
 
-    def rows_for(self, step: int, micro: int, rank: int) -> np.ndarray:
-        start = self.layout.micro_start(step, micro, rank)
+    def rows_for(self, offset: int, micro: int, rank: int) -> np.ndarray:
+        start = self.layout.micro_start(offset, micro, rank)
         return self.order.rows(start, self.layout.micro_batch_size)
 
-    def micro_batch(self, step: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
-        rows = self.rows_for(step, micro, rank)
+    def micro_batch(self, offset: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
+        rows = self.rows_for(offset, micro, rank)
         picked = self.table.take(pa.array(rows))
         batch = collate(picked.column("input_ids").to_pylist(), self.pad_id)
         if self.classification:

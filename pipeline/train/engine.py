@@ -1,7 +1,13 @@
-"""The engine owns model, optimizer and scheduler for one strategy; the loop only calls it.
+"""Engines own model and optimizer for one strategy; the loop only calls them.
 
-Every strategy offers the same methods (forward context, backward, step, save, load,
-full_state_dict), which is what keeps one training loop for all of them.
+Every engine offers the same methods, which is what keeps one training loop for all strategies:
+  autocast()     context for forward passes (bf16 autocast or nothing)
+  backward(loss) once per micro-batch; `loss` is this rank's share of the global-batch mean, so
+                 summing gradients over micro-batches and ranks gives the global gradient
+  step()         clip, apply the optimizer, clear gradients; returns the pre-clip global grad norm
+  set_lr(lr)     the loop computes the schedule from the global sample offset
+  save(folder) / load(folder)   called by every rank on a shared folder
+  describe()     what consolidation needs to know about the checkpoint format
 """
 
 from __future__ import annotations
@@ -12,43 +18,50 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.config import TrainConfig
+from pipeline.distributed import DistEnv
+
+MODEL_FILE = "model.pt"
+OPTIMIZER_FILE = "optimizer.pt"
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; biases and norm weights (1-d tensors) get no weight decay."""
+    """AdamW over trainable parameters; biases and norm weights (1-d tensors) get no weight decay."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
 
 
-def lr_factor(step: int, total_steps: int, warmup_ratio: float) -> float:
-    """Linear warmup, then cosine decay to zero at total_steps."""
-    warmup = int(total_steps * warmup_ratio)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
+def lr_factor(samples: int, target_samples: int, warmup_ratio: float, global_batch: int = 1) -> float:
+    """Linear warmup, then cosine decay to zero, as a function of the samples trained so far.
+
+    Samples, not steps: a run resumed at another world size (another global batch) keeps the
+    same schedule over the data.
+    """
+    warmup = target_samples * warmup_ratio
+    if samples < warmup:
+        return min(1.0, (samples + global_batch) / warmup)
+    progress = (samples - warmup) / max(1.0, target_samples - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup_ratio))
+class Engine:
+    """Shared behaviour; subclasses wrap the model for their strategy."""
 
+    format = "torch"
 
-class SingleEngine:
-    """One process, CPU or one GPU."""
-
-    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, total_steps: int):
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, dist: DistEnv):
         self.model = model
         self.cfg = cfg
+        self.dist = dist
         self.optimizer = build_optimizer(model, cfg)
-        self.scheduler = build_scheduler(self.optimizer, total_steps, cfg.warmup_ratio)
-        self.device = next(model.parameters()).device
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.precision == "bf16":
@@ -59,31 +72,57 @@ class SingleEngine:
         loss.backward()
 
     def step(self) -> float:
-        """Clip, apply the optimizer and scheduler, clear gradients; return the gradient norm."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.cfg.max_grad_norm or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        norm = self.clip_gradients()
         self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
 
+    def clip_gradients(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.max_grad_norm or float("inf")
+        return torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
     @property
-    def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+    def unwrapped(self) -> torch.nn.Module:
+        return self.model
 
     def save(self, folder: Path) -> None:
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict()}
-        torch.save(state, folder / "engine.pt")
+        # Every rank holds the full state; rank 0 writes it, weights apart so consolidation can
+        # memory-map them without touching the optimizer state.
+        if self.dist.is_main:
+            torch.save(self.unwrapped.state_dict(), folder / MODEL_FILE)
+            torch.save(self.optimizer.state_dict(), folder / OPTIMIZER_FILE)
 
     def load(self, folder: Path) -> None:
-        state = torch.load(folder / "engine.pt", map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        weights = torch.load(folder / MODEL_FILE, map_location=self.device, weights_only=True, mmap=True)
+        self.unwrapped.load_state_dict(weights)
+        self.optimizer.load_state_dict(
+            torch.load(folder / OPTIMIZER_FILE, map_location=self.device, weights_only=True))
+
+    def describe(self) -> dict[str, Any]:
+        return {"format": self.format, "world_size": self.dist.world_size}
 
 
-def full_state_dict(folder: Path) -> dict[str, Any]:
-    """The model weights of a single-process checkpoint, on CPU."""
-    return torch.load(folder / "engine.pt", map_location="cpu", weights_only=True)["model"]
+class SingleEngine(Engine):
+    """One process, CPU or one GPU."""
+
+
+class DDPEngine(Engine):
+    """Data parallel: full replicas, gradients all-reduced in backward."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, dist: DistEnv):
+        super().__init__(model, cfg, dist)
+        device_ids = [dist.local_rank] if dist.device.type == "cuda" else None
+        self.model = DistributedDataParallel(model, device_ids=device_ids)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DDP averages gradients over ranks; our loss is already a share of the global mean.
+        (loss * self.dist.world_size).backward()
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.model.module

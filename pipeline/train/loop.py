@@ -5,97 +5,138 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from pipeline import distributed
+from pipeline.distributed import DistEnv
 from pipeline.train.checkpoint import prune, save_checkpoint
 from pipeline.train.data import TrainBatches
+from pipeline.train.engine import lr_factor
 from pipeline.train.objective import summed_loss
 
 
 @dataclass
 class LoopState:
     step: int = 0
-    samples: int = 0
+    samples: int = 0  # the global sample offset: where the next step starts in the data stream
     tokens: int = 0
     seconds: float = 0.0
+    target_samples: int = 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoopState:
-        return cls(**{k: data[k] for k in ("step", "samples", "tokens", "seconds")})
+        return cls(**{k: data[k] for k in ("step", "samples", "tokens", "seconds", "target_samples") if k in data})
 
 
 @dataclass
 class LoopSettings:
     task: str
-    total_steps: int
+    lr: float
+    warmup_ratio: float
     checkpoint_every: int
     keep_last: int
     log_every: int
     checkpoint_root: Path
     metrics_file: Path
-    rank: int = 0
+    ledger_dir: Path | None = None
+    dist: DistEnv = field(default_factory=DistEnv)
     progress: bool = True
 
 
-def run_step(engine: Any, batches: TrainBatches, step: int, rank: int, task: str) -> tuple[float, int]:
-    """Forward/backward every micro-batch of `step` for this rank; return (loss share, real tokens)."""
-    denominator = max(1, batches.global_targets(step))
-    loss_total, tokens = 0.0, 0
+def run_step(engine: Any, batches: TrainBatches, offset: int, rank: int, task: str) -> tuple[float, int, list[int]]:
+    """Forward/backward every micro-batch at `offset` for this rank; return (loss share, tokens, rows)."""
+    denominator = max(1, batches.global_targets(offset))
+    loss_total, tokens, rows = 0.0, 0, []
     for micro in range(batches.layout.grad_accum):
-        batch = batches.micro_batch(step, micro, rank)
+        batch = batches.micro_batch(offset, micro, rank)
         with engine.autocast():
             loss = summed_loss(engine.model, batch, task) / denominator
         engine.backward(loss)
         loss_total += float(loss.detach())
         tokens += int(batch["attention_mask"].sum())
-    return loss_total, tokens
+        rows.extend(int(r) for r in batch["rows"])
+    return loss_total, tokens, rows
+
+
+def steps_left(state: LoopState, global_batch: int) -> int:
+    return -(-max(0, state.target_samples - state.samples) // global_batch)
 
 
 def train_loop(engine: Any, batches: TrainBatches, settings: LoopSettings, state: LoopState,
-               log: Callable[[dict[str, float], int], None], reduce: Callable[[float], float] = float) -> LoopState:
-    """Train from state.step to settings.total_steps, checkpointing and logging on the way."""
-    bar = tqdm(total=settings.total_steps, initial=state.step, disable=not settings.progress,
-               desc="train", dynamic_ncols=True)
-    while state.step < settings.total_steps:
+               log: Callable[[dict[str, float], int], None]) -> LoopState:
+    """Train until state.samples reaches state.target_samples, checkpointing and logging on the way."""
+    global_batch = batches.layout.global_batch
+    bar = tqdm(total=state.step + steps_left(state, global_batch), initial=state.step,
+               disable=not settings.progress, desc="train", dynamic_ncols=True)
+    while state.samples < state.target_samples:
+        lr = settings.lr * lr_factor(state.samples, state.target_samples, settings.warmup_ratio, global_batch)
+        engine.set_lr(lr)
         started = time.perf_counter()
-        loss, tokens = run_step(engine, batches, state.step, settings.rank, settings.task)
+        loss, tokens, rows = run_step(engine, batches, state.samples, settings.dist.rank, settings.task)
         grad_norm = engine.step()
-        loss = reduce(loss)
+        loss = distributed.all_reduce_sum(loss)
+        _write_ledger(settings, state, rows)
         state.step += 1
-        state.samples += batches.layout.global_batch
-        state.tokens += int(reduce(float(tokens)))
+        state.samples += global_batch
+        state.tokens += int(distributed.all_reduce_sum(tokens))
         state.seconds += time.perf_counter() - started
-        _record(settings, state, {"loss": loss, "lr": engine.lr, "grad_norm": grad_norm}, log)
+        _record(settings, state, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, log)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-        if state.step % settings.checkpoint_every == 0 or state.step == settings.total_steps:
-            save_checkpoint(settings.checkpoint_root, state.step, engine, asdict(state), settings.rank)
-            prune(settings.checkpoint_root, settings.keep_last)
+        if state.step % settings.checkpoint_every == 0 or state.samples >= state.target_samples:
+            checkpoint(engine, settings, state)
     bar.close()
     return state
+
+
+def checkpoint(engine: Any, settings: LoopSettings, state: LoopState) -> Path:
+    folder = save_checkpoint(settings.checkpoint_root, state.step, engine, asdict(state), settings.dist)
+    if settings.dist.is_main:
+        prune(settings.checkpoint_root, settings.keep_last)
+    distributed.barrier()
+    return folder
+
+
+def _write_ledger(settings: LoopSettings, state: LoopState, rows: list[int]) -> None:
+    if settings.ledger_dir is None:
+        return
+    settings.ledger_dir.mkdir(parents=True, exist_ok=True)
+    line = {"step": state.step + 1, "offset": state.samples, "world_size": settings.dist.world_size, "rows": rows}
+    with open(settings.ledger_dir / f"rank-{settings.dist.rank}.jsonl", "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(line) + "\n")
 
 
 def _record(settings: LoopSettings, state: LoopState, metrics: dict[str, float],
             log: Callable[[dict[str, float], int], None]) -> None:
     metrics = {**metrics, "tokens_per_second": state.tokens / max(state.seconds, 1e-9)}
-    if settings.rank == 0:
-        with open(settings.metrics_file, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"step": state.step, **metrics}) + "\n")
-    if state.step % settings.log_every == 0 or state.step == settings.total_steps:
+    if not settings.dist.is_main:
+        return
+    with open(settings.metrics_file, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"step": state.step, "samples": state.samples, **metrics}) + "\n")
+    if state.step % settings.log_every == 0 or state.samples >= state.target_samples:
         log(metrics, state.step)
 
 
-def truncate_metrics(metrics_file: Path, last_step: int) -> None:
-    """Forget metrics logged after the checkpoint a resumed run restarts from."""
-    if not metrics_file.is_file():
+def truncate_log(path: Path, last_step: int) -> None:
+    """Forget lines logged after the checkpoint a resumed run restarts from."""
+    if not path.is_file():
         return
-    kept = [line for line in metrics_file.read_text().splitlines()
+    kept = [line for line in path.read_text().splitlines()
             if line.strip() and json.loads(line)["step"] <= last_step]
-    metrics_file.write_text("".join(line + "\n" for line in kept))
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def truncate_logs(settings: LoopSettings, last_step: int) -> None:
+    """Rank 0 trims the metrics and every rank's ledger (ranks of an earlier world size too)."""
+    if settings.dist.is_main:
+        truncate_log(settings.metrics_file, last_step)
+        for ledger in sorted(settings.ledger_dir.glob("rank-*.jsonl")) if settings.ledger_dir else []:
+            truncate_log(ledger, last_step)
+    distributed.barrier()
 
 
 def read_losses(metrics_file: Path) -> list[float]:

@@ -1,22 +1,33 @@
-"""Stage 3 entry point: build model, data and engine, resume if possible, run the loop."""
+"""Stage 3 entry point: join the process group, build data and engine, resume, run the loop.
+
+The same function runs in the pipeline's own process (single, or any strategy on one rank) and
+in every rank that torchrun starts.
+"""
 
 from __future__ import annotations
 
+import io
 import random
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline import distributed
 from pipeline.config import RunConfig, TrainConfig
 from pipeline.context import StageContext
+from pipeline.distributed import DistEnv
 from pipeline.errors import UserError
-from pipeline.models import load_model
+from pipeline.run_dir import atomic_write_bytes
 from pipeline.tokenize import open_split
+from pipeline.train.build import build_engine
 from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
-from pipeline.train.data import BatchLayout, TrainBatches
-from pipeline.train.engine import SingleEngine
-from pipeline.train.loop import LoopSettings, LoopState, train_loop, truncate_metrics
+from pipeline.train.data import TrainBatches, batch_layout, collate
+from pipeline.train.loop import LoopSettings, LoopState, train_loop, truncate_logs
+
+VERIFY_FILE = "verify.pt"
+VERIFY_ROWS = 4
 
 
 def seed_everything(seed: int) -> None:
@@ -25,43 +36,89 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def total_steps(cfg: TrainConfig, num_rows: int, global_batch: int) -> int:
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    return max(1, int(cfg.epochs * num_rows) // global_batch)
+def target_samples(cfg: TrainConfig, num_rows: int, global_batch: int) -> int:
+    """Samples the run trains on: max_steps global batches, else `epochs` passes (whole steps)."""
+    steps = cfg.max_steps if cfg.max_steps is not None else max(1, int(cfg.epochs * num_rows) // global_batch)
+    return steps * global_batch
 
 
 def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     """Train on the tokenized train split; resume from the latest complete checkpoint."""
+    owns_group = cfg.train.strategy != "single" and not distributed.launched_by_torchrun()
+    dist = distributed.init(need_group=cfg.train.strategy != "single")
+    try:
+        return train(cfg, ctx, dist)
+    finally:
+        if owns_group:
+            distributed.shutdown()
+
+
+def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv) -> dict[str, Any]:
     out = ctx.run_dir.stage("train")
     table = open_split(ctx.run_dir.stage("tokenize") / "train")
     if table.num_rows == 0:
         raise UserError("data.train: the tokenized training split is empty")
-    layout = BatchLayout(cfg.train.micro_batch_size, cfg.train.grad_accum, ctx.world_size)
-    steps = total_steps(cfg.train, table.num_rows, layout.global_batch)
+    layout = batch_layout(cfg.train, dist.world_size)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"grad_accum": layout.grad_accum})})
+    latest = latest_checkpoint(out / "checkpoints")
     seed_everything(cfg.train.seed)
-    model = load_model(cfg.model, cfg.data.labels)
-    model.train()
-    engine = SingleEngine(model, cfg.train, steps)
+    engine = build_engine(cfg, dist, latest)
     pad_id = ctx.run_dir.read_manifest("tokenize")["pad_token_id"]
     batches = TrainBatches(table, layout, cfg.train.seed, pad_id)
     settings = LoopSettings(
-        task=cfg.model.task, total_steps=steps, checkpoint_every=cfg.train.checkpoint_every,
-        keep_last=cfg.train.keep_last, log_every=cfg.train.log_every, checkpoint_root=out / "checkpoints",
-        metrics_file=out / "metrics.jsonl", rank=ctx.rank, progress=ctx.progress and ctx.is_main)
-    state, resumed = _resume(engine, settings, ctx.rank)
+        task=cfg.model.task, lr=cfg.train.lr, warmup_ratio=cfg.train.warmup_ratio,
+        checkpoint_every=cfg.train.checkpoint_every, keep_last=cfg.train.keep_last,
+        log_every=cfg.train.log_every, checkpoint_root=out / "checkpoints", metrics_file=out / "metrics.jsonl",
+        ledger_dir=out / "ledger" if cfg.train.sample_ledger else None, dist=dist,
+        progress=ctx.progress and dist.is_main)
+    fresh = LoopState(target_samples=target_samples(cfg.train, table.num_rows, layout.global_batch))
+    state, resumed = _resume(engine, settings, latest, fresh)
     state = train_loop(engine, batches, settings, state, ctx.tracker.log_metrics)
-    return {"steps": state.step, "samples": state.samples, "tokens_trained": state.tokens,
-            "seconds": round(state.seconds, 3), "tokens_per_second": state.tokens / max(state.seconds, 1e-9),
-            "global_batch": layout.global_batch, "world_size": ctx.world_size,
-            "resumed_from_step": resumed, "final_checkpoint": f"checkpoints/step-{state.step:06d}"}
+    write_verify_logits(engine, ctx, out / VERIFY_FILE, dist)
+    return {"steps": state.step, "samples": state.samples, "target_samples": state.target_samples,
+            "tokens_trained": state.tokens, "seconds": round(state.seconds, 3),
+            "tokens_per_second": state.tokens / max(state.seconds, 1e-9), "global_batch": layout.global_batch,
+            "world_size": dist.world_size, "strategy": cfg.train.strategy, "resumed_from_step": resumed,
+            "trainable_parameters": _trainable(engine), "final_checkpoint": f"checkpoints/step-{state.step:06d}"}
 
 
-def _resume(engine: SingleEngine, settings: LoopSettings, rank: int) -> tuple[LoopState, int | None]:
-    latest = latest_checkpoint(settings.checkpoint_root)
+def _resume(engine: Any, settings: LoopSettings, latest: Path | None,
+            fresh: LoopState) -> tuple[LoopState, int | None]:
     if latest is None:
-        truncate_metrics(settings.metrics_file, 0)
-        return LoopState(), None
-    state = LoopState.from_dict(load_checkpoint(latest, engine, rank))
-    truncate_metrics(settings.metrics_file, state.step)
+        truncate_logs(settings, 0)
+        return fresh, None
+    state = LoopState.from_dict(load_checkpoint(latest, engine, settings.dist))
+    state.target_samples = state.target_samples or fresh.target_samples
+    truncate_logs(settings, state.step)
     return state, state.step
+
+
+def _trainable(engine: Any) -> int:
+    # Global counts: DTensor.numel() is the full size; ZeRO-3 keeps it in ds_numel.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.unwrapped.parameters() if p.requires_grad)
+
+
+def verification_batch(ctx: StageContext, rows: int = VERIFY_ROWS) -> dict[str, torch.Tensor]:
+    """A few held-out rows (train rows when there is no eval split) to compare logits on."""
+    folder = ctx.run_dir.stage("tokenize")
+    table = open_split(folder / "eval")
+    if table.num_rows == 0:
+        table = open_split(folder / "train")
+    picked = table.slice(0, rows).column("input_ids").to_pylist()
+    return collate(picked, ctx.run_dir.read_manifest("tokenize")["pad_token_id"])
+
+
+def write_verify_logits(engine: Any, ctx: StageContext, path: Path, dist: DistEnv) -> None:
+    """Logits of the trained model as the engine computes them; consolidation must reproduce them."""
+    batch = verification_batch(ctx)
+    inputs = {k: batch[k].to(dist.device) for k in ("input_ids", "attention_mask")}
+    engine.model.eval()
+    with torch.no_grad(), engine.autocast():
+        logits = engine.model(**inputs).logits.float().cpu()
+    engine.model.train()
+    if dist.is_main:
+        buffer = io.BytesIO()
+        torch.save({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                    "logits": logits}, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+    distributed.barrier()

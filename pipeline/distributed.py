@@ -1,0 +1,126 @@
+"""The one module that owns torch.distributed: process-group set-up from the torchrun
+environment (or a 1-rank group in this process), rank and world size, barriers, reductions.
+
+Everything else asks this module; engines may wrap models with DDP / FSDP / DeepSpeed, but
+nothing else initialises, queries or tears down the process group.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT = datetime.timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    initialized: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+
+def launched_by_torchrun(environ: Mapping[str, str] | None = None) -> bool:
+    environ = os.environ if environ is None else environ
+    return all(k in environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def backend_name() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def prepare_accelerator_env() -> None:
+    """DeepSpeed picks its accelerator at import; without CUDA it must be told to use the CPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def init(need_group: bool) -> DistEnv:
+    """Join the torchrun group if launched by torchrun; else, if need_group, make a 1-rank group."""
+    if dist.is_initialized():
+        return current()
+    if not launched_by_torchrun():
+        if not need_group:
+            return DistEnv()
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    prepare_accelerator_env()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend_name(), timeout=TIMEOUT)
+    return current()
+
+
+def current() -> DistEnv:
+    if not dist.is_initialized():
+        return DistEnv()
+    return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), True)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(value: float) -> float:
+    """Sum a Python number over ranks (float64, so token counts stay exact)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return float(value)
+    tensor = torch.tensor([value], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+def all_true(flag: bool) -> bool:
+    """True only when every rank passes True: how ranks agree on a coordinated action."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    tensor = torch.tensor([0 if flag else 1], dtype=torch.int32, device=_collective_device())
+    dist.all_reduce(tensor)
+    return int(tensor.item()) == 0
+
+
+def any_true(flag: bool) -> bool:
+    return not all_true(not flag)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

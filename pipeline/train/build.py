@@ -1,0 +1,47 @@
+"""Build the engine for train.strategy: load the model the way the strategy needs, prepare it
+(LoRA, freezing, activation checkpointing), then wrap it from outside."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.distributed import DistEnv
+from pipeline.models import MODEL_CLASSES, load_model, load_model_config, prepare_pad_token
+from pipeline.train.engine import DDPEngine, SingleEngine
+from pipeline.train.partial import prepare_model
+
+
+def pretrained(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    return prepare_model(load_model(cfg.model, cfg.data.labels).to(device), cfg)
+
+
+def skeleton(cfg: RunConfig) -> torch.nn.Module:
+    """The model's structure with parameters on the meta device (buffers real): no weights read."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = MODEL_CLASSES[cfg.model.task].from_config(load_model_config(cfg.model, cfg.data.labels),
+                                                          dtype=torch.float32)
+    model.tie_weights()  # init_empty_weights re-registers parameters, which unties them
+    prepare_pad_token(model)
+    with init_empty_weights(include_buffers=False):
+        return prepare_model(model, cfg)
+
+
+def build_engine(cfg: RunConfig, dist: DistEnv, resume_from: Path | None = None) -> Any:
+    strategy = cfg.train.strategy
+    if strategy == "single":
+        return SingleEngine(pretrained(cfg, dist.device), cfg.train, dist)
+    if strategy == "ddp":
+        return DDPEngine(pretrained(cfg, dist.device), cfg.train, dist)
+    if strategy == "fsdp":
+        from pipeline.train.fsdp import FSDPEngine
+
+        return FSDPEngine(lambda real: pretrained(cfg, dist.device) if real else skeleton(cfg), cfg.train, dist)
+    from pipeline.train.ds_engine import DeepSpeedEngine
+
+    return DeepSpeedEngine(cfg, dist, lambda: pretrained(cfg, torch.device("cpu")), resume_from)

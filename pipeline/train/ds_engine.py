@@ -1,0 +1,260 @@
+"""DeepSpeed ZeRO engine: the Engine interface (see engine.py) over deepspeed.initialize.
+
+Accumulation follows the loop, not DeepSpeed: backward() gets this rank's share of the global
+mean, so the engine undoes DeepSpeed's two averagings (over accumulation steps and over ranks)
+and the optimizer steps exactly once per step() call, with our own AdamW and learning rate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import distributed
+from pipeline.config import RunConfig
+from pipeline.distributed import DistEnv
+from pipeline.errors import UserError
+from pipeline.train.engine import build_optimizer
+
+TAG = "deepspeed"
+UNIVERSAL = "deepspeed_universal"
+AUTO = "auto"
+# Quiet by default: DeepSpeed otherwise prints a progress line every 10 steps.
+QUIET = {"steps_per_print": 1_000_000_000, "wall_clock_breakdown": False}
+
+
+def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config for this run: the JSON file or the deepspeed fields, "auto" filled in."""
+    ds = cfg.train.deepspeed
+    source = ds.config or "train.deepspeed"
+    config = _read_json(Path(ds.config)) if ds.config else {}
+    _reject_sections(config, source)
+    for key, value, origin in _zero_values(cfg):
+        _fill(config, key, value, origin, source)
+    for key, value, origin in _run_values(cfg, world_size):
+        _fill(config, key, value, origin, source)
+    if _get(config, "fp16.enabled") is True:
+        raise UserError(f"{source}: fp16.enabled is true but ftpipe supports only train.precision fp32 or bf16")
+    _fill(config, "fp16.enabled", False, "train.precision", source)
+    # Our AdamW on CPU-offloaded shards gives the same updates as every other strategy.
+    config.setdefault("zero_force_ds_cpu_optimizer", False)
+    for key, value in QUIET.items():
+        config.setdefault(key, value)
+    return config
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as err:
+        raise UserError(f"{path}: cannot read DeepSpeed config: {err.strerror or err}") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{path}:{err.lineno}: invalid JSON in DeepSpeed config: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a DeepSpeed config must be a JSON object")
+    return data
+
+
+def _reject_sections(config: dict[str, Any], source: str) -> None:
+    # One source of truth: the loop owns the schedule and engine.build_optimizer the optimizer.
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            raise UserError(f"{source}: remove the '{section}' section; ftpipe uses its own AdamW "
+                            f"and schedule (set train.lr, train.weight_decay, train.warmup_ratio)")
+
+
+def _zero_values(cfg: RunConfig) -> list[tuple[str, Any, str]]:
+    ds = cfg.train.deepspeed
+    # With a JSON file, fields the user left at their defaults must not fight the file.
+    explicit = ds.model_fields_set if ds.config else {"zero_stage", "offload_optimizer", "offload_params"}
+    values = [("zero_optimization.stage", ds.zero_stage, "zero_stage"),
+              ("zero_optimization.offload_optimizer.device", ds.offload_optimizer, "offload_optimizer"),
+              ("zero_optimization.offload_param.device", ds.offload_params, "offload_params")]
+    return [(key, value, f"train.deepspeed.{name}") for key, value, name in values if name in explicit]
+
+
+def _run_values(cfg: RunConfig, world_size: int) -> list[tuple[str, Any, str]]:
+    train = cfg.train
+    return [("train_micro_batch_size_per_gpu", train.micro_batch_size, "train.micro_batch_size"),
+            ("gradient_accumulation_steps", train.grad_accum, "train.grad_accum"),
+            ("train_batch_size", train.micro_batch_size * train.grad_accum * world_size,
+             f"train.micro_batch_size * train.grad_accum * {world_size} ranks"),
+            ("gradient_clipping", float(train.max_grad_norm or 0.0), "train.max_grad_norm"),
+            ("bf16.enabled", train.precision == "bf16", "train.precision")]
+
+
+def _fill(config: dict[str, Any], key: str, value: Any, origin: str, source: str) -> None:
+    """Set an absent or "auto" key; an explicit value must agree with the run config."""
+    current = _get(config, key)
+    if current is None or current == AUTO:
+        _set(config, key, value)
+    elif not _same(current, value):
+        raise UserError(f"{source}: {key} is {json.dumps(current)} but {origin} is {json.dumps(value)}")
+
+
+def _same(current: Any, value: Any) -> bool:
+    if isinstance(value, bool) or isinstance(current, bool):
+        return current is value
+    if isinstance(value, (int, float)) and isinstance(current, (int, float)):
+        return float(current) == float(value)
+    return current == value
+
+
+def _get(config: dict[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _set(config: dict[str, Any], key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+
+
+def saved_world_size(folder: Path) -> int:
+    """Ranks that wrote the checkpoint in `folder`: meta.json, else its per-rank optimizer shards."""
+    meta = folder / "meta.json"
+    if meta.is_file():
+        return int(json.loads(meta.read_text())["world_size"])
+    shards = list((folder / TAG).glob("zero_pp_rank_*_optim_states.pt"))
+    if not shards:
+        raise UserError(f"{folder}: no DeepSpeed checkpoint under {TAG}/")
+    return len(shards)
+
+
+def _client_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    optimizer = build_optimizer(model, cfg.train)
+    # zero.Init already flattened parameters to empty 1-d shards, so build_optimizer's ndim test
+    # would put every matrix in the no-decay group: regroup by the real shape (ds_shape).
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ndims = [len(getattr(p, "ds_shape", p.shape)) for p in params]
+    decay, plain = optimizer.param_groups
+    decay["params"] = [p for p, n in zip(params, ndims) if n >= 2]
+    plain["params"] = [p for p, n in zip(params, ndims) if n < 2]
+    return optimizer
+
+
+class DeepSpeedEngine:
+    """ZeRO stage 1/2/3 (optionally CPU offload) with the Engine interface."""
+
+    format = "deepspeed"
+
+    def __init__(self, cfg: RunConfig, dist: DistEnv, make_model: Callable[[], torch.nn.Module],
+                 resume_from: Path | None = None):
+        if not dist.initialized:
+            raise RuntimeError("DeepSpeedEngine needs a process group: call pipeline.distributed.init(True)")
+        import deepspeed
+
+        self.cfg, self.dist = cfg, dist
+        self.config = build_ds_config(cfg, dist.world_size)
+        self.universal = resume_from is not None and saved_world_size(resume_from) != dist.world_size
+        if self.universal:
+            # Another world size: only DeepSpeed's universal format reshards, and only when
+            # the engine is initialised for it.
+            self.config.setdefault("checkpoint", {})["load_universal"] = True
+        # deepspeed.comm wraps the group pipeline.distributed made (it creates none); zero.Init
+        # needs that before deepspeed.initialize, or its config sees world size 1.
+        deepspeed.init_distributed(dist_backend=distributed.backend_name(), dist_init_required=False)
+        module = self._make(make_model)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, optimizer=_client_optimizer(module, cfg), config=copy.deepcopy(self.config),
+            dist_init_required=False)
+
+    def _make(self, make_model: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        if self.zero_stage != 3:
+            self._hf_config = None
+            return make_model()
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # Held for the engine's life: transformers reads it through a weak reference, and
+        # from_pretrained then loads each weight straight into zero.Init shards.
+        self._hf_config = HfDeepSpeedConfig(copy.deepcopy(self.config))
+        return make_model()
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.config["zero_optimization"]["stage"])
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.model.module
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        # With bf16 DeepSpeed holds the module in bf16 itself (fp32 master weights in the optimizer).
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # The loss is already a share of the global mean: no division by the accumulation steps,
+        # and a factor world_size undoes DeepSpeed's average over data-parallel ranks.
+        self.model.backward(loss * self.dist.world_size, scale_wrt_gas=False)
+        if not self.model.is_gradient_accumulation_boundary():
+            self.model.step()  # only advances DeepSpeed's micro-step counter
+
+    def step(self) -> float:
+        if not self.model.is_gradient_accumulation_boundary():
+            raise RuntimeError(f"step() after fewer than {self.cfg.train.grad_accum} backward() calls")
+        self.model.step()
+        norm = self.model.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.model.optimizer.param_groups:
+            group["lr"] = lr
+
+    def save(self, folder: Path) -> None:
+        # Every rank writes its shards; no 'latest' pointer (checkpoint.py scans COMPLETE markers).
+        self.model.save_checkpoint(str(folder), tag=TAG, save_latest=False)
+
+    def load(self, folder: Path) -> None:
+        source = self._universal_folder(folder) if self.universal else folder
+        path, _ = self.model.load_checkpoint(str(source), tag=TAG, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"{source}: DeepSpeed found no checkpoint under tag {TAG!r}")
+
+    def _universal_folder(self, folder: Path) -> Path:
+        """folder/deepspeed_universal, converted once by rank 0; the original stays as it is."""
+        target = folder / UNIVERSAL
+        error = None
+        if self.dist.is_main and not target.is_dir():
+            error = _convert_to_universal(folder / TAG, target)
+        error = distributed.broadcast_object(error)
+        if error:
+            raise RuntimeError(error)
+        return target
+
+    def describe(self) -> dict[str, Any]:
+        return {"format": self.format, "world_size": self.dist.world_size,
+                "zero_stage": self.zero_stage, "tag": TAG}
+
+
+def _convert_to_universal(source: Path, target: Path) -> str | None:
+    """Run ds_to_universal into a temp folder renamed into place; an error message or None."""
+    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temp, ignore_errors=True)
+    # A subprocess: the converter forks workers and prints a lot, neither welcome in a rank.
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+               "--output_folder", str(temp / TAG), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        shutil.rmtree(temp, ignore_errors=True)
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return f"{source}: converting to a universal checkpoint failed: {tail[0]}"
+    temp.rename(target)
+    return None

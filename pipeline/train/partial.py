@@ -1,0 +1,81 @@
+"""What of the model trains: LoRA adapters (peft), frozen parameters, activation checkpointing.
+
+Applied to the plain Hugging Face model before any distributed wrapping, identically on every
+rank, so the parameter structure (and hence sharding) is the same everywhere.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+
+import torch
+
+from pipeline.config import RunConfig
+from pipeline.errors import UserError
+
+LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def prepare_model(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+    """Apply LoRA or freezing and activation checkpointing, as configured."""
+    if cfg.model.lora is not None:
+        model = apply_lora(model, cfg)
+    freeze(model, cfg)
+    if cfg.train.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def head_names(model: torch.nn.Module) -> list[str]:
+    """Top-level module names of the task head (what from_pretrained would newly initialise)."""
+    names = [n for n in ("score", "classifier", "lm_head", "pre_classifier", "qa_outputs")
+             if isinstance(getattr(model, n, None), torch.nn.Module)]
+    return names or [list(dict(model.named_children()))[-1]]
+
+
+def apply_lora(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lora = cfg.model.lora
+    classify = cfg.model.task == "sequence_classification"
+    peft_config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        task_type=TaskType.SEQ_CLS if classify else TaskType.CAUSAL_LM,
+        modules_to_save=[n for n in head_names(model) if n != "lm_head"] if classify else None)
+    torch.manual_seed(cfg.train.seed)  # adapter init must be identical on every rank
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as err:
+        raise UserError(f"model.lora.target_modules: {str(err).splitlines()[0]}") from None
+
+
+def freeze(model: torch.nn.Module, cfg: RunConfig) -> None:
+    rules = cfg.train.freeze
+    names = [n for n, _ in model.named_parameters()]
+    frozen = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in rules.patterns)}
+    for index, pattern in enumerate(rules.patterns):
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise UserError(f"train.freeze.patterns[{index}]: {pattern!r} matches no parameter name")
+    if rules.head_only:
+        heads = tuple(f"{h}." for h in head_names(model))
+        frozen |= {n for n in names if not n.startswith(heads)}
+    if rules.train_last_layers is not None:
+        frozen |= _all_but_last_layers(model, names, rules.train_last_layers)
+    for name, param in model.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UserError("train.freeze: every parameter is frozen; nothing would train")
+
+
+def _all_but_last_layers(model: torch.nn.Module, names: list[str], keep: int) -> set[str]:
+    """Everything except the last `keep` numbered layers and the head."""
+    indices = {int(m.group(1)) for n in names if (m := LAYER_INDEX.search(n))}
+    if not indices:
+        raise UserError("train.freeze.train_last_layers: this model has no numbered layers")
+    first_kept = max(indices) + 1 - keep
+    heads = tuple(f"{h}." for h in head_names(model))
+    return {n for n in names if not n.startswith(heads) and
+            ((m := LAYER_INDEX.search(n)) is None or int(m.group(1)) < first_kept)}
