@@ -49,3 +49,9 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=atol, rtol=0), key
+
+
+def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], rtol=rtol, atol=atol), (key, float((a[key] - b[key]).abs().max()))
