@@ -89,9 +89,10 @@ def type_name(annotation: object) -> str:
 
 
 def section_model(field: FieldInfo) -> type[BaseModel] | None:
-    """The nested model a field holds, or None for a plain key."""
-    annotation = field.annotation
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    """The nested model a field holds (also when optional: `Model | None`), or None for a plain key."""
+    candidates = typing.get_args(field.annotation) or (field.annotation,)
+    models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+    return models[0] if models else None
 
 
 def default_value(field: FieldInfo) -> object:
