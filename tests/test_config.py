@@ -450,3 +450,26 @@ def test_subprocess_missing_data_exits_2_without_traceback(write_cfg):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr == "ftpipe: error: data.train[0]: no file matches 'nope/*.jsonl'\n"
+
+
+# --- distributed launch and strategy keys -------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["launch.nproc_per_node=2"], "ask for 2 ranks; set launch.backend: torchrun"),
+    (["launch.backend=torchrun", "launch.nproc_per_node=2"], "train.strategy 'single' cannot use 2 ranks"),
+    (["launch.backend=torchrun", "train.strategy=ddp", "launch.nnodes=2"], "needs launch.rdzv_endpoint"),
+    (["train.strategy=deepspeed", "train.deepspeed.offload_params=cpu"], "offload_params: cpu needs zero_stage: 3"),
+    (["train.deepspeed.config=ds_configs/zero3.json"], "train.strategy is not 'deepspeed'"),
+    (["train.strategy=zero3"], "train.strategy: Input should be 'single', 'ddp', 'deepspeed' or 'fsdp'"),
+    (["train.fsdp.reshard=false"], "unknown key 'train.fsdp.reshard' (did you mean 'train.fsdp.reshard_after_forward'?)"),
+    (["model.lora.rank=4"], "unknown key 'model.lora.rank'"),
+])
+def test_distributed_settings_are_checked_with_one_line_errors(write_cfg, overrides, expected):
+    assert expected in error_of(write_cfg(), *overrides)
+
+
+def test_the_same_config_runs_on_any_world_size(write_cfg):
+    cfg = load_config(write_cfg(), ["train.strategy=fsdp", "launch.backend=torchrun", "launch.nproc_per_node=4",
+                                    "train.deepspeed.zero_stage=3", "train.global_batch_size=32"])
+    assert cfg.launch.nproc_per_node == 4 and cfg.train.global_batch_size == 32

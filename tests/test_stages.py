@@ -143,3 +143,15 @@ def test_consolidate_refuses_a_model_that_does_not_match(tmp_path, tiny_bert, la
     assert not (tmp_path / "runs" / "cls" / "consolidate" / "model").exists()
     assert not (tmp_path / "runs" / "cls" / "consolidate" / "manifest.json").exists()
     assert json.loads((tmp_path / "runs" / "cls" / "train" / "manifest.json").read_text())["steps"] == 2
+
+
+def test_global_batch_size_fixes_the_global_batch_at_any_world_size():
+    from pipeline.config import TrainConfig
+    from pipeline.errors import UserError
+    from pipeline.train.data import batch_layout
+
+    cfg = TrainConfig(micro_batch_size=2, global_batch_size=8)
+    assert [batch_layout(cfg, n).grad_accum for n in (1, 2, 4)] == [4, 2, 1]
+    assert batch_layout(TrainConfig(micro_batch_size=2, grad_accum=3), 2).global_batch == 12
+    with pytest.raises(UserError, match="global_batch_size: 8 is not a multiple of micro_batch_size x ranks = 2 x 3"):
+        batch_layout(cfg, 3)
