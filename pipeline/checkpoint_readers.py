@@ -16,9 +16,12 @@ import ctypes
 import json
 import math
 import mmap
+import pickle
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -29,9 +32,10 @@ _WRAPPERS = re.compile(r"(?:_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_m
 
 def clean_name(name: str) -> str:
     """The plain model's key for a wrapped module's key (DDP/DeepSpeed, compile, checkpointing)."""
+    name = _WRAPPERS.sub("", name)
     while name.startswith("module."):
         name = name[len("module."):]
-    return _WRAPPERS.sub("", name)
+    return name
 
 
 def checkpoint_format(folder: Path) -> str:
@@ -58,9 +62,11 @@ class CheckpointReader:
     def read(self, name: str) -> torch.Tensor:
         return self._sources[name]()
 
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def items(self, only: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) in stored order; `only` restricts to those names."""
         for name, load in self._sources.items():
-            yield name, load()
+            if only is None or name in only:
+                yield name, load()
 
     def _add(self, raw_name: str, load: Callable[[], torch.Tensor]) -> None:
         self._sources[clean_name(raw_name)] = load
@@ -118,15 +124,17 @@ class DCPReader(CheckpointReader):
         for key in self.entries:
             self._add(key[len(self.PREFIX):], lambda k=key: self._load([k])[k])
 
-    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for batch in self._batches():
+    def items(self, only: set[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        for batch in self._batches(only):
             loaded = self._load(batch)
             for key in batch:
                 yield clean_name(key[len(self.PREFIX):]), loaded.pop(key)
 
-    def _batches(self) -> Iterator[list[str]]:
+    def _batches(self, only: set[str] | None) -> Iterator[list[str]]:
         batch, size = [], 0
         for key, meta in self.entries.items():
+            if only is not None and clean_name(key[len(self.PREFIX):]) not in only:
+                continue
             batch.append(key)
             size += math.prod(meta.size) * meta.properties.dtype.itemsize
             if size >= DCP_BATCH_BYTES:
@@ -139,7 +147,9 @@ class DCPReader(CheckpointReader):
         import torch.distributed.checkpoint as dcp
 
         out = {k: torch.empty(tuple(self.entries[k].size), dtype=self.entries[k].properties.dtype) for k in keys}
-        dcp.load(out, storage_reader=dcp.FileSystemReader(str(self.path)), no_dist=True)
+        with warnings.catch_warnings():  # "no process group, loading in one process": intended
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(out, storage_reader=dcp.FileSystemReader(str(self.path)), no_dist=True)
         return out
 
 
@@ -155,24 +165,61 @@ def _ranked(folder: Path, pattern: str) -> list[Path]:
     return sorted(folder.glob(pattern), key=_rank_of)
 
 
-def _mmap_load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+class _Opaque:
+    """Stands in for a DeepSpeed class inside a checkpoint pickle.
 
-
-def _release(tensor: torch.Tensor) -> None:
-    """Drop the pages of a memory-mapped tensor from this process's resident set.
-
-    The file is mapped privately and never written, so the kernel just re-reads the pages from
-    the page cache if they are touched again; without this every fp32 partition we have read
-    would stay resident until the end.
+    Unpickling the real classes imports all of DeepSpeed (seconds) for objects we never read;
+    an int-valued enum member (ZeroStageEnum) comes back as its plain value.
     """
+
+    def __new__(cls, *args: Any) -> Any:
+        if len(args) == 1 and isinstance(args[0], (int, str)):
+            return args[0]
+        return object.__new__(cls)
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if module.split(".")[0] == "deepspeed":
+            return _Opaque
+        return super().find_class(module, name)
+
+
+_pickle_module = SimpleNamespace(Unpickler=_Unpickler, load=pickle.load, __name__="pickle")
+
+
+def _mmap_load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False, pickle_module=_pickle_module)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_MADV_DONTNEED, _MADV_POPULATE_READ = 4, 22
+
+
+def _madvise(tensor: torch.Tensor, advice: int, whole_pages_only: bool) -> None:
     page = mmap.PAGESIZE
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
-    first, last = -(-start // page) * page, end // page * page
+    first = -(-start // page) * page if whole_pages_only else start // page * page
+    last = end // page * page if whole_pages_only else -(-end // page) * page
     if last > first:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), advice)  # failure is harmless
+
+
+def _gather(pieces: list[torch.Tensor], numel: int, shape: torch.Size) -> torch.Tensor:
+    # Map each piece's pages in one call rather than one page fault at a time (about 2x faster
+    # here; older kernels ignore the advice). Afterwards drop them from this process's resident
+    # set: the file is mapped privately and never written, so touching them again just re-reads
+    # the page cache, and without this every fp32 partition read would stay resident to the end.
+    for piece in pieces:
+        _madvise(piece, _MADV_POPULATE_READ, whole_pages_only=False)
+    full = torch.cat(pieces)[:numel].reshape(shape)  # cat copies: the mapped pages can go
+    for piece in pieces:
+        _madvise(piece, _MADV_DONTNEED, whole_pages_only=True)
+    return full
 
 
 def _pieces(chunks: list[torch.Tensor], begin: int, end: int) -> list[torch.Tensor]:
@@ -184,13 +231,6 @@ def _pieces(chunks: list[torch.Tensor], begin: int, end: int) -> list[torch.Tens
             out.append(chunk[max(begin, start) - start: min(end, stop) - start])
         start = stop
     return out
-
-
-def _gather(pieces: list[torch.Tensor], numel: int, shape: torch.Size) -> torch.Tensor:
-    full = torch.cat(pieces)[:numel].reshape(shape).clone()
-    for piece in pieces:
-        _release(piece)
-    return full
 
 
 class DeepSpeedReader(CheckpointReader):

@@ -11,6 +11,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import RunConfig
+from pipeline.consolidate import load_consolidated
 from pipeline.context import StageContext
 from pipeline.errors import UserError
 from pipeline.models import load_model, load_tokenizer
@@ -90,7 +91,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     pad_id = ctx.run_dir.read_manifest("tokenize")["pad_token_id"]
     out = ctx.run_dir.stage("evaluate")
     model_dir = ctx.run_dir.stage("consolidate") / "model"
-    model = load_model(cfg.model, cfg.data.labels, path=model_dir)
+    model = load_consolidated(cfg, model_dir)  # a full model or base + peft adapter
     metrics = score(model, cfg, table, pad_id)
     if cfg.model.task == "causal_lm" and cfg.evaluate.num_generations:
         samples = generations(model, load_tokenizer(model_dir), table, cfg.evaluate.num_generations,

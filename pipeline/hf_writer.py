@@ -48,8 +48,10 @@ class WriteResult:
 class ShardedSafetensorsWriter:
     """add(name, tensor) in any order; close() names the shards and writes the index."""
 
-    def __init__(self, folder: str | Path, shard_bytes: int | None = None, metadata: dict | None = None):
+    def __init__(self, folder: str | Path, shard_bytes: int | None = None, metadata: dict | None = None,
+                 single_file: str = SINGLE_FILE):
         self.folder = Path(folder)
+        self.single_file = single_file
         self.folder.mkdir(parents=True, exist_ok=True)
         self.shard_bytes = shard_bytes or SHARD_BYTES
         self.metadata = {"format": "pt", **(metadata or {})}
@@ -75,9 +77,11 @@ class ShardedSafetensorsWriter:
     def close(self) -> WriteResult:
         if self.shard is not None:
             self._finish_shard()
+        if not self.done:
+            raise ValueError("no tensors to write")
         if len(self.done) == 1:
-            os.replace(self.done[0][0], self.folder / SINGLE_FILE)
-            self.result.files = [SINGLE_FILE]
+            os.replace(self.done[0][0], self.folder / self.single_file)
+            self.result.files = [self.single_file]
         else:
             self._name_shards_and_index()
         return self.result

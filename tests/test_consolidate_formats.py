@@ -65,12 +65,13 @@ WORKER = textwrap.dedent('''
             torch.save(full, folder / "expected.pt")
         meta(folder, "dcp")
 
-    def zero(folder, stage):
+    def zero(folder, stage, bf16):
         import deepspeed
         model = fresh(freeze=True)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+                  "bf16": {"enabled": bf16}}
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config)
         engine.backward(engine(**batch()).loss)
         engine.step()
@@ -81,7 +82,7 @@ WORKER = textwrap.dedent('''
     for mode in MODES:
         folder = OUT / mode
         folder.mkdir(parents=True, exist_ok=True)
-        fsdp(folder) if mode == "fsdp" else zero(folder, int(mode[-1]))
+        fsdp(folder) if mode == "fsdp" else zero(folder, int(mode[4]), mode.endswith("bf16"))
         dist.barrier()
     dist.destroy_process_group()
 ''')
@@ -97,11 +98,11 @@ def _torchrun(script: Path, ranks: int, *args: str) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tiny_llama) -> Path:
-    """fsdp-1, fsdp-2, zero1, zero2, zero3 (2 ranks): two launches for the whole module."""
+    """FSDP2 on 1 and 2 ranks, ZeRO-1/2/3 (and bf16 ZeRO-1/3) on 2: two launches for the module."""
     root = tmp_path_factory.mktemp("checkpoints")
     script = root / "worker.py"
     script.write_text(WORKER)
-    _torchrun(script, 2, str(tiny_llama), str(root / "two"), "fsdp,zero1,zero2,zero3")
+    _torchrun(script, 2, str(tiny_llama), str(root / "two"), "fsdp,zero1,zero2,zero3,zero1-bf16,zero3-bf16")
     _torchrun(script, 1, str(tiny_llama), str(root / "one"), "fsdp")
     return root
 
@@ -120,7 +121,8 @@ def test_clean_name_strips_wrappers():
     assert clean_name("module.model.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight") == \
         "model.layers.0.mlp.up_proj.weight"
     assert clean_name("_orig_mod.module.lm_head.weight") == "lm_head.weight"
-    assert clean_name("base_model.model.score.modules_to_save.default.weight").endswith("modules_to_save.default.weight")
+    peft_key = "base_model.model.score.modules_to_save.default.weight"
+    assert clean_name(peft_key) == peft_key
 
 
 def test_torch_reader_streams_model_pt_with_wrapper_prefixes(tmp_path, tiny_llama):
@@ -136,13 +138,15 @@ def test_dcp_reader_equals_the_full_state_dict(checkpoints, ranks):
     _assert_equal(dict(open_checkpoint(folder).items()), torch.load(folder / "expected.pt"))
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", ["1", "2", "3", "1-bf16", "3-bf16"])
 def test_deepspeed_reader_equals_zero_to_fp32(checkpoints, tiny_llama, stage):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     folder = checkpoints / "two" / f"zero{stage}"
     got = dict(open_checkpoint(folder).items())
     expected = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="deepspeed")
+    # With bf16 it leaves frozen ZeRO-3 parameters in bf16; ours are all fp32 (exact upcast).
+    expected = {k: v.float() if v.is_floating_point() else v for k, v in expected.items()}
     # ZeRO-1 lists no frozen parameters; ours still finds them, so compare on DeepSpeed's keys...
     _assert_equal({k: got[k] for k in expected}, expected)
     # ...and require the full set: every key of the model's state dict, tied lm_head included.
@@ -196,7 +200,7 @@ def test_sharded_output_has_an_index_and_loads(tmp_path, tiny_llama, monkeypatch
     manifest = consolidate.run(cfg, ctx)
     out = ctx.run_dir.stage("consolidate") / "model"
     index = json.loads((out / hf_writer.INDEX_FILE).read_text())
-    assert len(set(index["weight_map"].values())) == len(manifest["files"]) - 1 > 2
+    assert len(set(index["weight_map"].values())) == len(manifest["weight_files"]) - 1 > 2
     assert "lm_head.weight" not in index["weight_map"]  # tied: written once, as embed_tokens
     assert manifest["verify"] == "logits+weights" and manifest["verify_max_abs_diff"] == 0.0
     assert manifest["parameters"] == model.num_parameters() and (out / "tokenizer.json").is_file()
@@ -213,7 +217,7 @@ def test_zero3_checkpoint_consolidates_to_a_loadable_model(tmp_path, tiny_llama,
     model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(step), tag="deepspeed"))
     _save_verify(model, ctx.run_dir)
     manifest = consolidate.run(cfg, ctx)
-    assert manifest["format"] == "deepspeed" and manifest["files"] == ["model.safetensors"]
+    assert manifest["format"] == "deepspeed" and manifest["weight_files"] == ["model.safetensors"]
 
 
 def test_without_verify_file_every_tensor_is_compared(tmp_path, tiny_llama, checkpoints):
@@ -284,6 +288,20 @@ def test_lora_adapter_directory_loads_with_peft(tmp_path, tiny_llama):
     expected = _save_verify(model, ctx.run_dir)
     manifest = consolidate.run(cfg, ctx)
     out = ctx.run_dir.stage("consolidate") / "model"
-    assert manifest["mode"] == "adapter" and manifest["files"] == ["adapter_model.safetensors"]
+    assert manifest["mode"] == "adapter" and manifest["weight_files"] == ["adapter_model.safetensors"]
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_llama)
     torch.testing.assert_close(_reloaded_logits(cfg, ctx), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_lora_run_end_to_end_through_evaluate(tmp_path, tiny_llama, text_data, merge):
+    from tests.helpers import ftpipe, manifest
+
+    lora = {"r": 4, "alpha": 8.0, "merge": merge}
+    cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data)
+    cfg["model"]["lora"] = lora
+    assert ftpipe("run", fixtures.write_config(tmp_path / "lora.yaml", cfg), "--no-progress") == 0
+    run = tmp_path / "runs" / "lm"
+    assert manifest(run, "consolidate")["mode"] == ("full" if merge else "adapter")
+    assert manifest(run, "consolidate")["verify"] == "logits+weights"
+    assert json.loads((run / "evaluate" / "metrics.json").read_text())["perplexity"] > 1

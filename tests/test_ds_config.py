@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -168,3 +169,18 @@ def test_explicit_offload_none_conflicts_with_file(tmp_path):
     path = REPO / "ds_configs" / "zero3_offload.json"
     with pytest.raises(UserError, match=r'offload_param.device is "cpu" but train.deepspeed.offload_params is "none"'):
         build_ds_config(run_config(tmp_path, {"config": str(path), "offload_params": "none"}), 1)
+
+
+def test_repair_optimizer_after_universal_load():
+    first, second = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
+    base = torch.optim.AdamW([{"params": [first], "weight_decay": 0.1}, {"params": [second], "weight_decay": 0.0}])
+    shared = torch.tensor(3.0)
+    base.state[first]["step"], base.state[second]["step"] = shared, shared
+    base.param_groups[1]["weight_decay"] = 0.1  # what the universal loader leaves behind
+    engine = object.__new__(ds_engine.DeepSpeedEngine)
+    engine.model = SimpleNamespace(optimizer=SimpleNamespace(optimizer=base, param_groups=base.param_groups))
+    engine._weight_decay = [0.1, 0.0]
+    engine._repair_optimizer()
+    assert [g["weight_decay"] for g in base.param_groups] == [0.1, 0.0]
+    assert base.state[first]["step"] is not base.state[second]["step"]
+    assert float(base.state[second]["step"]) == 3.0

@@ -39,8 +39,12 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     source = ds.config or "train.deepspeed"
     config = _read_json(Path(ds.config)) if ds.config else {}
     _reject_sections(config, source)
-    for key, value, origin in _zero_values(cfg):
-        _fill(config, key, value, origin, source)
+    for key, value, origin, strict in _zero_values(cfg):
+        if _get(config, key) in (None, AUTO):
+            if value != "none":  # an absent offload section already means none
+                _set(config, key, value)
+        elif strict:
+            _fill(config, key, value, origin, source)
     for key, value, origin in _run_values(cfg, world_size):
         _fill(config, key, value, origin, source)
     if _get(config, "fp16.enabled") is True:
@@ -73,14 +77,14 @@ def _reject_sections(config: dict[str, Any], source: str) -> None:
                             f"and schedule (set train.lr, train.weight_decay, train.warmup_ratio)")
 
 
-def _zero_values(cfg: RunConfig) -> list[tuple[str, Any, str]]:
+def _zero_values(cfg: RunConfig) -> list[tuple[str, Any, str, bool]]:
+    """(key, value, origin, strict): with a JSON file only fields the user set must agree with it."""
     ds = cfg.train.deepspeed
-    # With a JSON file, fields the user left at their defaults must not fight the file.
-    explicit = ds.model_fields_set if ds.config else {"zero_stage", "offload_optimizer", "offload_params"}
     values = [("zero_optimization.stage", ds.zero_stage, "zero_stage"),
               ("zero_optimization.offload_optimizer.device", ds.offload_optimizer, "offload_optimizer"),
               ("zero_optimization.offload_param.device", ds.offload_params, "offload_params")]
-    return [(key, value, f"train.deepspeed.{name}") for key, value, name in values if name in explicit]
+    return [(key, value, f"train.deepspeed.{name}", not ds.config or name in ds.model_fields_set)
+            for key, value, name in values]
 
 
 def _run_values(cfg: RunConfig, world_size: int) -> list[tuple[str, Any, str]]:
@@ -90,7 +94,7 @@ def _run_values(cfg: RunConfig, world_size: int) -> list[tuple[str, Any, str]]:
             ("train_batch_size", train.micro_batch_size * train.grad_accum * world_size,
              f"train.micro_batch_size * train.grad_accum * {world_size} ranks"),
             ("gradient_clipping", float(train.max_grad_norm or 0.0), "train.max_grad_norm"),
-            ("bf16.enabled", train.precision == "bf16", "train.precision")]
+            ("bf16.enabled", train.precision == "bf16", f"train.precision {train.precision!r}, so bf16.enabled")]
 
 
 def _fill(config: dict[str, Any], key: str, value: Any, origin: str, source: str) -> None:
@@ -175,6 +179,7 @@ class DeepSpeedEngine:
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=module, optimizer=_client_optimizer(module, cfg), config=copy.deepcopy(self.config),
             dist_init_required=False)
+        self._weight_decay = [group["weight_decay"] for group in self.model.optimizer.param_groups]
 
     def _make(self, make_model: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         if self.zero_stage != 3:
@@ -222,11 +227,25 @@ class DeepSpeedEngine:
         self.model.save_checkpoint(str(folder), tag=TAG, save_latest=False)
 
     def load(self, folder: Path) -> None:
+        if not self.universal and saved_world_size(folder) != self.dist.world_size:
+            raise RuntimeError(f"{folder}: saved by another world size; pass it as resume_from")
         source = self._universal_folder(folder) if self.universal else folder
         path, _ = self.model.load_checkpoint(str(source), tag=TAG, load_optimizer_states=True,
                                              load_lr_scheduler_states=False)
         if path is None:
             raise RuntimeError(f"{source}: DeepSpeed found no checkpoint under tag {TAG!r}")
+        self._repair_optimizer()
+
+    def _repair_optimizer(self) -> None:
+        """Undo two things ZeRO-3's universal loader does to the optimizer it restores."""
+        # It copies the first group's settings onto every group: weight decay on norms and biases.
+        for group, decay in zip(self.model.optimizer.param_groups, self._weight_decay):
+            group["weight_decay"] = decay
+        # It hands every group one shared 'step' tensor, which AdamW then advances once per group
+        # and step, skewing the bias correction of all groups but the first.
+        for state in self.model.optimizer.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
     def _universal_folder(self, folder: Path) -> Path:
         """folder/deepspeed_universal, converted once by rank 0; the original stays as it is."""
@@ -250,7 +269,8 @@ def _convert_to_universal(source: Path, target: Path) -> str | None:
     shutil.rmtree(temp, ignore_errors=True)
     # A subprocess: the converter forks workers and prints a lot, neither welcome in a rank.
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
-               "--output_folder", str(temp / TAG), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+               "--output_folder", str(temp / TAG), "--num_extract_workers", "1", "--num_merge_workers", "1",
+               "--inject_missing_state"]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         shutil.rmtree(temp, ignore_errors=True)
