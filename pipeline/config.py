@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from pipeline.errors import UserError
 
@@ -36,22 +36,77 @@ class ModelConfig(Section):
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) instead of the full model.")
 
 
+class FieldNames(Section):
+    instruction: str = Field("instruction", description="format instruction: the task.")
+    input: str = Field("input", description="format instruction: optional extra input (may be missing or empty).")
+    output: str = Field("output", description="format instruction: the answer (the loss target).")
+    prompt: str = Field("prompt", description="format prompt_completion: the prompt.")
+    completion: str = Field("completion", description="format prompt_completion: the answer (the loss target).")
+    messages: str = Field("messages", description="format chat: the list of {role, content} turns.")
+
+
+# Which loss_on values each format allows; the first is the default.
+LOSS_ON = {"text": ("all",), "classification": ("all",), "instruction": ("completion", "all"),
+           "prompt_completion": ("completion", "all"), "chat": ("assistant", "all")}
+
+
 class DataConfig(Section):
     train: list[str] = Field(min_length=1, description="Training files or globs (jsonl, parquet, csv, txt).")
     eval: list[str] = Field(
         default_factory=list, description="Held-out files; when empty, eval_fraction of train is held out.")
-    format: Literal["text", "classification"] = Field(
-        "text", description="Row format: plain text (causal LM) or text + label (classification).")
-    text_field: str = Field("text", description="Field holding the text.")
+    format: Literal["text", "instruction", "chat", "prompt_completion", "classification"] = Field(
+        "text", description="Row format: text (causal LM), instruction (alpaca instruction/input/output), "
+        "chat (messages rendered with a chat template), prompt_completion, or classification (text + label).")
+    text_field: str = Field("text", description="Field holding the text (text, classification).")
+    text_pair_field: str | None = Field(
+        None, description="classification: optional field with a second text (sentence pairs).")
     label_field: str = Field("label", description="Field holding the label (classification).")
+    fields: FieldNames = Field(default_factory=FieldNames, description="Source field names of the other formats.")
+    chat_template: str | None = Field(
+        None, description="chat: a Jinja template file; null: the tokenizer's own chat template.")
+    loss_on: Literal["all", "completion", "assistant"] | None = Field(
+        None, description="Tokens the loss counts: all; completion (the answer of instruction / prompt_completion "
+        "rows); assistant (the assistant turns of chat rows). null: completion, assistant or all by format.")
     labels: list[str] | None = Field(
         None, description="Label names in index order; rows may give a name or an index.")
     eval_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of train rows held out by a stable hash of the row.")
     num_shards: int = Field(4, ge=1, description="Number of parquet shards the shard stage writes per split.")
-    max_seq_len: int = Field(128, ge=8, description="Tokens per example; longer examples are truncated.")
+    max_seq_len: int = Field(128, ge=8, description="Tokens per example; see overlong for longer ones.")
+    overlong: Literal["truncate", "drop", "error"] = Field(
+        "truncate", description="Examples longer than max_seq_len: truncate the end, drop them (tokenize "
+        "rejects), or stop with an error naming the row.")
     max_reject_fraction: float = Field(
-        0.01, ge=0.0, le=1.0, description="Fail before training when more than this share of rows is rejected.")
+        0.01, ge=0.0, le=1.0, description="Fail before training when more than this share of rows is rejected "
+        "(shard and tokenize rejects together).")
+
+    @field_validator("loss_on")
+    @classmethod
+    def _loss_on_fits_format(cls, value: str | None, info: ValidationInfo) -> str | None:
+        allowed = LOSS_ON.get(info.data.get("format", "text"), ())
+        if value is not None and allowed and value not in allowed:
+            raise ValueError(f"format {info.data['format']!r} allows only {' or '.join(allowed)}")
+        return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_needs_chat(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("format") != "chat":
+            raise ValueError("only applies to format 'chat'")
+        return value
+
+    @field_validator("text_pair_field")
+    @classmethod
+    def _pair_needs_classification(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("format") != "classification":
+            raise ValueError("only applies to format 'classification'")
+        return value
+
+    @model_validator(mode="after")
+    def _default_loss_on(self) -> DataConfig:
+        if self.loss_on is None:
+            self.loss_on = LOSS_ON[self.format][0]
+        return self
 
 
 class DeepSpeedConfig(Section):
@@ -320,6 +375,9 @@ def check_paths(cfg: RunConfig) -> None:
     expand_sources(cfg.data.train, "data.train")
     if cfg.data.eval:
         expand_sources(cfg.data.eval, "data.eval")
+    template = cfg.data.chat_template
+    if template is not None and not Path(template).is_file():
+        raise UserError(f"data.chat_template: no file {template!r}")
     name = cfg.model.name_or_path
     local = Path(name)
     if not local.exists() and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):

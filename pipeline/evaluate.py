@@ -25,7 +25,8 @@ from pipeline.train.stage import seed_everything
 def batches(table: pa.Table, batch_size: int, pad_id: int):
     for start in range(0, table.num_rows, batch_size):
         part = table.slice(start, batch_size)
-        batch = collate(part.column("input_ids").to_pylist(), pad_id)
+        masks = part.column("loss_mask").to_pylist() if "loss_mask" in part.column_names else None
+        batch = collate(part.column("input_ids").to_pylist(), pad_id, masks)  # loss on answer tokens only
         if "label" in part.column_names:
             batch["labels"] = torch.tensor(part.column("label").to_pylist(), dtype=torch.long)
         yield batch
@@ -71,10 +72,13 @@ def score(model, cfg: RunConfig, table: pa.Table, pad_id: int) -> dict[str, Any]
 
 @torch.no_grad()
 def generations(model, tokenizer, table: pa.Table, count: int, max_new_tokens: int) -> list[dict[str, str]]:
-    """Greedy continuations of the first half of a few held-out examples."""
+    """Greedy continuations of a few held-out examples: of their prompt when the loss has a mask
+    (the answer is the reference), else of their first half."""
     samples = []
-    for ids in table.slice(0, count).column("input_ids").to_pylist():
-        cut = max(1, len(ids) // 2)
+    part = table.slice(0, count)
+    masks = part.column("loss_mask").to_pylist() if "loss_mask" in part.column_names else None
+    for row, ids in enumerate(part.column("input_ids").to_pylist()):
+        cut = masks[row].index(1) if masks else max(1, len(ids) // 2)
         prompt = torch.tensor([ids[:cut]])
         output = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
                                 do_sample=False, pad_token_id=model.config.pad_token_id)

@@ -36,7 +36,8 @@ def _model_digest(cfg: RunConfig, cache: DigestCache, weights: bool) -> dict[str
 
 
 def _shard_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
-    data = cfg.data.model_dump(exclude={"max_seq_len"})
+    # Keys only the tokenize stage reads stay out, so changing them does not re-shard.
+    data = cfg.data.model_dump(exclude={"max_seq_len", "overlong", "loss_on", "chat_template"})
     sources = expand_sources(cfg.data.train, "data.train") + (
         expand_sources(cfg.data.eval, "data.eval") if cfg.data.eval else [])
     return {"data": data, "num_labels": cfg.model.num_labels,
@@ -44,7 +45,10 @@ def _shard_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
 
 
 def _tokenize_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
-    return {"max_seq_len": cfg.data.max_seq_len, "format": cfg.data.format,
+    template = cfg.data.chat_template
+    return {"max_seq_len": cfg.data.max_seq_len, "format": cfg.data.format, "loss_on": cfg.data.loss_on,
+            "overlong": cfg.data.overlong,
+            "chat_template": cache.digest(Path(template)) if template and Path(template).is_file() else template,
             "tokenizer": _model_digest(cfg, cache, weights=False)}
 
 
@@ -83,8 +87,9 @@ class StageSpec:
 
 
 SPECS: dict[str, StageSpec] = {s.name: s for s in (
-    StageSpec("shard", "pipeline.shard", (), _shard_inputs, ("shard.py",)),
-    StageSpec("tokenize", "pipeline.tokenize", ("shard",), _tokenize_inputs, ("tokenize.py", "models.py")),
+    StageSpec("shard", "pipeline.shard", (), _shard_inputs, ("shard.py", "formats.py")),
+    StageSpec("tokenize", "pipeline.tokenize", ("shard",), _tokenize_inputs,
+              ("tokenize.py", "encoding.py", "models.py")),
     StageSpec("train", "pipeline.train.stage", ("tokenize",), _train_inputs, ("train/*.py", "models.py", "distributed.py")),
     StageSpec("consolidate", "pipeline.consolidate", ("train",), lambda c, d: {},
               ("consolidate.py", "train/engine.py")),

@@ -10,7 +10,6 @@ import csv
 import hashlib
 import io
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import DataConfig, RunConfig, expand_sources
+from pipeline.config import RunConfig, expand_sources
 from pipeline.context import StageContext
+from pipeline.formats import RowValidator, has_surrogates, shard_schema
 from pipeline.errors import UserError
 from pipeline.run_dir import atomic_dir
 
@@ -90,20 +90,12 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[RawRow]:
         for row in reader:
             number = reader.line_num
             values = [v for v in row.values() if isinstance(v, str)]
-            if any(_has_surrogates(v) for v in values):
+            if any(has_surrogates(v) for v in values):
                 yield RawRow(number, None, "invalid UTF-8")
             elif None in row:
                 yield RawRow(number, None, "more fields than the header")
             else:
                 yield RawRow(number, dict(row), raw=delimiter.join(values))
-
-
-def _has_surrogates(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 def _read_parquet(path: Path) -> Iterator[RawRow]:
@@ -130,59 +122,6 @@ def _decode_rows_one_by_one(batch: pa.RecordBatch) -> list[dict | None]:
         except UnicodeDecodeError:
             rows.append(None)
     return rows
-
-
-class RowValidator:
-    """Checks one row against data.format and returns the normalised row or a reason."""
-
-    def __init__(self, data: DataConfig, num_labels: int | None):
-        self.data = data
-        self.num_labels = num_labels
-
-    def __call__(self, row: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
-        text, problem = self._text(row)
-        if problem:
-            return None, problem
-        if self.data.format != "classification":
-            return {"text": text}, None
-        label, problem = self._label(row)
-        return (None, problem) if problem else ({"text": text, "label": label}, None)
-
-    def _text(self, row: dict[str, Any]) -> tuple[str, str | None]:
-        name = self.data.text_field
-        if name not in row or row[name] is None:
-            return "", f"missing field '{name}'"
-        value = row[name]
-        if not isinstance(value, str):
-            return "", f"field '{name}' must be a string, got {type(value).__name__}"
-        if not value.strip():
-            return "", f"empty text in field '{name}'"
-        if _has_surrogates(value):
-            return "", f"invalid Unicode (lone surrogate) in field '{name}'"
-        return value, None
-
-    def _label(self, row: dict[str, Any]) -> tuple[int, str | None]:
-        name, names = self.data.label_field, self.data.labels
-        if name not in row or row[name] is None or row[name] == "":
-            return 0, f"missing field '{name}'"
-        value = row[name]
-        if names and isinstance(value, str) and value in names:
-            return names.index(value), None
-        index = _as_index(value)
-        if index is not None and 0 <= index < (self.num_labels or 0):
-            return index, None
-        expected = names if names else f"0..{(self.num_labels or 1) - 1}"
-        return 0, f"unknown label {value!r} (expected one of {expected})"
-
-
-def _as_index(value: Any) -> int | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
-        return int(value)
-    return None
 
 
 def row_hash(row: dict[str, Any]) -> bytes:
@@ -230,20 +169,13 @@ class SplitWriter:
         return {"rows": sum(self.counts), "files": files, "rows_per_shard": list(self.counts)}
 
 
-def _schema(data: DataConfig) -> pa.Schema:
-    fields = [pa.field("text", pa.string())]
-    if data.format == "classification":
-        fields.append(pa.field("label", pa.int64()))
-    return pa.schema(fields + [pa.field("source", pa.string()), pa.field("line", pa.int64())])
-
-
 class Sharder:
     """Routes valid rows to a split and shard by hash, rejects to rejects.jsonl."""
 
     def __init__(self, cfg: RunConfig, folder: Path, rejects: io.TextIOBase):
         self.data = cfg.data
         self.validate = RowValidator(cfg.data, cfg.model.num_labels)
-        schema = _schema(cfg.data)
+        schema = shard_schema(cfg.data)
         self.writers = {s: SplitWriter(folder, s, cfg.data.num_shards, schema) for s in ("train", "eval")}
         self.rejects = rejects
         self.sources: list[dict[str, Any]] = []

@@ -81,20 +81,38 @@ def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> No
         time.sleep(0.05)
 
 
-def _rank_pid(session: int, rank: int) -> int:
-    """The worker process of `rank` among the processes of this test's session."""
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _descendants(root: int) -> list[int]:
+    """Processes below `root` (torchrun starts its workers in sessions of their own)."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
+        pid = int(entry.name)
         try:
-            if os.getsid(int(entry.name)) != session:
-                continue
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            cmdline = (entry / "cmdline").read_bytes()
-        except (OSError, ProcessLookupError):
+            while pid > 1 and pid != root:
+                pid = _parent(pid)
+        except (OSError, ValueError, IndexError):
+            continue
+        if pid == root:
+            found.append(int(entry.name))
+    return found
+
+
+def _rank_pid(root: int, rank: int) -> int:
+    """The worker process of `rank` started under `root`."""
+    for pid in _descendants(root):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
             continue
         if b"launch.worker" in cmdline and f"RANK={rank}".encode() in environ:
-            return int(entry.name)
+            return pid
     raise AssertionError(f"no worker with RANK={rank}")
 
 

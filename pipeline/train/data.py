@@ -77,6 +77,7 @@ class TrainBatches:
         self.pad_id = pad_id
         self.num_targets = table.column("num_targets").to_numpy()
         self.classification = "label" in table.column_names
+        self.masked = "loss_mask" in table.column_names
 
     def global_targets(self, offset: int) -> int:
         """Targets (tokens or examples) in the global batch at `offset`: the loss denominator."""
@@ -90,20 +91,25 @@ class TrainBatches:
     def micro_batch(self, offset: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
         rows = self.rows_for(offset, micro, rank)
         picked = self.table.take(pa.array(rows))
-        batch = collate(picked.column("input_ids").to_pylist(), self.pad_id)
+        masks = picked.column("loss_mask").to_pylist() if self.masked else None
+        batch = collate(picked.column("input_ids").to_pylist(), self.pad_id, masks)
         if self.classification:
             batch["labels"] = torch.tensor(picked.column("label").to_pylist(), dtype=torch.long)
         batch["rows"] = torch.from_numpy(rows)
         return batch
 
 
-def collate(sequences: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest sequence; labels are the ids with padding ignored (-100)."""
+def collate(sequences: list[list[int]], pad_id: int,
+            masks: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence; labels are the ids with padding ignored (-100), and with
+    every token whose loss mask is 0 ignored too when masks (tokenize's `loss_mask`) are given."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    counted = torch.zeros((len(sequences), width), dtype=torch.bool)
     for i, seq in enumerate(sequences):
         ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[i, : len(seq)] = 1
-    labels = ids.masked_fill(mask == 0, -100)
+        counted[i, : len(seq)] = torch.tensor(masks[i], dtype=torch.bool) if masks is not None else True
+    labels = ids.masked_fill(~counted, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}

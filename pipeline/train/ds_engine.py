@@ -268,6 +268,8 @@ def _convert_to_universal(source: Path, target: Path) -> str | None:
     temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(temp, ignore_errors=True)
     # A subprocess: the converter forks workers and prints a lot, neither welcome in a rank.
+    # --inject_missing_state: for ZeRO-1/2 it wants a Megatron-only 'universal_checkpoint_info'
+    # entry; the flag supplies it in memory and never rewrites the source files.
     command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
                "--output_folder", str(temp / TAG), "--num_extract_workers", "1", "--num_merge_workers", "1",
                "--inject_missing_state"]
