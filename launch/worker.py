@@ -20,6 +20,7 @@ URI_ENV = "FTPIPE_MLFLOW_URI"
 
 def run_rank(run_dir: Path, stage: str, progress: bool = True) -> dict:
     """Run `stage` as this rank; rank 0 leaves the stage's result for the launching process."""
+    from pipeline import distributed
     from pipeline.config import load_config
     from pipeline.context import NullStageTracker, StageContext
     from pipeline.run_dir import RunDir, atomic_write_json
@@ -35,6 +36,7 @@ def run_rank(run_dir: Path, stage: str, progress: bool = True) -> dict:
     finally:
         if tracker is not None:
             tracker.close()
+    distributed.shutdown()
     if rank == 0:
         atomic_write_json(RunDir(run_dir).stage(stage) / RESULT_FILE, result)
     return result

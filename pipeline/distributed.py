@@ -77,7 +77,9 @@ def current() -> DistEnv:
 
 
 def shutdown() -> None:
+    """Leave the group together: a rank tearing down while another still talks aborts it."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

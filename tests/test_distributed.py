@@ -67,16 +67,23 @@ def test_two_ranks_match_the_single_process_run(workspace, tiny_llama, single_ru
 
 
 def _start(config: Path, *overrides: str) -> subprocess.Popen:
+    # Output goes to a file: an unread pipe would fill up and block the ranks.
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "launch.cli", "run", str(config), "--no-progress", *overrides],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    log = open(config.with_suffix(".log"), "w")  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", str(config), "--no-progress", *overrides],
+                               env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process.log_path = Path(log.name)
+    return process
+
+
+def _output(process: subprocess.Popen) -> str:
+    return process.log_path.read_text()
 
 
 def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        assert process.poll() is None, process.stdout.read()
+        assert process.poll() is None, _output(process)
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.05)
 
@@ -125,8 +132,12 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(workspa
     process = _start(killed)
     _wait_for(tmp / "runs" / "fsdp-killed" / "train" / "checkpoints" / "step-000008" / "COMPLETE", process)
     os.kill(_rank_pid(process.pid, 1), signal.SIGKILL)
-    output = process.communicate(timeout=600)[0]
-    assert process.returncode == 0, output
+    try:
+        process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, _output(process)[-3000:]
     run = tmp / "runs" / "fsdp-killed"
     assert manifest(run, "train")["resumed_from_step"] >= 8
     assert losses(run) == pytest.approx(losses(tmp / "runs" / "fsdp-whole"), rel=1e-5)

@@ -131,13 +131,14 @@ def test_consolidate_refuses_a_model_that_does_not_match(tmp_path, tiny_bert, la
     cfg_path = fixtures.write_config(tmp_path / "c.yaml", fixtures.classification_config(
         tmp_path, tiny_bert, labelled_data, train={"max_steps": 2}))
     assert ftpipe("run", cfg_path, "--no-progress", "--stages", "shard,tokenize,train") == 0
-    real_save = torch.nn.Module.state_dict
+    from pipeline import hf_writer
 
-    def corrupt(model, *args, **kwargs):
-        state = real_save(model, *args, **kwargs)
-        return {k: (v + 1.0 if k.endswith("classifier.bias") else v) for k, v in state.items()}
+    real_add = hf_writer.ShardedSafetensorsWriter.add
 
-    monkeypatch.setattr(torch.nn.Module, "state_dict", corrupt)
+    def corrupt(self, name, tensor):
+        real_add(self, name, tensor + 1.0 if name.endswith("classifier.bias") else tensor)
+
+    monkeypatch.setattr(hf_writer.ShardedSafetensorsWriter, "add", corrupt)
     with pytest.raises(RuntimeError, match="differs from the checkpoint"):
         ftpipe("run", cfg_path, "--no-progress", "--stages", "consolidate")
     assert not (tmp_path / "runs" / "cls" / "consolidate" / "model").exists()
