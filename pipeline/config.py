@@ -72,10 +72,16 @@ class DataConfig(Section):
     eval_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of train rows held out by a stable hash of the row.")
     num_shards: int = Field(4, ge=1, description="Number of parquet shards the shard stage writes per split.")
+    num_workers: int = Field(
+        1, ge=1, description="Processes the shard and tokenize stages spread their work over (one source file or "
+        "one shard piece per task); the output is the same for any value.")
     max_seq_len: int = Field(128, ge=8, description="Tokens per example; see overlong for longer ones.")
     overlong: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="Examples longer than max_seq_len: truncate the end, drop them (tokenize "
         "rejects), or stop with an error naming the row.")
+    packing: bool = Field(
+        False, description="Pack several examples into each row of up to max_seq_len tokens (causal LM formats); "
+        "attention and positions restart at every example, so the loss is the same as unpacked.")
     max_reject_fraction: float = Field(
         0.01, ge=0.0, le=1.0, description="Fail before training when more than this share of rows is rejected "
         "(shard and tokenize rejects together).")
@@ -93,6 +99,13 @@ class DataConfig(Section):
     def _template_needs_chat(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None and info.data.get("format") != "chat":
             raise ValueError("only applies to format 'chat'")
+        return value
+
+    @field_validator("packing")
+    @classmethod
+    def _packing_needs_causal_lm(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and info.data.get("format") == "classification":
+            raise ValueError("format 'classification' cannot be packed (one label per row); set it to false")
         return value
 
     @field_validator("text_pair_field")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,21 +52,33 @@ def prepare_accelerator_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+_SOLO_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+_saved_env: dict[str, str | None] | None = None
+
+
 def init(need_group: bool) -> DistEnv:
     """Join the torchrun group if launched by torchrun; else, if need_group, make a 1-rank group."""
     if dist.is_initialized():
         return current()
-    if not launched_by_torchrun():
-        if not need_group:
-            return DistEnv()
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
     prepare_accelerator_env()
-    local_rank = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend_name(), timeout=TIMEOUT)
+    if launched_by_torchrun():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend_name(), timeout=TIMEOUT)
+    elif need_group:
+        _init_solo()
     return current()
+
+
+def _init_solo() -> None:
+    """A 1-rank group in this process: an in-memory store (no port to race for), and the rank
+    variables DeepSpeed reads, set only while the group lives so later runs in this process do not
+    mistake themselves for torchrun ranks."""
+    global _saved_env
+    _saved_env = {key: os.environ.get(key) for key in _SOLO_ENV}
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    dist.init_process_group(backend_name(), store=dist.HashStore(), rank=0, world_size=1, timeout=TIMEOUT)
 
 
 def current() -> DistEnv:
@@ -78,9 +89,16 @@ def current() -> DistEnv:
 
 def shutdown() -> None:
     """Leave the group together: a rank tearing down while another still talks aborts it."""
+    global _saved_env
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    for key, value in (_saved_env or {}).items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _saved_env = None
 
 
 def barrier() -> None:
@@ -121,8 +139,3 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 def _collective_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

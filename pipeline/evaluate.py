@@ -17,19 +17,15 @@ from pipeline.errors import UserError
 from pipeline.models import load_model, load_tokenizer
 from pipeline.run_dir import atomic_write_json, atomic_write_text
 from pipeline.tokenize import open_split
-from pipeline.train.data import collate
+from pipeline.train.data import collate_table
 from pipeline.train.objective import summed_loss
 from pipeline.train.stage import seed_everything
 
 
 def batches(table: pa.Table, batch_size: int, pad_id: int):
+    # The training batches' collate: loss on answer tokens only, packed examples kept apart.
     for start in range(0, table.num_rows, batch_size):
-        part = table.slice(start, batch_size)
-        masks = part.column("loss_mask").to_pylist() if "loss_mask" in part.column_names else None
-        batch = collate(part.column("input_ids").to_pylist(), pad_id, masks)  # loss on answer tokens only
-        if "label" in part.column_names:
-            batch["labels"] = torch.tensor(part.column("label").to_pylist(), dtype=torch.long)
-        yield batch
+        yield collate_table(table.slice(start, batch_size), pad_id)
 
 
 @torch.no_grad()
@@ -78,6 +74,8 @@ def generations(model, tokenizer, table: pa.Table, count: int, max_new_tokens: i
     part = table.slice(0, count)
     masks = part.column("loss_mask").to_pylist() if "loss_mask" in part.column_names else None
     for row, ids in enumerate(part.column("input_ids").to_pylist()):
+        if "seq_lens" in part.column_names:  # a packed row: its first example only
+            ids = ids[: part.column("seq_lens")[row].as_py()[0]]
         cut = masks[row].index(1) if masks else max(1, len(ids) // 2)
         prompt = torch.tensor([ids[:cut]])
         output = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,

@@ -44,17 +44,20 @@ class RunDir:
     def write_manifest(self, name: str, manifest: dict[str, Any]) -> None:
         atomic_write_json(self.manifest_path(name), manifest)
 
-    def claim_stage(self, name: str, fingerprint: str) -> bool:
+    def claim_stage(self, name: str, fingerprint: str, keep_units: bool = False) -> bool:
         """Prepare the stage folder for `fingerprint`; True when earlier partial work is reusable.
 
         Partial work (shard markers, checkpoints) from the same fingerprint is kept so the stage
         resumes; anything from another fingerprint, or a finished manifest being redone, goes.
+        With `keep_units` only the manifest goes: the stage checks each shard's own fingerprint.
         """
         folder = self.stage(name)
         marker = folder / FINGERPRINT_FILE
         previous = marker.read_text().strip() if marker.is_file() else None
         reusable = previous == fingerprint and not self.manifest_path(name).exists()
-        if folder.exists() and not reusable:
+        if keep_units:
+            self.manifest_path(name).unlink(missing_ok=True)
+        elif folder.exists() and not reusable:
             shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(marker, fingerprint + "\n")

@@ -35,9 +35,13 @@ def _model_digest(cfg: RunConfig, cache: DigestCache, weights: bool) -> dict[str
     return {str(p.relative_to(folder)): cache.digest(p) for p in _files(folder, weights)}
 
 
+# Keys only the tokenize stage reads, and num_workers (the output is the same for any value),
+# stay out of the shard fingerprint, so changing them does not re-shard.
+NOT_SHARD_KEYS = {"max_seq_len", "overlong", "loss_on", "chat_template", "packing", "num_workers"}
+
+
 def _shard_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
-    # Keys only the tokenize stage reads stay out, so changing them does not re-shard.
-    data = cfg.data.model_dump(exclude={"max_seq_len", "overlong", "loss_on", "chat_template"})
+    data = cfg.data.model_dump(exclude=NOT_SHARD_KEYS)
     sources = expand_sources(cfg.data.train, "data.train") + (
         expand_sources(cfg.data.eval, "data.eval") if cfg.data.eval else [])
     return {"data": data, "num_labels": cfg.model.num_labels,
@@ -47,9 +51,28 @@ def _shard_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
 def _tokenize_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
     template = cfg.data.chat_template
     return {"max_seq_len": cfg.data.max_seq_len, "format": cfg.data.format, "loss_on": cfg.data.loss_on,
-            "overlong": cfg.data.overlong,
+            "overlong": cfg.data.overlong, "packing": cfg.data.packing,
             "chat_template": cache.digest(Path(template)) if template and Path(template).is_file() else template,
             "tokenizer": _model_digest(cfg, cache, weights=False)}
+
+
+def digest_cache(cfg: RunConfig) -> DigestCache:
+    return DigestCache(Path(cfg.output_dir) / ".digest-cache.json")
+
+
+def shard_unit_fingerprints(cfg: RunConfig, sources: list[tuple[Path, bool | None]]) -> list[str]:
+    """One per source file: what its shard pieces depend on (its content, not the other files)."""
+    cache = digest_cache(cfg)
+    base = {"data": cfg.data.model_dump(exclude=NOT_SHARD_KEYS | {"train", "eval"}),
+            "num_labels": cfg.model.num_labels, "code": SPECS["shard"].code_version()}
+    return [fingerprint({**base, "file": str(path), "digest": cache.digest(path), "held_out": held_out})
+            for path, held_out in sources]
+
+
+def tokenize_unit_fingerprints(cfg: RunConfig, piece_fingerprints: list[str]) -> list[str]:
+    """One per shard piece: the piece's own fingerprint, the tokenizer, the tokenize keys and code."""
+    base = {"config": _tokenize_inputs(cfg, digest_cache(cfg)), "code": SPECS["tokenize"].code_version()}
+    return [fingerprint({**base, "piece": piece}) for piece in piece_fingerprints]
 
 
 # Settings that change how, not what, the run trains: changing them resumes instead of restarting.
@@ -74,6 +97,8 @@ class StageSpec:
     inputs: tuple[str, ...]
     config_inputs: Callable[[RunConfig, DigestCache], dict[str, Any]]
     code: tuple[str, ...]
+    # The stage keeps per-shard outputs with their own fingerprints and redoes only stale ones.
+    unit_cache: bool = False
 
     def run(self, cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
         return importlib.import_module(self.module).run(cfg, ctx)
@@ -87,15 +112,18 @@ class StageSpec:
 
 
 SPECS: dict[str, StageSpec] = {s.name: s for s in (
-    StageSpec("shard", "pipeline.shard", (), _shard_inputs, ("shard.py", "formats.py")),
+    StageSpec("shard", "pipeline.shard", (), _shard_inputs, ("shard.py", "formats.py"), unit_cache=True),
     StageSpec("tokenize", "pipeline.tokenize", ("shard",), _tokenize_inputs,
-              ("tokenize.py", "encoding.py", "models.py")),
+              ("tokenize.py", "encoding.py", "packing.py", "models.py"), unit_cache=True),
     StageSpec("train", "pipeline.train.stage", ("tokenize",), _train_inputs, ("train/*.py", "models.py", "distributed.py")),
     StageSpec("consolidate", "pipeline.consolidate", ("train",), lambda c, d: {},
               ("consolidate.py", "train/engine.py")),
     StageSpec("evaluate", "pipeline.evaluate", ("consolidate",), _evaluate_inputs,
               ("evaluate.py", "train/objective.py", "train/data.py")),
 )}
+
+
+FORCED = "forced"
 
 
 @dataclass
@@ -131,7 +159,7 @@ def _decide(run_dir: RunDir, spec: StageSpec, fp: str, planned: dict[str, Planne
     manifest = run_dir.read_manifest(spec.name)
     upstream = [i for i in spec.inputs if planned[i].action in ("run", "resume", "stale")]
     if forced:
-        reason = "forced"
+        reason = FORCED
     elif manifest is None:
         reason = "not done yet"
     elif upstream:
@@ -184,7 +212,7 @@ def execute(cfg: RunConfig, planned: list[PlannedStage], tracker=None, progress:
 def run_stage(cfg: RunConfig, stage: PlannedStage, run_dir: RunDir, tracker, progress: bool,
               launcher: StageLauncher = run_here) -> dict:
     spec = SPECS[stage.name]
-    run_dir.claim_stage(stage.name, stage.fingerprint)
+    run_dir.claim_stage(stage.name, stage.fingerprint, keep_units=spec.unit_cache and stage.reason != FORCED)
     stage_run = tracker.stage(stage.name, {"action": stage.action, "reason": stage.reason,
                                            "fingerprint": stage.fingerprint}) if tracker else None
     ctx = StageContext(run_dir, tracker=stage_run or NullStageTracker(), progress=progress)

@@ -1,7 +1,9 @@
 """Stage 1: read raw sources, validate every row, split train/eval by a stable hash, write shards.
 
 Rows stream from the sources to per-shard parquet writers in small batches, so memory does not
-grow with the data. Rejected rows go to rejects.jsonl with file, line and reason.
+grow with the data. Rejected rows go to rejects.jsonl with file, line and reason. Each source file
+is one task (data.num_workers run in parallel) that writes its own piece of every shard; the
+pieces are cached per file and merged, in source order, into the shard files.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import csv
 import hashlib
 import io
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +25,12 @@ from pipeline.config import RunConfig, expand_sources
 from pipeline.context import StageContext
 from pipeline.formats import RowValidator, has_surrogates, shard_schema
 from pipeline.errors import UserError
-from pipeline.run_dir import atomic_dir
+from pipeline.parallel import run_tasks
+from pipeline.runner import shard_unit_fingerprints
+from pipeline.run_dir import RunDir, atomic_dir, atomic_write_json, remove_stale_tmp
 
 FLUSH_ROWS = 2048
+MARKER = "done.json"
 
 
 @dataclass
@@ -207,22 +213,116 @@ class Sharder:
         return {split: writer.close() for split, writer in self.writers.items()}
 
 
-def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
-    """Shard the configured sources into `<run>/shard/{train,eval}-*.parquet`."""
-    out = ctx.run_dir.stage("shard")
-    train_files = expand_sources(cfg.data.train, "data.train")
-    eval_files = expand_sources(cfg.data.eval, "data.eval") if cfg.data.eval else []
-    with atomic_dir(out / "data") as tmp, open(tmp / "rejects.jsonl", "w", encoding="utf-8") as rejects:
+SPLITS = ("train", "eval")
+
+
+def sources(cfg: RunConfig) -> list[tuple[Path, bool | None]]:
+    """Every source file with its split rule: None (by hash), False (train), True (eval files)."""
+    train = expand_sources(cfg.data.train, "data.train")
+    held = expand_sources(cfg.data.eval, "data.eval") if cfg.data.eval else []
+    return [(path, None if not held else False) for path in train] + [(path, True) for path in held]
+
+
+def piece_dir(out: Path, rank: int) -> Path:
+    return out / "parts" / f"{rank:05d}"
+
+
+def run_shard(cfg: RunConfig, run_dir: Path, rank: int, world_size: int) -> dict[str, Any]:
+    """Task `rank` of `world_size` (one per source file): that file's piece of every shard of both
+    splits, its rejects and, last, its marker. A marker with the same fingerprint means done."""
+    listed = sources(cfg)
+    assert len(listed) == world_size, (len(listed), world_size)
+    path, held_out = listed[rank]
+    expected = shard_unit_fingerprints(cfg, [listed[rank]])[0]
+    folder = piece_dir(RunDir(run_dir).stage("shard"), rank)
+    cached = _read_marker(folder / MARKER)
+    if cached is not None and cached["fingerprint"] == expected:
+        return cached
+    with atomic_dir(folder) as tmp, open(tmp / "rejects.jsonl", "w", encoding="utf-8") as rejects:
         sharder = Sharder(cfg, tmp, rejects)
-        for path in train_files:
-            sharder.add_file(path, held_out=None if not eval_files else False)
-        for path in eval_files:
-            sharder.add_file(path, held_out=True)
-        splits = sharder.finish()
-    manifest = {"splits": splits, "sources": sharder.sources,
-                "rejected": sum(s["rejected"] for s in sharder.sources), "rejects_file": "data/rejects.jsonl"}
+        sharder.add_file(path, held_out)
+        result = {"fingerprint": expected, "source": sharder.sources[0], "splits": sharder.finish()}
+    atomic_write_json(folder / MARKER, result)
+    return result
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    """Shard the configured sources into `<run>/shard/data/{train,eval}-*.parquet`.
+
+    Map: one task per source file writes that file's rows, routed by hash, into its own piece of
+    every shard (`parts/NNNNN/`), reused while the file, the shard keys and the code are unchanged.
+    Merge: each shard file is its pieces in source order, i.e. the rows a single pass would write.
+    """
+    out = ctx.run_dir.stage("shard")
+    listed = sources(cfg)
+    ranks = list(range(len(listed)))
+    reused = _current(out, shard_unit_fingerprints(cfg, listed))
+    results = {d.rank: d.result for d in run_tasks(run_shard, cfg, ctx.run_dir.root, ranks, len(listed),
+                                                  cfg.data.num_workers)}
+    pieces = [results[r] for r in ranks]
+    _remove_stale_pieces(out, len(listed))
+    with atomic_dir(out / "data") as tmp:
+        splits = {split: _merge_split(cfg, out, tmp, split, pieces) for split in SPLITS}
+        _merge_rejects(out, tmp / "rejects.jsonl", len(listed))
+    manifest = {"splits": splits, "sources": [p["source"] for p in pieces],
+                "rejected": sum(p["source"]["rejected"] for p in pieces), "rejects_file": "data/rejects.jsonl",
+                "pieces": {split: _piece_list(cfg, pieces, split) for split in SPLITS},
+                "reused_sources": len(reused), "ran_sources": len(ranks) - len(reused)}
     _check_outcome(cfg, manifest, out)
     return manifest
+
+
+def _current(out: Path, expected: list[str]) -> list[int]:
+    """Sources whose pieces are done with the fingerprint they would have now."""
+    markers = [_read_marker(piece_dir(out, rank) / MARKER) for rank in range(len(expected))]
+    return [rank for rank, (m, fp) in enumerate(zip(markers, expected)) if m and m["fingerprint"] == fp]
+
+
+def _remove_stale_pieces(out: Path, count: int) -> None:
+    """Pieces of sources no longer configured (the list got shorter)."""
+    for folder in (out / "parts").glob("[0-9]*"):
+        if int(folder.name) >= count:
+            shutil.rmtree(folder)
+    remove_stale_tmp(out / "parts")
+
+
+def _piece_name(split: str, shard: int, num_shards: int) -> str:
+    return f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
+
+
+def _piece_list(cfg: RunConfig, pieces: list[dict], split: str) -> list[dict[str, Any]]:
+    """Shard-major, source-minor: the order of the rows in the merged shard files. Tokenize works
+    (and caches) per piece, so a changed source re-tokenizes only its own pieces."""
+    n = cfg.data.num_shards
+    return [{"file": f"parts/{rank:05d}/{_piece_name(split, shard, n)}", "fingerprint": piece["fingerprint"],
+             "rows": piece["splits"][split]["rows_per_shard"][shard]}
+            for shard in range(n) for rank, piece in enumerate(pieces)]
+
+
+def _merge_split(cfg: RunConfig, out: Path, target: Path, split: str, pieces: list[dict]) -> dict[str, Any]:
+    n, schema = cfg.data.num_shards, shard_schema(cfg.data)
+    counts = [sum(p["splits"][split]["rows_per_shard"][shard] for p in pieces) for shard in range(n)]
+    for shard in range(n):
+        with pq.ParquetWriter(target / _piece_name(split, shard, n), schema) as writer:
+            for rank in range(len(pieces)):
+                source = pq.ParquetFile(piece_dir(out, rank) / _piece_name(split, shard, n))
+                for index in range(source.num_row_groups):  # one row group in memory at a time
+                    writer.write_table(source.read_row_group(index))
+    return {"rows": sum(counts), "files": [_piece_name(split, s, n) for s in range(n)], "rows_per_shard": counts}
+
+
+def _merge_rejects(out: Path, target: Path, count: int) -> None:
+    with open(target, "wb") as merged:
+        for rank in range(count):
+            with open(piece_dir(out, rank) / "rejects.jsonl", "rb") as part:
+                shutil.copyfileobj(part, merged)
 
 
 def _check_outcome(cfg: RunConfig, manifest: dict[str, Any], out: Path) -> None:

@@ -1,8 +1,10 @@
 """Stage 2: parquet shards -> tokenized Arrow files that training memory-maps.
 
-Each shard is tokenized in batches and written as an Arrow IPC stream under a temporary name; its
-stats file, written after the rename, is the shard's completion marker, so a killed run redoes
-only the shards without one. Rows the encoder rejects (data.overlong: drop, or no answer tokens
+The unit of work is a shard piece (the rows of one source file in one shard, see pipeline/shard.py):
+each is tokenized in batches and written as an Arrow IPC stream under a temporary name; its stats
+file, written after the rename and holding the unit's fingerprint (its piece, the tokenizer, the
+tokenize keys, the code), is its completion marker, so a killed or changed run redoes only the
+units without a current one. data.num_workers processes run the units in parallel. Rows the encoder rejects (data.overlong: drop, or no answer tokens
 left after truncation) go to a per-shard rejects file, merged into `tokenize/rejects.jsonl`.
 What the columns hold: pipeline/encoding.py.
 """
@@ -10,6 +12,8 @@ What the columns hold: pipeline/encoding.py.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,10 @@ from pipeline.context import StageContext
 from pipeline.encoding import EncodedBatch, Encoder, output_schema
 from pipeline.errors import UserError
 from pipeline.models import load_tokenizer
-from pipeline.run_dir import atomic_write_json, atomic_write_text, remove_stale_tmp
+from pipeline.packing import Packer, packed_schema, packing_summary
+from pipeline.parallel import run_tasks
+from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text, remove_stale_tmp
+from pipeline.runner import tokenize_unit_fingerprints
 
 BATCH_ROWS = 1000
 SPLITS = ("train", "eval")
@@ -37,7 +44,8 @@ def pad_token_id(tokenizer) -> int:
 def tokenize_shard(source: Path, target: Path, encoder: Encoder) -> dict[str, Any]:
     """Write `target` (Arrow IPC stream) from parquet `source` and the rows it rejected next to it
     (`NNNNN.rejects.jsonl`); return the shard's counts."""
-    schema = encoder.schema
+    packer = Packer(encoder.max_len, encoder.masked) if encoder.data.packing else None
+    schema = packed_schema(encoder.schema) if packer else encoder.schema
     stats = {"rows": 0, "tokens": 0, "targets": 0, "truncated": 0, "dropped": 0, "rejected": 0, "max_len": 0}
     tmp = target.with_name(f".{target.name}.tmp-w")
     rejects: list[str] = []
@@ -45,10 +53,14 @@ def tokenize_shard(source: Path, target: Path, encoder: Encoder) -> dict[str, An
         for batch in pq.ParquetFile(source).iter_batches(batch_size=BATCH_ROWS):
             rows = batch.to_pydict()
             encoded = encoder(rows)
-            writer.write_batch(pa.RecordBatch.from_pydict(encoded.columns, schema=schema))
+            columns = packer.add(encoded.columns) if packer else encoded.columns
+            writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=schema))
             rejects += [_reject_line(source, rows, stats["rows"] + stats["rejected"], index, reason)
                         for index, reason in encoded.rejects]
             _count(stats, encoded)
+        if packer:  # stats count examples; packed_rows counts the rows training samples
+            writer.write_batch(pa.RecordBatch.from_pydict(packer.finish(), schema=schema))
+            stats["packed_rows"] = packer.rows
     atomic_write_text(target.with_suffix(".rejects.jsonl"), "".join(rejects))
     tmp.replace(target)
     return stats
@@ -72,26 +84,65 @@ def _reject_line(source: Path, rows: dict[str, list], done: int, index: int, rea
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One piece of one shard (the rows of one source file in it): the unit of work and of caching."""
+
+    split: str
+    index: int  # NNNNN of its output files; shard-major, source-minor, so sorted files keep row order
+    source: Path
+    fingerprint: str
+
+
+def units(cfg: RunConfig, run_dir: Path) -> list[Unit]:
+    """Every unit of both splits, from the shard manifest; rank r of a task is units(...)[r]."""
+    shard = RunDir(run_dir)
+    pieces = shard.read_manifest("shard")["pieces"]
+    listed = [(split, i, piece) for split in SPLITS for i, piece in enumerate(pieces[split])]
+    prints = tokenize_unit_fingerprints(cfg, [piece["fingerprint"] for _, _, piece in listed])
+    return [Unit(split, i, shard.stage("shard") / piece["file"], fp) for (split, i, piece), fp in zip(listed, prints)]
+
+
+_ENCODERS: dict[str, Encoder] = {}
+
+
+def _encoder(cfg: RunConfig) -> Encoder:
+    """One tokenizer per worker process, loaded by its first task."""
+    key = cfg.model_dump_json()
+    if key not in _ENCODERS:
+        tokenizer = load_tokenizer(cfg.model.name_or_path)
+        _ENCODERS[key] = Encoder(tokenizer, cfg.data, chat_template(cfg, tokenizer))
+    return _ENCODERS[key]
+
+
+def run_shard(cfg: RunConfig, run_dir: Path, rank: int, world_size: int) -> dict[str, Any]:
+    """Task `rank` of `world_size`: tokenize unit number `rank` unless its marker is current."""
+    todo = units(cfg, run_dir)
+    assert len(todo) == world_size, (len(todo), world_size)
+    unit = todo[rank]
+    return _tokenize_once(unit.source, RunDir(run_dir).stage("tokenize") / unit.split, unit.index,
+                          unit.fingerprint, lambda: _encoder(cfg))[0]
+
+
 def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
-    """Tokenize every shard of every split that has no completion marker yet."""
+    """Tokenize every shard piece whose completion marker is missing or from other inputs."""
     shard_manifest = ctx.run_dir.read_manifest("shard")
     assert shard_manifest is not None, "tokenize runs after shard"
-    source_dir = ctx.run_dir.stage("shard") / "data"
     out = ctx.run_dir.stage("tokenize")
     tokenizer = load_tokenizer(cfg.model.name_or_path)
-    encoder = Encoder(tokenizer, cfg.data, chat_template(cfg, tokenizer))
-    manifest: dict[str, Any] = {"splits": {}, "reused_shards": 0, "pad_token_id": pad_token_id(tokenizer),
-                                "loss_on": cfg.data.loss_on}
+    chat_template(cfg, tokenizer)  # a missing template is a config error: raise it before any worker starts
+    todo = units(cfg, ctx.run_dir.root)
     for split in SPLITS:
-        folder = out / split
-        folder.mkdir(parents=True, exist_ok=True)
-        remove_stale_tmp(folder)
-        shards = []
-        for index, name in enumerate(shard_manifest["splits"][split]["files"]):
-            stats, reused = _tokenize_once(source_dir / name, folder, index, encoder)
-            manifest["reused_shards"] += reused
-            shards.append(stats)
+        _prepare(out / split, sum(u.split == split for u in todo))
+    stale = [rank for rank, u in enumerate(todo) if _current(out / u.split, u.index, u.fingerprint) is None]
+    for _ in run_tasks(run_shard, cfg, ctx.run_dir.root, stale, len(todo), cfg.data.num_workers):
+        pass  # each task wrote its marker; the stats are read back from them below
+    manifest: dict[str, Any] = {"splits": {}, "reused_shards": len(todo) - len(stale), "ran_shards": len(stale),
+                                "pad_token_id": pad_token_id(tokenizer), "loss_on": cfg.data.loss_on}
+    for split in SPLITS:
+        shards = [_current(out / split, u.index, u.fingerprint) for u in todo if u.split == split]
         manifest["splits"][split] = _summarize(shards)
+        manifest["splits"][split].update(packing_summary(shards, cfg.data))
     manifest["rejected"] = _merge_rejects(out)
     manifest["rejects_file"] = "rejects.jsonl"
     _check_rejects(cfg, shard_manifest, manifest, out)
@@ -136,12 +187,34 @@ def _check_rejects(cfg: RunConfig, shard_manifest: dict, manifest: dict, out: Pa
             f"{cfg.data.max_reject_fraction:.1%}); see {where} and {out.parent / 'shard' / 'data' / 'rejects.jsonl'}")
 
 
-def _tokenize_once(source: Path, folder: Path, index: int, encoder: Encoder) -> tuple[dict, bool]:
+def _prepare(folder: Path, count: int) -> None:
+    """Drop temporaries of killed tasks and the outputs of units that no longer exist (fewer shards
+    or sources): training reads every NNNNN.arrow in the folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(folder)
+    for path in folder.glob("[0-9]*"):
+        if int(path.name[:5]) >= count:
+            path.unlink()
+
+
+def _current(folder: Path, index: int, fingerprint: str) -> dict[str, Any] | None:
+    """Unit `index`'s stats when its marker exists and has `fingerprint`."""
+    try:
+        stats = json.loads((folder / f"{index:05d}.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return stats if stats.get("fingerprint") == fingerprint else None
+
+
+def _tokenize_once(source: Path, folder: Path, index: int, fingerprint: str,
+                   encoder: Callable[[], Encoder]) -> tuple[dict, bool]:
+    """Tokenize one unit unless its marker (written last, so it means done) has `fingerprint`."""
     marker = folder / f"{index:05d}.json"
-    if marker.is_file():
-        return json.loads(marker.read_text()), True
-    stats = tokenize_shard(source, folder / f"{index:05d}.arrow", encoder)
-    stats["file"] = f"{index:05d}.arrow"
+    done = _current(folder, index, fingerprint)
+    if done is not None:
+        return done, True
+    stats = tokenize_shard(source, folder / f"{index:05d}.arrow", encoder())
+    stats.update(file=f"{index:05d}.arrow", fingerprint=fingerprint)
     atomic_write_json(marker, stats)
     return stats, False
 

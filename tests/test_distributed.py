@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.tokenize import open_split
 from pipeline.train.data import SampleOrder
@@ -110,6 +111,16 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
+def _kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the run and every rank: torchrun's workers live in their own sessions."""
+    for pid in [*_descendants(process.pid), process.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait()
+
+
 def _rank_pid(root: int, rank: int) -> int:
     """The worker process of `rank` started under `root`."""
     for pid in _descendants(root):
@@ -136,7 +147,7 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(workspa
         process.wait(timeout=300)
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+            _kill_tree(process)
     assert process.returncode == 0, _output(process)[-3000:]
     run = tmp / "runs" / "fsdp-killed"
     assert manifest(run, "train")["resumed_from_step"] >= 8
@@ -163,8 +174,7 @@ def test_resume_at_another_world_size_loses_and_repeats_no_sample(workspace, tin
     process = _start(config)
     run = tmp / "runs" / f"ws-{name}"
     _wait_for(run / "train" / "checkpoints" / "step-000006" / "COMPLETE", process)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    _kill_tree(process)
     assert not (run / "train" / "manifest.json").exists()
     moved = [f"launch.{k}={v}" for k, v in (after or {"backend": "local", "nproc_per_node": 1}).items()]
     assert ftpipe("run", config, "--no-progress", *moved) == 0
@@ -174,3 +184,44 @@ def test_resume_at_another_world_size_loses_and_repeats_no_sample(workspace, tin
     expected = SampleOrder(table.num_rows, seed=0).rows(0, 12 * BATCH["global_batch_size"])
     trained = _ledger_rows(run)
     assert Counter(trained) == Counter(int(r) for r in expected), "a sample was lost or trained twice"
+
+
+PARTIAL = {
+    "lora": {"model": {"lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}}},
+    "freeze": {"train": {"freeze": {"patterns": ["model.embed_tokens.*"], "train_last_layers": 1}}},
+}
+
+
+def _partial_config(tmp: Path, model: Path, data: Path, name: str, partial: str, train: dict,
+                    launch: dict | None = None) -> Path:
+    cfg = fixtures.causal_config(tmp, model, data, name=name,
+                                 train={**BATCH, **train, **PARTIAL[partial].get("train", {})})
+    cfg["model"].update(PARTIAL[partial].get("model", {}))
+    cfg["launch"] = launch or {}
+    cfg["evaluate"] = {"batch_size": 8, "num_generations": 0}
+    return fixtures.write_config(tmp / f"{name}.yaml", cfg)
+
+
+@pytest.mark.parametrize("partial,name", [("lora", "fsdp"), ("lora", "zero3"), ("freeze", "ddp"),
+                                          ("freeze", "zero2")])
+def test_lora_and_freezing_work_with_every_strategy(workspace, tiny_llama, partial, name):
+    tmp, data = workspace
+    single = tmp / "runs" / f"{partial}-single"
+    if not (single / "evaluate" / "manifest.json").exists():
+        assert ftpipe("run", _partial_config(tmp, tiny_llama, data, f"{partial}-single", partial, {}),
+                      "--no-progress") == 0
+    config = _partial_config(tmp, tiny_llama, data, f"{partial}-{name}", partial, STRATEGIES[name], TWO_RANKS)
+    assert ftpipe("run", config, "--no-progress") == 0
+    run = tmp / "runs" / f"{partial}-{name}"
+    assert losses(run)[:5] == pytest.approx(losses(single)[:5], rel=1e-4)
+    assert manifest(run, "train")["trainable_parameters"] == manifest(single, "train")["trainable_parameters"]
+    assert_close_weights(weights(run), weights(single), rtol=1e-4, atol=1e-5)
+    if partial == "freeze":  # the frozen embedding leaves training untouched
+        initial = _initial_weights(tiny_llama)
+        assert torch.equal(weights(run)["model.embed_tokens.weight"], initial["model.embed_tokens.weight"])
+
+
+def _initial_weights(model: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(next(model.glob("*.safetensors"))))

@@ -76,8 +76,6 @@ class TrainBatches:
         self.order = SampleOrder(table.num_rows, seed)
         self.pad_id = pad_id
         self.num_targets = table.column("num_targets").to_numpy()
-        self.classification = "label" in table.column_names
-        self.masked = "loss_mask" in table.column_names
 
     def global_targets(self, offset: int) -> int:
         """Targets (tokens or examples) in the global batch at `offset`: the loss denominator."""
@@ -90,19 +88,28 @@ class TrainBatches:
 
     def micro_batch(self, offset: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
         rows = self.rows_for(offset, micro, rank)
-        picked = self.table.take(pa.array(rows))
-        masks = picked.column("loss_mask").to_pylist() if self.masked else None
-        batch = collate(picked.column("input_ids").to_pylist(), self.pad_id, masks)
-        if self.classification:
-            batch["labels"] = torch.tensor(picked.column("label").to_pylist(), dtype=torch.long)
-        batch["rows"] = torch.from_numpy(rows)
+        batch = collate_table(self.table.take(pa.array(rows)), self.pad_id)
+        batch["rows"] = torch.from_numpy(rows)  # a sample is a row, packed or not
         return batch
 
 
-def collate(sequences: list[list[int]], pad_id: int,
-            masks: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+def collate_table(table: pa.Table, pad_id: int) -> dict[str, torch.Tensor]:
+    """A batch from tokenized rows, whichever optional columns (loss_mask, seq_lens, label) they have."""
+    def column(name: str) -> list | None:
+        return table.column(name).to_pylist() if name in table.column_names else None
+
+    batch = collate(column("input_ids"), pad_id, column("loss_mask"), column("seq_lens"))
+    if "label" in table.column_names:
+        batch["labels"] = torch.tensor(column("label"), dtype=torch.long)
+    return batch
+
+
+def collate(sequences: list[list[int]], pad_id: int, masks: list[list[int]] | None = None,
+            seq_lens: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
     """Right-pad to the longest sequence; labels are the ids with padding ignored (-100), and with
-    every token whose loss mask is 0 ignored too when masks (tokenize's `loss_mask`) are given."""
+    every token whose loss mask is 0 ignored too when masks (tokenize's `loss_mask`) are given.
+    Packed rows (`seq_lens`, the example lengths of each row) also get position_ids and an
+    attention_bias that keep every example to itself: see packed_inputs."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -111,5 +118,32 @@ def collate(sequences: list[list[int]], pad_id: int,
         ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
         mask[i, : len(seq)] = 1
         counted[i, : len(seq)] = torch.tensor(masks[i], dtype=torch.bool) if masks is not None else True
-    labels = ids.masked_fill(~counted, -100)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if seq_lens is not None:
+        batch.update(packed_inputs(seq_lens, width))
+        counted &= batch.pop("example_start").logical_not()
+    batch["labels"] = ids.masked_fill(~counted, -100)
+    return batch
+
+
+def packed_inputs(seq_lens: list[list[int]], width: int) -> dict[str, torch.Tensor]:
+    """position_ids that restart at 0 for every example, and a (batch, 1, q, k) additive float mask,
+    block-diagonal and causal (0: may attend, dtype min: may not). The 4D mask is what isolates the
+    examples: with sdpa/eager on CPU, restarted position_ids alone let attention cross boundaries.
+    Padding queries see only themselves (a fully masked row would give NaN). `example_start` marks
+    each example's first token, which must not be the target of the previous example's last one."""
+    block = torch.zeros((len(seq_lens), width), dtype=torch.long)  # example number from 1; 0 = padding
+    positions = torch.zeros((len(seq_lens), width), dtype=torch.long)
+    start = torch.zeros((len(seq_lens), width), dtype=torch.bool)
+    for i, lens in enumerate(seq_lens):
+        offset = 0
+        for number, length in enumerate(lens, start=1):
+            block[i, offset: offset + length] = number
+            positions[i, offset: offset + length] = torch.arange(length)
+            start[i, offset] = True
+            offset += length
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    same = (block[:, :, None] == block[:, None, :]) & (block[:, None, :] > 0)
+    allowed = (same & causal) | torch.eye(width, dtype=torch.bool)
+    bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    return {"position_ids": positions, "attention_bias": bias[:, None], "example_start": start}

@@ -1,0 +1,59 @@
+"""Run a stage's per-shard tasks in worker processes, datatrove style.
+
+A task is `fn(cfg, run_dir, rank, world_size)`: everything it needs is derived from the config and
+the run directory, so the same call works in a local process pool, in this process, or later as
+one SLURM array task (rank = SLURM_ARRAY_TASK_ID). Each task writes its own outputs and completion
+marker; a killed run redoes only the tasks without one.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.errors import UserError
+
+Task = Callable[[RunConfig, Path, int, int], Any]
+
+
+@dataclass(frozen=True)
+class Done:
+    rank: int
+    result: Any
+    pid: int  # the process that ran it: logs, and tests that kill a worker
+
+
+def _call(fn: Task, cfg: RunConfig, run_dir: Path, rank: int, world_size: int) -> tuple[Any, int]:
+    return fn(cfg, run_dir, rank, world_size), os.getpid()
+
+
+def run_tasks(fn: Task, cfg: RunConfig, run_dir: Path, ranks: list[int], world_size: int,
+              workers: int) -> Iterator[Done]:
+    """Yield each rank's result as it finishes; one worker (or one task) runs here, in order."""
+    if workers <= 1 or len(ranks) <= 1:
+        for rank in ranks:
+            yield Done(rank, fn(cfg, run_dir, rank, world_size), os.getpid())
+        return
+    # spawn: workers start clean (no copied locks, tokenizer threads or tracking threads of the parent).
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=min(workers, len(ranks)), mp_context=context) as pool:
+        pending: dict[Future, int] = {pool.submit(_call, fn, cfg, run_dir, r, world_size): r for r in ranks}
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in sorted(finished, key=pending.get):
+                    result, pid = future.result()
+                    yield Done(pending.pop(future), result, pid)
+        except BrokenProcessPool:
+            raise UserError("a worker process died (killed, or out of memory); rerun to redo only the "
+                            "shards it did not finish") from None
+        finally:
+            for future in pending:
+                future.cancel()

@@ -1,0 +1,134 @@
+"""Shard and tokenize in parallel worker processes: same output as one worker, a killed worker costs
+only its unfinished shards, and each shard piece is cached on its own fingerprint."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests import fixtures
+from tests.helpers import ftpipe, ftpipe_process, manifest
+
+# Kill the worker that finished the first tokenize unit (it is then busy with its next one): the pool
+# breaks, the run stops, and the units finished so far keep their markers.
+KILL_A_TOKENIZE_WORKER = """
+import os, signal
+import pipeline.tokenize as tokenize
+_run_tasks = tokenize.run_tasks
+def run_and_kill(*args, **kwargs):
+    for number, done in enumerate(_run_tasks(*args, **kwargs)):
+        if number == 0:
+            os.kill(done.pid, signal.SIGKILL)
+        yield done
+tokenize.run_tasks = run_and_kill
+"""
+DATA_STAGES = ("--no-progress", "--stages", "shard,tokenize")
+
+
+def _sources(tmp_path: Path) -> list[Path]:
+    texts = fixtures.sentences(600, seed=5)
+    return [fixtures.write_jsonl(tmp_path / "data" / f"{name}.jsonl", [{"text": t} for t in part])
+            for name, part in (("a", texts[:350]), ("b", texts[350:]))]
+
+
+def _config(tmp_path: Path, model: Path, name: str, workers: int, shards: int = 2, **data) -> Path:
+    cfg = fixtures.causal_config(tmp_path, model, tmp_path / "data" / "a.jsonl", name=name, data={
+        "train": [str(p) for p in sorted((tmp_path / "data").glob("*.jsonl"))], "num_shards": shards,
+        "num_workers": workers, **data})
+    return fixtures.write_config(tmp_path / f"{name}.yaml", cfg)
+
+
+def _outputs(run: Path) -> dict[str, bytes]:
+    files = sorted((run / "tokenize").glob("*/[0-9]*.arrow")) + sorted((run / "shard" / "data").glob("*"))
+    return {str(p.relative_to(run)): p.read_bytes() for p in files}
+
+
+def _mtimes(run: Path) -> dict[str, int]:
+    return {f"{p.parent.name}/{p.name}": p.stat().st_mtime_ns for p in (run / "tokenize").glob("*/[0-9]*.json")}
+
+
+def test_two_workers_write_the_same_bytes_as_one(tmp_path, tiny_llama):
+    _sources(tmp_path)
+    for name, workers in (("one", 1), ("two", 2)):
+        assert ftpipe("run", _config(tmp_path, tiny_llama, name, workers), *DATA_STAGES) == 0
+    one, two = (_outputs(tmp_path / "runs" / n) for n in ("one", "two"))
+    assert len(one) == 2 * 2 * 2 + 2 * 2 + 1  # units (shards x sources x splits), shard files, rejects
+    assert one == two
+    splits = [manifest(tmp_path / "runs" / n, "tokenize")["splits"] for n in ("one", "two")]
+    assert splits[0] == splits[1] and splits[0]["train"]["rows"] + splits[0]["eval"]["rows"] == 600
+
+
+def test_killed_worker_reruns_only_missing_shards(tmp_path, tiny_llama):
+    _sources(tmp_path)
+    assert ftpipe("run", _config(tmp_path, tiny_llama, "whole", 2, shards=4), *DATA_STAGES) == 0
+    killed = _config(tmp_path, tiny_llama, "killed", 2, shards=4)
+    result = ftpipe_process("run", killed, *DATA_STAGES, script=KILL_A_TOKENIZE_WORKER)
+    assert result.returncode == 2 and "a worker process died" in result.stderr, result.stderr
+    run = tmp_path / "runs" / "killed"
+    assert not (run / "tokenize" / "manifest.json").exists()
+    before = _mtimes(run)
+    assert 1 <= len(before) < 16
+    assert ftpipe("run", killed, *DATA_STAGES) == 0
+    tokenized = manifest(run, "tokenize")
+    assert (tokenized["reused_shards"], tokenized["ran_shards"]) == (len(before), 16 - len(before))
+    after = _mtimes(run)
+    assert {k: after[k] for k in before} == before  # finished units were not redone
+    assert _outputs(run) == _outputs(tmp_path / "runs" / "whole")
+
+
+def _ran(run: Path) -> tuple[int, int, list[str]]:
+    shard, tokenized = manifest(run, "shard"), manifest(run, "tokenize")
+    return shard["ran_sources"], tokenized["ran_shards"], sorted(_mtimes(run))
+
+
+def _changed(old: dict[str, int], run: Path) -> list[str]:
+    return sorted(name for name, mtime in _mtimes(run).items() if old.get(name) != mtime)
+
+
+def test_only_work_whose_inputs_changed_reruns(tmp_path, tiny_llama):
+    a, b = _sources(tmp_path)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    cfg = _config(tmp_path, model, "cache", 2)
+    run = tmp_path / "runs" / "cache"
+    assert ftpipe("run", cfg, *DATA_STAGES) == 0
+    assert (manifest(run, "shard")["ran_sources"], manifest(run, "tokenize")["ran_shards"]) == (2, 8)
+
+    # b is source 1: its pieces are units 1 and 3 of each split (shard-major, source-minor)
+    old = _mtimes(run)
+    b.write_text(b.read_text().replace("cat", "dog"))
+    assert ftpipe("run", cfg, *DATA_STAGES) == 0
+    assert manifest(run, "shard")["reused_sources"] == 1 and manifest(run, "shard")["ran_sources"] == 1
+    assert manifest(run, "tokenize")["ran_shards"] == 4
+    assert _changed(old, run) == ["eval/00001.json", "eval/00003.json", "train/00001.json", "train/00003.json"]
+
+    # a tokenize key: every unit, no shard work
+    old = _mtimes(run)
+    assert ftpipe("run", cfg, *DATA_STAGES, "data.max_seq_len=24") == 0
+    assert manifest(run, "shard")["run_id"] and manifest(run, "tokenize")["ran_shards"] == 8
+    assert len(_changed(old, run)) == 8
+
+    # the tokenizer's files: every unit
+    tokenizer = model / "tokenizer.json"
+    tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))
+    assert ftpipe("run", cfg, *DATA_STAGES, "data.max_seq_len=24") == 0
+    assert (manifest(run, "shard")["ran_sources"], manifest(run, "tokenize")["ran_shards"]) == (1, 8)
+
+    # nothing changed: both stages skipped; --force tokenize redoes every unit, reuses the shard
+    shard_id = manifest(run, "shard")["run_id"]
+    assert ftpipe("run", cfg, *DATA_STAGES, "data.max_seq_len=24", "--force", "tokenize") == 0
+    assert manifest(run, "shard")["run_id"] == shard_id
+    assert (manifest(run, "tokenize")["reused_shards"], manifest(run, "tokenize")["ran_shards"]) == (0, 8)
+
+
+@pytest.mark.parametrize("key", ["data.eval_fraction=0.3", "data.num_shards=3"])
+def test_shard_keys_redo_every_source(tmp_path, tiny_llama, key):
+    _sources(tmp_path)
+    cfg = _config(tmp_path, tiny_llama, "keys", 1)
+    run = tmp_path / "runs" / "keys"
+    assert ftpipe("run", cfg, *DATA_STAGES) == 0
+    assert ftpipe("run", cfg, *DATA_STAGES, key) == 0
+    shards = 3 if key.endswith("=3") else 2
+    assert manifest(run, "shard")["ran_sources"] == 2 and manifest(run, "tokenize")["ran_shards"] == 2 * 2 * shards
+    assert len(list((run / "tokenize" / "train").glob("*.arrow"))) == 2 * shards  # no stale units left
