@@ -7,14 +7,22 @@ through ftpipe's own engines. Per rank it reports
   model state: bytes of every live tensor storage just before an optimizer step (parameters,
                gradients, optimizer state, flat buffers), found by walking the heap, and
   peak RSS:    the process high-water mark minus its RSS before the model was built,
-next to the ZeRO paper's model-state formula for fp32 Adam (4 bytes weights + 4 gradients + 8
-Adam moments = 16 bytes/param): DDP 16P, ZeRO-2 4P + 12P/N, ZeRO-3 and FSDP 16P/N.
+next to the ZeRO paper's model-state formula for mixed-precision Adam (16 bytes/param): DDP 16P,
+ZeRO-2 4P + 12P/N, ZeRO-3 and FSDP 16P/N. DDP and FSDP keep fp32 weights and use bf16 compute
+(4 weights + 4 gradients + 8 Adam moments = 16); DeepSpeed keeps bf16 weights and gradients
+and an fp32 master copy (2 + 2 + 12 = 16).
 Target: ZeRO-3 and FSDP2 model state <= 0.55x DDP's.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
+from pathlib import Path
+
+# benchmarks/tokenize.py would shadow the standard library's tokenize for scripts run from here.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse  # noqa: E402
 import gc
 import json
 import os
@@ -37,7 +45,7 @@ STRATEGY_TRAIN = {
 FORMULA = {"ddp": lambda p, n: 16 * p, "zero2": lambda p, n: 4 * p + 12 * p / n,
            "zero3": lambda p, n: 16 * p / n, "fsdp": lambda p, n: 16 * p / n}
 TARGET = 0.55
-STEPS, SEQ, MICRO = 3, 64, 1
+STEPS, SEQ, MICRO = 2, 16, 1  # step 1 creates the optimizer state; step 2 is measured
 
 
 def rss_bytes() -> int:
@@ -80,7 +88,7 @@ def make_model(folder: Path, hidden: int, layers: int) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def worker(strategy: str, model_dir: str, out: str) -> None:
+def worker(strategy: str, model_dir: str, out: str, precision: str) -> None:
     import torch
 
     from pipeline import distributed
@@ -88,7 +96,8 @@ def worker(strategy: str, model_dir: str, out: str) -> None:
     from pipeline.train.build import build_engine
 
     cfg = validate_config({"name": "mem", "model": {"name_or_path": model_dir}, "data": {"train": ["x"]},
-                           "train": {**STRATEGY_TRAIN[strategy], "micro_batch_size": MICRO, "lr": 1e-5}})
+                           "train": {**STRATEGY_TRAIN[strategy], "micro_batch_size": MICRO, "lr": 1e-5,
+                                     "precision": precision}})
     dist = distributed.init(need_group=True)
     gc.collect()
     before = rss_bytes()
@@ -96,7 +105,8 @@ def worker(strategy: str, model_dir: str, out: str) -> None:
     state_bytes = 0
     for step in range(STEPS):
         ids = torch.randint(0, 32000, (MICRO, SEQ), generator=torch.Generator().manual_seed(step))
-        loss = engine.model(input_ids=ids, labels=ids).loss / dist.world_size
+        with engine.autocast():
+            loss = engine.model(input_ids=ids, labels=ids).loss / dist.world_size
         engine.backward(loss)
         if step == STEPS - 1:
             gc.collect()
@@ -109,18 +119,18 @@ def worker(strategy: str, model_dir: str, out: str) -> None:
     distributed.shutdown()
 
 
-def measure(strategy: str, model_dir: Path, scratch: Path) -> list[dict]:
+def measure(strategy: str, model_dir: Path, scratch: Path, precision: str) -> list[dict]:
     out = scratch / strategy
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           __file__, "--worker", strategy, str(model_dir), str(out)]
+           __file__, "--worker", strategy, str(model_dir), str(out), precision]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in range(2)]
 
 
-def report(results: dict[str, list[dict]], params: int) -> None:
+def report(results: dict[str, list[dict]], params: int, precision: str) -> None:
     gib = 1024 ** 3
-    print(f"model: random-init Llama, {params / 1e6:.1f}M parameters; 2 ranks; fp32 AdamW")
+    print(f"model: random-init Llama, {params / 1e6:.1f}M parameters; 2 ranks; AdamW; precision {precision}")
     print(f"{'strategy':<8}{'formula GiB':>12}{'state r0':>10}{'state r1':>10}{'peak RSS r0':>13}"
           f"{'peak RSS r1':>13}{'state/DDP':>11}")
     ddp = max(r["state_bytes"] for r in results["ddp"]) if "ddp" in results else None
@@ -142,16 +152,20 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--strategies", default="ddp,zero2,zero3,fsdp")
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"],
+                        help="bf16 (the formula's mixed precision) or fp32, where DeepSpeed keeps a "
+                             "separate fp32 master copy beside the fp32 module: 20P/N for ZeRO-3")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = Path(scratch) / "model"
         params = make_model(model_dir, args.hidden, args.layers)
-        results = {name: measure(name, model_dir, Path(scratch)) for name in args.strategies.split(",")}
-    report(results, params)
+        results = {name: measure(name, model_dir, Path(scratch), args.precision)
+                   for name in args.strategies.split(",")}
+    report(results, params, args.precision)
 
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(*sys.argv[2:5])
+        worker(*sys.argv[2:6])
     else:
         main()

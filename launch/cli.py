@@ -1,4 +1,4 @@
-"""`ftpipe run | validate | plan | status`: the command line."""
+"""`ftpipe run | validate | plan | status | submit | cancel | logs`: the command line."""
 
 from __future__ import annotations
 
@@ -27,8 +27,19 @@ def _parser() -> argparse.ArgumentParser:
         check = sub.add_parser(name, help="check the config and print the plan without running anything")
         _config_args(check)
         check.add_argument("--stages", help="comma-separated subset of stages")
-    status = sub.add_parser("status", help="show which stages of a run directory are done")
+    status = sub.add_parser("status", help="show which stages of a run directory are done (and their SLURM jobs)")
     status.add_argument("run_dir", type=Path)
+    submit = sub.add_parser("submit", help="submit one SLURM job per stage that is not up to date")
+    _config_args(submit)
+    submit.add_argument("--force", action="append", default=[], metavar="STAGE",
+                        help="redo STAGE (and what depends on it) even if up to date; repeatable")
+    submit.add_argument("--dry-run", action="store_true",
+                        help="write the sbatch scripts under RUN_DIR/slurm/dry-run/ and submit nothing")
+    cancel = sub.add_parser("cancel", help="cancel the queued and running SLURM jobs of a run directory")
+    cancel.add_argument("run_dir", type=Path)
+    logs = sub.add_parser("logs", help="print the SLURM job logs (stdout, stderr) of a stage")
+    logs.add_argument("run_dir", type=Path)
+    logs.add_argument("stage", choices=STAGES)
     return parser
 
 
@@ -71,10 +82,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_dir(path: Path) -> Path:
+    if not (path / "config.yaml").is_file():
+        raise UserError(f"{path}: not a run directory (no config.yaml)")
+    return path
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    run_dir = RunDir(args.run_dir)
-    if not (args.run_dir / "config.yaml").is_file():
-        raise UserError(f"{args.run_dir}: not a run directory (no config.yaml)")
+    from launch.slurm_jobs import jobs_path, status_lines
+
+    run_dir = RunDir(_run_dir(args.run_dir))
+    if jobs_path(args.run_dir).is_file():
+        print("\n".join(status_lines(args.run_dir)))
+        return 0
     for name in STAGES:
         manifest = run_dir.read_manifest(name)
         started = run_dir.stage(name).exists()
@@ -84,7 +104,55 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_validate, "status": cmd_status}
+def cmd_submit(args: argparse.Namespace) -> int:
+    from launch.local import print_plan
+    from launch import slurm
+    from pipeline.runner import plan
+
+    cfg = _load(args)
+    if cfg.launch.backend != "slurm":
+        raise UserError(f"{args.config}: ftpipe submit needs launch.backend: slurm (it is {cfg.launch.backend!r})")
+    planned = plan(cfg, None, tuple(args.force))
+    print_plan(cfg, planned)
+    stages = slurm.to_submit(planned)
+    if args.dry_run:
+        for path in slurm.dry_run(cfg, stages, Path.cwd()):
+            print(f"would submit: {path}")
+        return 0
+    if not stages:
+        print("every stage is up to date; nothing submitted")
+        return 0
+    for job in slurm.submit(cfg, stages, Path.cwd()):
+        print(f"submitted {job.stage:<11} job {job.job_id:<8} log {job.stdout}")
+    print(f"follow with: ftpipe status {cfg.run_dir}")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from launch.slurm_jobs import cancel
+
+    jobs = cancel(_run_dir(args.run_dir))
+    for job in jobs:
+        print(f"cancelled {job.stage:<11} job {job.job_id}")
+    if not jobs:
+        print("no queued or running jobs")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from launch.slurm_jobs import log_files
+
+    files = log_files(_run_dir(args.run_dir), args.stage)
+    if not files:
+        print(f"no log files yet for {args.stage}")
+    for path in files:
+        print(f"==> {path} <==")
+        print(path.read_text(errors="replace"), end="")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_validate, "status": cmd_status,
+            "submit": cmd_submit, "cancel": cmd_cancel, "logs": cmd_logs}
 
 
 class _StderrHandler(logging.StreamHandler):

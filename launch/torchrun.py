@@ -30,7 +30,8 @@ def torchrun_command(launch: LaunchConfig, run_name: str, worker_args: list[str]
 
 def launch_stage(spec: Any, cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     """Run `spec` here, or for the train stage under torchrun, and return its result."""
-    if cfg.launch.backend != "torchrun" or spec.name not in DISTRIBUTED_STAGES:
+    # backend slurm trains under torchrun too (one per node; `ftpipe run` starts it on this machine).
+    if cfg.launch.backend == "local" or spec.name not in DISTRIBUTED_STAGES:
         return spec.run(cfg, ctx)
     folder = ctx.run_dir.stage(spec.name)
     for stale in (RESULT_FILE, ERROR_FILE):

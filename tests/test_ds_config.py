@@ -53,7 +53,7 @@ def test_fields_without_file(tmp_path):
     cfg = run_config(tmp_path, {"zero_stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"},
                      max_grad_norm=None)
     config = build_ds_config(cfg, world_size=2)
-    assert config["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
+    assert without_buckets(config["zero_optimization"]) == {"stage": 3, "offload_optimizer": {"device": "cpu"},
                                            "offload_param": {"device": "cpu"}}
     assert config["gradient_clipping"] == 0.0
     assert config["bf16"]["enabled"] is False
@@ -156,12 +156,12 @@ def test_engine_needs_a_process_group(tmp_path):
 def test_file_without_zero_section_gets_the_fields(tmp_path):
     path = write_json(tmp_path / "ds.json", {"gradient_clipping": "auto"})
     config = build_ds_config(run_config(tmp_path, {"config": path}), 1)
-    assert config["zero_optimization"] == {"stage": 2}  # the default stage, "none" offloads left out
+    assert without_buckets(config["zero_optimization"]) == {"stage": 2}  # the default stage, "none" offloads left out
 
 
 def test_defaults_without_file(tmp_path):
     config = build_ds_config(run_config(tmp_path), 1)
-    assert config["zero_optimization"] == {"stage": 2}
+    assert without_buckets(config["zero_optimization"]) == {"stage": 2}
     assert config["train_batch_size"] == 8 and config["gradient_clipping"] == 1.0
 
 
@@ -184,3 +184,22 @@ def test_repair_optimizer_after_universal_load():
     assert [g["weight_decay"] for g in base.param_groups] == [0.1, 0.0]
     assert base.state[first]["step"] is not base.state[second]["step"]
     assert float(base.state[second]["step"]) == 3.0
+
+
+def without_buckets(zero: dict) -> dict:
+    return {k: v for k, v in zero.items() if "bucket" not in k and not k.startswith("stage3_")}
+
+
+def test_buckets_are_sized_from_the_model_unless_the_file_sets_them(tmp_path):
+    config_file = tmp_path / "ds.json"
+    config_file.write_text('{"zero_optimization": {"stage": 3, "reduce_bucket_size": 12345,'
+                           ' "stage3_prefetch_bucket_size": "auto"}}')
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
+    cfg = validate_config({"name": "b", "model": {"name_or_path": str(model)}, "data": {"train": ["x"]},
+                           "train": {"strategy": "deepspeed", "deepspeed": {"config": str(config_file)}}})
+    zero = build_ds_config(cfg, 2)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 12345  # explicit values win
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+    assert zero["stage3_param_persistence_threshold"] == 640

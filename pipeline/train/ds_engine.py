@@ -47,6 +47,9 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
             _fill(config, key, value, origin, source)
     for key, value, origin in _run_values(cfg, world_size):
         _fill(config, key, value, origin, source)
+    for key, value in _bucket_values(cfg).items():
+        if _get(config, key) in (None, AUTO):
+            _set(config, key, value)
     if _get(config, "fp16.enabled") is True:
         raise UserError(f"{source}: fp16.enabled is true but ftpipe supports only train.precision fp32 or bf16")
     _fill(config, "fp16.enabled", False, "train.precision", source)
@@ -95,6 +98,31 @@ def _run_values(cfg: RunConfig, world_size: int) -> list[tuple[str, Any, str]]:
              f"train.micro_batch_size * train.grad_accum * {world_size} ranks"),
             ("gradient_clipping", float(train.max_grad_norm or 0.0), "train.max_grad_norm"),
             ("bf16.enabled", train.precision == "bf16", f"train.precision {train.precision!r}, so bf16.enabled")]
+
+
+def _bucket_values(cfg: RunConfig) -> dict[str, int]:
+    """Communication buckets sized from the model, where the file leaves them out or "auto".
+
+    DeepSpeed's defaults (5e8 elements) are meant for multi-billion models: for smaller ones the
+    buckets alone outweigh a rank's share of the model state.
+    """
+    hidden = _hidden_size(cfg)
+    return {"zero_optimization.reduce_bucket_size": hidden * hidden,
+            "zero_optimization.allgather_bucket_size": hidden * hidden,
+            "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "zero_optimization.stage3_param_persistence_threshold": 10 * hidden,
+            "zero_optimization.stage3_max_live_parameters": hidden * hidden * 4,
+            "zero_optimization.stage3_max_reuse_distance": hidden * hidden * 4}
+
+
+def _hidden_size(cfg: RunConfig) -> int:
+    try:
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(cfg.model.name_or_path)
+    except (OSError, ValueError):
+        return 4096
+    return int(getattr(model_config, "hidden_size", None) or getattr(model_config, "d_model", 4096))
 
 
 def _fill(config: dict[str, Any], key: str, value: Any, origin: str, source: str) -> None:
@@ -158,6 +186,10 @@ class DeepSpeedEngine:
     """ZeRO stage 1/2/3 (optionally CPU offload) with the Engine interface."""
 
     format = "deepspeed"
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
 
     def __init__(self, cfg: RunConfig, dist: DistEnv, make_model: Callable[[], torch.nn.Module],
                  resume_from: Path | None = None):

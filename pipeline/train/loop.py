@@ -53,8 +53,9 @@ def run_step(engine: Any, batches: TrainBatches, offset: int, rank: int, task: s
     loss_total, tokens, rows = 0.0, 0, []
     for micro in range(batches.layout.grad_accum):
         batch = batches.micro_batch(offset, micro, rank)
+        on_device = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items() if k != "rows"}
         with engine.autocast():
-            loss = summed_loss(engine.model, batch, task) / denominator
+            loss = summed_loss(engine.model, on_device, task) / denominator
         engine.backward(loss)
         loss_total += float(loss.detach())
         tokens += int(batch["attention_mask"].sum())

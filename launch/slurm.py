@@ -1,0 +1,232 @@
+"""`ftpipe submit`: one SLURM job per stage that is not up to date, chained with afterok.
+
+Every job runs `StageJob(run_dir, stage, cwd)`, which executes exactly what `ftpipe run --stages
+STAGE` runs (plan + run_pipeline). The train job has one task per node; each task starts one
+torchrun whose rendezvous host is the allocation's first node.
+
+Also a command line for batch scripts written by hand (slurm/*.sbatch):
+    python -m launch.slurm prepare CONFIG [KEY=VALUE ...]   write RUN_DIR/config.yaml, print RUN_DIR
+    python -m launch.slurm run-stage RUN_DIR STAGE          run STAGE here (one task per node)
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from launch.torchrun import DISTRIBUTED_STAGES, torchrun_command
+from launch.slurm_jobs import JobRecord, active_jobs, read_jobs, record_jobs
+from pipeline.config import RunConfig, dump_config, load_config
+from pipeline.errors import UserError
+from pipeline.run_dir import atomic_write_text
+from pipeline.runner import PlannedStage
+
+RDZV_HOST_ENV = "FTPIPE_RDZV_HOST"
+RDZV_BASE_PORT = 29400
+
+
+# --- what runs inside a job ------------------------------------------------------------------
+
+
+class StageJob(submitit.helpers.Checkpointable):
+    """A picklable (run_dir, stage, cwd); requeued on timeout/preemption, the stage then resumes."""
+
+    def __init__(self, run_dir: str, stage: str, cwd: str):
+        self.run_dir, self.stage, self.cwd = run_dir, stage, cwd
+
+    def __call__(self) -> str:
+        run_stage_job(Path(self.run_dir), self.stage, Path(self.cwd))
+        return self.stage
+
+
+def run_stage_job(run_dir: Path, stage: str, cwd: Path) -> None:
+    """`ftpipe run --stages STAGE` on node 0; on the other nodes of a train job only their torchrun."""
+    from launch.cli import quiet_libraries
+    from launch.local import run_pipeline
+    from pipeline.runner import plan
+
+    os.chdir(cwd)  # config paths are relative to where `ftpipe submit` ran
+    quiet_libraries()
+    cfg = load_config(run_dir / "config.yaml")
+    node = int(os.environ.get("SLURM_NODEID", "0"))
+    if stage in DISTRIBUTED_STAGES and cfg.launch.backend == "slurm":
+        cfg = cfg.model_copy(update={"launch": slurm_rendezvous(cfg, node)})
+    if node != 0:
+        _torchrun_only(cfg, run_dir, stage)
+        return
+    run_pipeline(cfg, plan(cfg, [stage]), progress=False)
+
+
+def slurm_rendezvous(cfg: RunConfig, node: int) -> Any:
+    """launch settings for this node: node rank from SLURM, endpoint = the allocation's first node."""
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", cfg.launch.nnodes))
+    if nodes != cfg.launch.nnodes:
+        raise UserError(f"the job has {nodes} nodes but launch.nnodes is {cfg.launch.nnodes}; make them equal")
+    if nodes == 1:
+        return cfg.launch.model_copy(update={"node_rank": 0, "rdzv_endpoint": None})
+    port = RDZV_BASE_PORT + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000
+    endpoint = f"{rendezvous_host()}:{port}"
+    return cfg.launch.model_copy(update={"node_rank": node, "rdzv_endpoint": endpoint})
+
+
+def rendezvous_host() -> str:
+    """Address of the first node of the allocation: from the expanded nodelist, never the raw one."""
+    if os.environ.get(RDZV_HOST_ENV):
+        return os.environ[RDZV_HOST_ENV]
+    nodelist = os.environ["SLURM_JOB_NODELIST"]
+    first = _scontrol(["show", "hostnames", nodelist]).split()[0]
+    # NodeAddr, when set, is how the nodes reach each other (it may differ from the name).
+    for item in _scontrol(["show", "node", first]).split():
+        if item.startswith("NodeAddr="):
+            return item.split("=", 1)[1]
+    return first
+
+
+def _scontrol(args: list[str]) -> str:
+    done = subprocess.run(["scontrol", *args], capture_output=True, text=True)
+    if done.returncode != 0 and args[:2] == ["show", "hostnames"]:
+        raise UserError(f"scontrol show hostnames {args[2]!r} failed: {done.stderr.strip()}")
+    return done.stdout if done.returncode == 0 else ""
+
+
+def _torchrun_only(cfg: RunConfig, run_dir: Path, stage: str) -> None:
+    code = subprocess.call(torchrun_command(cfg.launch, cfg.name, [str(run_dir), stage, "--no-progress"]))
+    if code != 0:
+        raise RuntimeError(f"{stage}: torchrun on node {cfg.launch.node_rank} exited with code {code}")
+
+
+# --- sbatch parameters -----------------------------------------------------------------------
+
+
+def job_parameters(cfg: RunConfig, stage: str) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters of STAGE's job (submitit shlex-quotes every value)."""
+    slurm, train = cfg.launch.slurm, stage in DISTRIBUTED_STAGES
+    params: dict[str, Any] = {
+        "job_name": f"ftpipe-{cfg.name}-{stage}", "time": slurm.time, "nodes": cfg.launch.nnodes if train else 1,
+        "ntasks_per_node": 1, "signal_delay_s": slurm.signal_lead_seconds, "setup": list(slurm.setup),
+        "partition": slurm.partition if train else (slurm.cpu_partition or slurm.partition),
+        "account": slurm.account, "qos": slurm.qos, "cpus_per_task": slurm.cpus_per_task, "mem": slurm.mem,
+        "constraint": slurm.constraint,
+    }
+    if train and slurm.exclusive:
+        params["exclusive"] = True
+    if train and slurm.gpus_per_node:
+        params["gpus_per_node"] = slurm.gpus_per_node
+    if slurm.extra_directives:
+        params["additional_parameters"] = dict(_directive(item) for item in slurm.extra_directives)
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _directive(item: str) -> tuple[str, Any]:
+    name, sep, value = item.lstrip("-").partition("=")
+    return name, value if sep else True
+
+
+def stage_command(run_dir: Path, stage: str, cwd: Path) -> str:
+    """The command a hand-run script uses instead of submitit's pickle: the same StageJob."""
+    args = [sys.executable, "-u", "-m", "launch.slurm", "run-stage", str(run_dir), stage, "--cwd", str(cwd)]
+    return shlex.join(args)
+
+
+def render_script(cfg: RunConfig, stage: str, run_dir: Path, cwd: Path, dependency: str | None = None) -> str:
+    """The sbatch script of STAGE's job, as submitit renders it, runnable without submitit's pickle."""
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    params = job_parameters(cfg, stage)
+    if dependency:
+        params["dependency"] = dependency
+    return _make_sbatch_string(command=stage_command(run_dir, stage, cwd), folder=str(run_dir / "slurm" / "%j"),
+                               **params)
+
+
+# --- submission ------------------------------------------------------------------------------
+
+
+def to_submit(planned: list[PlannedStage]) -> list[str]:
+    return [s.name for s in planned if s.action in ("run", "resume")]
+
+
+def write_run_config(cfg: RunConfig) -> Path:
+    run_dir = cfg.run_dir.resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    return run_dir
+
+
+def dry_run(cfg: RunConfig, stages: list[str], cwd: Path) -> list[Path]:
+    """Write the scripts `submit` would send, each saying what it depends on; submit nothing."""
+    run_dir = write_run_config(cfg)
+    folder = run_dir / "slurm" / "dry-run"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, stage in enumerate(stages):
+        path = folder / f"{index:02d}-{stage}.sbatch"
+        header, _, body = render_script(cfg, stage, run_dir, cwd).partition("\n")
+        # submit adds the dependency on the command line; an #SBATCH line cannot hold a job id not yet known.
+        how = (f"sbatch --dependency=afterok:<job id of {index - 1:02d}-{stages[index - 1]}> {path.name}"
+               if index else f"sbatch {path.name}")
+        atomic_write_text(path, f"{header}\n# ftpipe submit --dry-run; by hand: {how}\n{body}")
+        written.append(path)
+    return written
+
+
+def submit(cfg: RunConfig, stages: list[str], cwd: Path) -> list[JobRecord]:
+    """Submit one job per stage, each after the previous one succeeded; record them in jobs.json."""
+    run_dir = write_run_config(cfg)
+    busy = active_jobs(read_jobs(run_dir))
+    if busy:
+        ids = ", ".join(j.job_id for j in busy)
+        raise UserError(f"{run_dir}: jobs {ids} of this run are still queued or running; "
+                        f"wait, or `ftpipe cancel {run_dir}` first")
+    records: list[JobRecord] = []
+    previous: str | None = None
+    for stage in stages:
+        executor = submitit.SlurmExecutor(folder=run_dir / "slurm" / "%j",
+                                          max_num_timeout=cfg.launch.slurm.max_requeues)
+        executor.update_parameters(**job_parameters(cfg, stage),
+                                   **({"dependency": f"afterok:{previous}"} if previous else {}))
+        try:
+            job = executor.submit(StageJob(str(run_dir), stage, str(cwd)))
+        except submitit.core.utils.FailedJobError as err:
+            raise UserError(f"sbatch refused the {stage} job: {_last_line(str(err))}") from None
+        previous = job.job_id
+        records.append(JobRecord(stage, job.job_id, str(job.paths.stdout), str(job.paths.stderr)))
+        record_jobs(run_dir, records)  # after every job: a failure later still leaves the earlier ones known
+    return records
+
+
+def _last_line(text: str) -> str:
+    lines = [line.removeprefix("sbatch: error: ") for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "no message"
+
+
+# --- the command line for hand-written batch scripts -----------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["prepare"] and len(argv) >= 2:
+            cfg = load_config(argv[1], argv[2:])
+            print(write_run_config(cfg))
+            return 0
+        if argv[:1] == ["run-stage"] and len(argv) >= 3:
+            cwd = Path(argv[argv.index("--cwd") + 1]) if "--cwd" in argv else Path.cwd()
+            run_stage_job(Path(argv[1]).resolve(), argv[2], cwd)
+            return 0
+    except UserError as err:
+        print(f"ftpipe: error: {err}", file=sys.stderr)
+        return 2
+    print("usage: python -m launch.slurm prepare CONFIG [KEY=VALUE ...] | run-stage RUN_DIR STAGE [--cwd DIR]",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

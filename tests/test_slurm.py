@@ -1,0 +1,136 @@
+"""`ftpipe submit | status | cancel | logs` and the sbatch templates on a real 1-node SLURM cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from launch.slurm_jobs import read_jobs, status_lines
+from tests import fixtures
+from tests.helpers import REPO, assert_same_weights, ftpipe, losses, manifest, weights
+
+STAGES = ("shard", "tokenize", "train", "consolidate", "evaluate")
+
+
+def _config(tmp_path: Path, tiny_llama: Path, text_data: Path, name: str, **launch) -> Path:
+    cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name=name,
+                                 launch={"backend": "slurm", **launch})
+    return fixtures.write_config(tmp_path / f"{name}.yaml", cfg)
+
+
+def wait_for(run_dir: Path, timeout: float = 180.0) -> list[str]:
+    """Poll until no stage is queued or running; the final status lines."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = status_lines(run_dir)
+        if not any(word in line for line in lines for word in (" queued", " running")):
+            return lines
+        time.sleep(1)
+    raise AssertionError(f"jobs still busy after {timeout}s: {status_lines(run_dir)}")
+
+
+def squeue_ids(slurm_cluster) -> set[str]:
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], env=slurm_cluster.env,
+                         capture_output=True, text=True, check=True).stdout
+    return set(out.split())
+
+
+def test_submit_runs_the_pipeline_like_run(slurm_cluster, tmp_path, tiny_llama, text_data, capsys):
+    local = fixtures.write_config(tmp_path / "local.yaml", fixtures.causal_config(
+        tmp_path / "local", tiny_llama, text_data))
+    assert ftpipe("run", local, "--no-progress") == 0
+    config = _config(tmp_path, tiny_llama, text_data, "sub", slurm={"cpu_partition": "cpu"})
+    capsys.readouterr()
+    assert ftpipe("submit", config) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "sub"
+    jobs = read_jobs(run)
+    assert [j.stage for j in jobs] == list(STAGES) and out.count("submitted ") == 5
+    assert all(j.job_id in out and j.stdout in out for j in jobs)
+    lines = wait_for(run)
+    assert all(" done " in line for line in lines), "\n".join(lines)
+    assert ftpipe("status", run) == 0 and capsys.readouterr().out.count(" done ") == 5
+    assert losses(run) == losses(tmp_path / "local" / "runs" / "lm")
+    assert_same_weights(weights(run), weights(tmp_path / "local" / "runs" / "lm"))
+    assert manifest(run, "evaluate")["metrics"] == manifest(tmp_path / "local" / "runs" / "lm", "evaluate")["metrics"]
+    partitions = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%j %P"], env=slurm_cluster.env,
+                                capture_output=True, text=True).stdout
+    assert "ftpipe-sub-train debug" in partitions and "ftpipe-sub-shard cpu" in partitions
+
+    before = squeue_ids(slurm_cluster)
+    assert ftpipe("submit", config) == 0
+    assert "nothing submitted" in capsys.readouterr().out
+    assert squeue_ids(slurm_cluster) == before and read_jobs(run) == jobs
+
+
+def test_dry_run_writes_scripts_and_quotes_values(slurm_cluster, tmp_path, tiny_llama, text_data, capsys):
+    pwned = tmp_path / "pwned"
+    evil = f"debug; touch {pwned}"
+    config = _config(tmp_path, tiny_llama, text_data, "dry", nnodes=1,
+                     slurm={"partition": evil, "account": f"$(touch {pwned})", "setup": ["echo from-setup"]})
+    before = squeue_ids(slurm_cluster)
+    assert ftpipe("submit", config, "--dry-run") == 0
+    scripts = sorted((tmp_path / "runs" / "dry" / "slurm" / "dry-run").glob("*.sbatch"))
+    assert [p.name for p in scripts] == [f"{i:02d}-{s}.sbatch" for i, s in enumerate(STAGES)]
+    train = scripts[2].read_text()
+    assert f"#SBATCH --partition='{evil}'" in train and f"#SBATCH --account='$(touch {pwned})'" in train
+    assert "sbatch --dependency=afterok:<job id of 01-tokenize> 02-train.sbatch" in train
+    assert "echo from-setup" in train and "launch.slurm run-stage" in train
+    assert squeue_ids(slurm_cluster) == before and not read_jobs(tmp_path / "runs" / "dry")
+    capsys.readouterr()
+    assert ftpipe("submit", config) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("ftpipe: error: sbatch refused the shard job") and "partition" in err.lower()
+    assert not pwned.exists() and squeue_ids(slurm_cluster) == before
+
+
+def test_status_logs_cancel_on_a_real_job(slurm_cluster, tmp_path, tiny_llama, text_data, capsys):
+    config = _config(tmp_path, tiny_llama, text_data, "held", slurm={"setup": ["echo setup-ran", "sleep 120"]})
+    assert ftpipe("submit", config) == 0
+    run = tmp_path / "runs" / "held"
+    jobs = {j.stage: j for j in read_jobs(run)}
+    deadline = time.monotonic() + 30
+    while "running" not in status_lines(run)[0] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    capsys.readouterr()
+    assert ftpipe("status", run) == 0
+    status = capsys.readouterr().out.splitlines()
+    assert "running" in status[0] and jobs["shard"].job_id in status[0]
+    assert "queued (Dependency)" in status[1] and jobs["tokenize"].job_id in status[1]
+    deadline = time.monotonic() + 10
+    while "setup-ran" not in Path(jobs["shard"].stdout).read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ftpipe("logs", run, "shard") == 0
+    assert "setup-ran" in capsys.readouterr().out
+    assert ftpipe("cancel", run) == 0
+    assert capsys.readouterr().out.count("cancelled ") == 5
+    lines = wait_for(run, timeout=30)
+    assert all("cancelled" in line for line in lines), lines
+    assert ftpipe("cancel", run) == 0 and "no queued or running jobs" in capsys.readouterr().out
+
+
+def test_hand_written_sbatch_templates(slurm_cluster, tmp_path, tiny_llama, text_data):
+    config = _config(tmp_path, tiny_llama, text_data, "hand")
+    env = {**slurm_cluster.env, "PYTHONPATH": str(REPO)}
+    first = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/cpu.out", str(REPO / "slurm/pipeline.sbatch"),
+                            str(config)], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    train = subprocess.run(["sbatch", "--parsable", f"--dependency=afterok:{first.stdout.strip()}",
+                            f"--output={tmp_path}/train.out", str(REPO / "slurm/train.sbatch"), str(config)],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    job = train.stdout.strip()
+    deadline = time.monotonic() + 150
+    while job in squeue_ids_active(slurm_cluster) and time.monotonic() < deadline:
+        time.sleep(1)
+    run = tmp_path / "runs" / "hand"
+    log = (tmp_path / "train.out").read_text() if (tmp_path / "train.out").exists() else ""
+    assert manifest(run, "train")["steps"] == 6, log + (tmp_path / "cpu.out").read_text()
+    assert json.loads((run / "train" / "metrics.jsonl").read_text().splitlines()[0])["loss"] > 0
+
+
+def squeue_ids_active(slurm_cluster) -> set[str]:
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_cluster.env, capture_output=True, text=True).stdout
+    return set(out.split())
