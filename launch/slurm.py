@@ -134,15 +134,12 @@ def stage_command(run_dir: Path, stage: str, cwd: Path) -> str:
     return shlex.join(args)
 
 
-def render_script(cfg: RunConfig, stage: str, run_dir: Path, cwd: Path, dependency: str | None = None) -> str:
+def render_script(cfg: RunConfig, stage: str, run_dir: Path, cwd: Path) -> str:
     """The sbatch script of STAGE's job, as submitit renders it, runnable without submitit's pickle."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    params = job_parameters(cfg, stage)
-    if dependency:
-        params["dependency"] = dependency
     return _make_sbatch_string(command=stage_command(run_dir, stage, cwd), folder=str(run_dir / "slurm" / "%j"),
-                               **params)
+                               **job_parameters(cfg, stage))
 
 
 # --- submission ------------------------------------------------------------------------------

@@ -109,10 +109,15 @@ def stage_state(run_dir: RunDir, stage: str, job: JobRecord | None, slurm: tuple
 def status_lines(run_dir: Path) -> list[str]:
     rd, jobs = RunDir(Path(run_dir)), {j.stage: j for j in read_jobs(run_dir)}
     states = slurm_states([j.job_id for j in jobs.values()])
-    lines = []
+    lines, broken = [], None
     for stage in STAGES:
         job = jobs.get(stage)
         state = stage_state(rd, stage, job, states.get(job.job_id) if job else None)
+        if broken and state.startswith("queued"):
+            # afterok on a failed job: SLURM keeps it pending forever (reason DependencyNeverSatisfied).
+            state = f"blocked ({broken} did not finish)"
+        elif not broken and job and not state.startswith(("queued", "running", "done")):
+            broken = stage
         lines.append(f"  {stage:<11} {state:<24} {'job ' + job.job_id if job else ''}".rstrip())
     return lines
 

@@ -30,6 +30,14 @@ class Done:
     pid: int  # the process that ran it: logs, and tests that kill a worker
 
 
+def _one_thread_each() -> None:
+    # N workers on N cores: each fast tokenizer spinning up its own thread pool on every core
+    # oversubscribes the machine (measured: 2 workers slower than 1).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
 def _call(fn: Task, cfg: RunConfig, run_dir: Path, rank: int, world_size: int) -> tuple[Any, int]:
     return fn(cfg, run_dir, rank, world_size), os.getpid()
 
@@ -43,7 +51,8 @@ def run_tasks(fn: Task, cfg: RunConfig, run_dir: Path, ranks: list[int], world_s
         return
     # spawn: workers start clean (no copied locks, tokenizer threads or tracking threads of the parent).
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(ranks)), mp_context=context) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(ranks)), mp_context=context,
+                             initializer=_one_thread_each) as pool:
         pending: dict[Future, int] = {pool.submit(_call, fn, cfg, run_dir, r, world_size): r for r in ranks}
         try:
             while pending:

@@ -106,6 +106,8 @@ def test_status_logs_cancel_on_a_real_job(slurm_cluster, tmp_path, tiny_llama, t
         time.sleep(0.5)
     assert ftpipe("logs", run, "shard") == 0
     assert "setup-ran" in capsys.readouterr().out
+    assert ftpipe("submit", config) == 2  # a second submit while jobs wait would run stages twice
+    assert "still queued or running" in capsys.readouterr().err
     assert ftpipe("cancel", run) == 0
     assert capsys.readouterr().out.count("cancelled ") == 5
     lines = wait_for(run, timeout=30)
@@ -134,3 +136,43 @@ def test_hand_written_sbatch_templates(slurm_cluster, tmp_path, tiny_llama, text
 def squeue_ids_active(slurm_cluster) -> set[str]:
     out = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_cluster.env, capture_output=True, text=True).stdout
     return set(out.split())
+
+
+def test_multi_node_rendezvous_uses_the_first_expanded_host(slurm_cluster, tmp_path, tiny_llama, text_data,
+                                                            monkeypatch):
+    from launch.slurm import slurm_rendezvous
+    from launch.torchrun import torchrun_command
+    from pipeline.config import load_config
+    from pipeline.errors import UserError
+
+    cfg = load_config(_config(tmp_path, tiny_llama, text_data, "multi", nnodes=2, nproc_per_node=2),
+                      ["train.strategy=ddp"])
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu-[07-08]")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    launch = slurm_rendezvous(cfg, node=1)
+    assert (launch.node_rank, launch.rdzv_endpoint) == (1, "gpu-07:29634")
+    cmd = torchrun_command(launch, cfg.name, ["RUN", "train"])
+    assert "--nnodes=2" in cmd and "--node-rank=1" in cmd and "--rdzv-endpoint=gpu-07:29634" in cmd
+    monkeypatch.setenv("SLURM_JOB_NODELIST", slurm_cluster.node)  # a known node: its NodeAddr
+    assert slurm_rendezvous(cfg, node=0).rdzv_endpoint == "127.0.0.1:29634"
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "3")
+    with pytest.raises(UserError, match="3 nodes but launch.nnodes is 2"):
+        slurm_rendezvous(cfg, node=0)
+
+
+def test_status_shows_a_failed_stage_and_its_waiting_dependents(slurm_cluster, tmp_path, tiny_llama, text_data,
+                                                                capsys):
+    config = _config(tmp_path, tiny_llama, text_data, "broken", slurm={"setup": ["sleep 3"]})
+    assert ftpipe("submit", config) == 0
+    text_data.unlink()  # after submit checked the paths: the shard job itself fails
+    run = tmp_path / "runs" / "broken"
+    deadline = time.monotonic() + 60
+    while "failed" not in status_lines(run)[0] and time.monotonic() < deadline:
+        time.sleep(1)
+    lines = status_lines(run)
+    assert "failed" in lines[0] and all("blocked (shard did not finish)" in line for line in lines[1:]), lines
+    capsys.readouterr()
+    assert ftpipe("logs", run, "shard") == 0
+    assert "text.jsonl" in capsys.readouterr().out  # the job's error names the missing file
+    assert ftpipe("cancel", run) == 0 and capsys.readouterr().out.count("cancelled ") == 4
