@@ -11,15 +11,20 @@ wait4). Outputs are compared tensor by tensor. Targets: time <= 0.8x and RSS <= 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Scripts run from benchmarks/ have it first on sys.path, where tokenize.py would shadow the
+# standard library's tokenize module.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import os
 import re
 import shutil
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs" / "benchmarks.md"

@@ -12,16 +12,21 @@ Targets: ftpipe >= 1.5x datasets.map rows/s with 2 workers; peak RSS growth 1x -
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Scripts run from benchmarks/ have it first on sys.path, where tokenize.py would shadow the
+# standard library's tokenize module.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import json
 import os
 import random
 import re
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import yaml
 
