@@ -66,3 +66,26 @@ def test_lora_with_unknown_target_modules_is_a_user_error(tiny_llama):
     cfg = _config(tiny_llama, lora={"target_modules": ["not_a_module"]})
     with pytest.raises(UserError, match="model.lora.target_modules"):
         prepare_model(load_model(cfg.model), cfg)
+
+
+@pytest.mark.parametrize("strategy", ["single", "fsdp"])
+def test_activation_checkpointing_recomputes_without_changing_the_losses(tmp_path, tiny_llama, text_data, strategy):
+    from tests import fixtures
+    from tests.helpers import ftpipe, losses
+
+    runs = {}
+    for flag in (False, True):
+        name = f"ac-{strategy}-{flag}".lower()
+        cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name=name,
+                                     train={"max_steps": 3, "strategy": strategy, "activation_checkpointing": flag})
+        assert ftpipe("run", fixtures.write_config(tmp_path / f"{name}.yaml", cfg), "--no-progress",
+                      "--stages", "shard,tokenize,train") == 0
+        runs[flag] = losses(tmp_path / "runs" / name)
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5)
+
+
+def test_activation_checkpointing_is_switched_on_in_the_model(tiny_llama):
+    cfg = _config(tiny_llama, activation_checkpointing=True)
+    model = prepare_model(load_model(cfg.model), cfg)
+    assert model.is_gradient_checkpointing and model.config.use_cache is False
+    assert not prepare_model(load_model(cfg.model), _config(tiny_llama)).is_gradient_checkpointing
