@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pipeline.context import StageContext
 from pipeline.errors import UserError
 
 DISTRIBUTED_STAGES = ("train",)
+log = logging.getLogger("ftpipe")
 
 
 def torchrun_command(launch: LaunchConfig, run_name: str, worker_args: list[str]) -> list[str]:
@@ -37,7 +39,16 @@ def launch_stage(spec: Any, cfg: RunConfig, ctx: StageContext) -> dict[str, Any]
     for stale in (RESULT_FILE, ERROR_FILE):
         (folder / stale).unlink(missing_ok=True)
     args = [str(ctx.run_dir.root), spec.name] + ([] if ctx.progress else ["--no-progress"])
-    code = subprocess.call(torchrun_command(cfg.launch, cfg.name, args), env=_worker_env(ctx))
+    env = _worker_env(ctx)
+    for relaunch in range(cfg.launch.max_restarts + 1):
+        code = subprocess.call(torchrun_command(cfg.launch, cfg.name, args), env=env)
+        if code == 0 or (folder / ERROR_FILE).is_file() or cfg.launch.nnodes > 1 \
+                or relaunch == cfg.launch.max_restarts:
+            break
+        # torchrun's in-place restarts reuse its agent and rendezvous; on a loaded machine gloo
+        # has failed to reconnect through them. A fresh torchrun resumes from the same checkpoint.
+        log.warning("%s: torchrun exited with code %d; relaunching (%d of %d)", spec.name, code,
+                    relaunch + 1, cfg.launch.max_restarts)
     return _result(folder, spec.name, code)
 
 

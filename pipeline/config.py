@@ -251,7 +251,9 @@ class LaunchConfig(Section):
     node_rank: int = Field(0, ge=0, description="torchrun: this node's rank (multi-node, static rendezvous).")
     rdzv_endpoint: str | None = Field(
         None, description="torchrun: HOST:PORT of the rendezvous (multi-node); null: localhost.")
-    max_restarts: int = Field(0, ge=0, description="torchrun: restarts of all ranks after a rank fails.")
+    max_restarts: int = Field(
+        0, ge=0, description="torchrun: restarts of all ranks after a rank fails (torchrun's own; on one node "
+        "then as many fresh torchrun launches); training resumes from the latest complete checkpoint.")
     slurm: SlurmConfig = Field(
         default_factory=SlurmConfig, description="backend slurm: how `ftpipe submit` asks for resources.")
 
