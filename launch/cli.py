@@ -9,7 +9,9 @@ import warnings
 from pathlib import Path
 
 from pipeline.config import RunConfig, check_paths, load_config
-from pipeline.errors import UserError
+from pipeline.errors import StagePreempted, UserError
+
+STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; running again resumes
 from pipeline.run_dir import STAGES, RunDir
 
 
@@ -207,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"ftpipe: error: {err}", file=sys.stderr)
         return 2
+    except StagePreempted as stopped:
+        print(f"ftpipe: {stopped}", file=sys.stderr)
+        return STOPPED_EXIT
     except KeyboardInterrupt:
         print("ftpipe: interrupted", file=sys.stderr)
         return 130

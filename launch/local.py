@@ -11,6 +11,7 @@ from typing import Any
 
 from launch.torchrun import launch_stage
 from pipeline.config import RunConfig, dump_config
+from pipeline.errors import StagePreempted
 from pipeline.runner import PlannedStage, execute
 from pipeline.run_dir import atomic_write_text
 from pipeline.tracking import Tracker, default_tracking_uri
@@ -43,6 +44,9 @@ def run_pipeline(cfg: RunConfig, planned: list[PlannedStage], progress: bool = T
                             launcher=launch_stage)
         status = "FINISHED"
         return manifests
+    except StagePreempted:
+        status = "KILLED"
+        raise
     finally:
         if tracker and not tracker.close(status):
             log.warning("tracking incomplete for this run (see warnings above)")

@@ -11,24 +11,26 @@ Also a command line for batch scripts written by hand (slurm/*.sbatch):
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import submitit
 
-from launch.torchrun import DISTRIBUTED_STAGES, torchrun_command
+from launch.torchrun import DISTRIBUTED_STAGES, run_torchrun, torchrun_command
 from launch.slurm_jobs import JobRecord, active_jobs, read_jobs, record_jobs
 from pipeline.config import RunConfig, dump_config, load_config
-from pipeline.errors import UserError
+from pipeline.errors import StagePreempted, UserError
 from pipeline.run_dir import atomic_write_text
 from pipeline.runner import PlannedStage
 
 RDZV_HOST_ENV = "FTPIPE_RDZV_HOST"
 RDZV_BASE_PORT = 29400
+log = logging.getLogger("ftpipe")
 
 
 # --- what runs inside a job ------------------------------------------------------------------
@@ -41,8 +43,24 @@ class StageJob(submitit.helpers.Checkpointable):
         self.run_dir, self.stage, self.cwd = run_dir, stage, cwd
 
     def __call__(self) -> str:
-        run_stage_job(Path(self.run_dir), self.stage, Path(self.cwd))
+        try:
+            run_stage_job(Path(self.run_dir), self.stage, Path(self.cwd))
+        except StagePreempted as stopped:
+            requeue_this_job(str(stopped), load_config(Path(self.run_dir) / "config.yaml").launch.slurm.max_requeues)
         return self.stage
+
+
+def requeue_this_job(why: str, max_requeues: int) -> NoReturn:
+    """Put this job back in the queue (it resumes from the checkpoint just written), or fail."""
+    job_id = os.environ["SLURM_JOB_ID"]
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if restarts >= max_requeues:
+        raise UserError(f"{why}; not requeued: job {job_id} already ran {restarts + 1} times "
+                        f"(launch.slurm.max_requeues is {max_requeues}); `ftpipe submit` again resumes it")
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+    log.warning("%s; requeued job %s (requeue %d of %d)", why, job_id, restarts + 1, max_requeues)
+    # SystemExit, not a return: submitit would record the stage as finished.
+    raise SystemExit(0)
 
 
 def run_stage_job(run_dir: Path, stage: str, cwd: Path) -> None:
@@ -96,7 +114,8 @@ def _scontrol(args: list[str]) -> str:
 
 
 def _torchrun_only(cfg: RunConfig, run_dir: Path, stage: str) -> None:
-    code = subprocess.call(torchrun_command(cfg.launch, cfg.name, [str(run_dir), stage, "--no-progress"]))
+    # A stop signal ends this node's ranks with code 0; node 0 requeues the job.
+    code, _ = run_torchrun(torchrun_command(cfg.launch, cfg.name, [str(run_dir), stage, "--no-progress"]))
     if code != 0:
         raise RuntimeError(f"{stage}: torchrun on node {cfg.launch.node_rank} exited with code {code}")
 
@@ -116,10 +135,12 @@ def job_parameters(cfg: RunConfig, stage: str) -> dict[str, Any]:
     }
     if train and slurm.exclusive:
         params["exclusive"] = True
+    if train:
+        params["additional_parameters"] = {"requeue": True}  # preempted/time-limited jobs go back in the queue
     if train and slurm.gpus_per_node:
         params["gpus_per_node"] = slurm.gpus_per_node
     if slurm.extra_directives:
-        params["additional_parameters"] = dict(_directive(item) for item in slurm.extra_directives)
+        params.setdefault("additional_parameters", {}).update(_directive(item) for item in slurm.extra_directives)
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -215,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if argv[:1] == ["run-stage"] and len(argv) >= 3:
             cwd = Path(argv[argv.index("--cwd") + 1]) if "--cwd" in argv else Path.cwd()
-            run_stage_job(Path(argv[1]).resolve(), argv[2], cwd)
+            StageJob(str(Path(argv[1]).resolve()), argv[2], str(cwd))()
             return 0
     except UserError as err:
         print(f"ftpipe: error: {err}", file=sys.stderr)

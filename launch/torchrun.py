@@ -1,4 +1,8 @@
-"""Start the train stage under torchrun; every other stage runs in the pipeline's process."""
+"""Start the train stage under torchrun; every other stage runs in the pipeline's process.
+
+`python -m launch.torchrun ARGS` is torchrun itself, made deaf to the stop signals (SIGUSR1/2)
+that its workers act on: by default those signals would end torchrun.
+"""
 
 from __future__ import annotations
 
@@ -7,25 +11,33 @@ import logging
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 from typing import Any
 
-from launch.worker import ERROR_FILE, RESULT_FILE, RUN_ID_ENV, URI_ENV
+import psutil
+
+from launch.worker import ERROR_FILE, RESULT_FILE, RUN_ID_ENV, STOPPED_FILE, URI_ENV
 from pipeline.config import LaunchConfig, RunConfig
 from pipeline.context import StageContext
-from pipeline.errors import UserError
+from pipeline.errors import StagePreempted, UserError
+from pipeline.train.preemption import StopRequest, ignore_stop_signals
 
 DISTRIBUTED_STAGES = ("train",)
+FORWARD_AGAIN_SECONDS = 5.0  # ranks still starting up have no handler yet and ignore the signal
 log = logging.getLogger("ftpipe")
 
 
 def torchrun_command(launch: LaunchConfig, run_name: str, worker_args: list[str]) -> list[str]:
     """torchrun arguments: standalone on one node, c10d rendezvous at rdzv_endpoint across nodes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={launch.nproc_per_node}",
-           f"--max-restarts={launch.max_restarts}"]
+    cmd = [sys.executable, "-m", "launch.torchrun", f"--nproc-per-node={launch.nproc_per_node}"]
     if launch.nnodes == 1 and not launch.rdzv_endpoint:
-        cmd.append("--standalone")
+        # One node restarts by relaunching torchrun (launch_stage): ranks that torchrun restarted in
+        # place, on its old store, have hung for good in gloo's connect on a loaded machine.
+        cmd += ["--max-restarts=0", "--standalone"]
     else:
-        cmd += [f"--nnodes={launch.nnodes}", f"--node-rank={launch.node_rank}", "--rdzv-backend=c10d",
+        cmd += [f"--max-restarts={launch.max_restarts}", f"--nnodes={launch.nnodes}",
+                f"--node-rank={launch.node_rank}", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--rdzv-id={run_name}"]
     return cmd + ["-m", "launch.worker", *worker_args]
 
@@ -36,20 +48,51 @@ def launch_stage(spec: Any, cfg: RunConfig, ctx: StageContext) -> dict[str, Any]
     if cfg.launch.backend == "local" or spec.name not in DISTRIBUTED_STAGES:
         return spec.run(cfg, ctx)
     folder = ctx.run_dir.stage(spec.name)
-    for stale in (RESULT_FILE, ERROR_FILE):
+    for stale in (RESULT_FILE, ERROR_FILE, STOPPED_FILE):
         (folder / stale).unlink(missing_ok=True)
     args = [str(ctx.run_dir.root), spec.name] + ([] if ctx.progress else ["--no-progress"])
     env = _worker_env(ctx)
     for relaunch in range(cfg.launch.max_restarts + 1):
-        code = subprocess.call(torchrun_command(cfg.launch, cfg.name, args), env=env)
-        if code == 0 or (folder / ERROR_FILE).is_file() or cfg.launch.nnodes > 1 \
+        code, stopping = run_torchrun(torchrun_command(cfg.launch, cfg.name, args), env)
+        if code == 0 or stopping or (folder / ERROR_FILE).is_file() or cfg.launch.nnodes > 1 \
                 or relaunch == cfg.launch.max_restarts:
             break
-        # torchrun's in-place restarts reuse its agent and rendezvous; on a loaded machine gloo
-        # has failed to reconnect through them. A fresh torchrun resumes from the same checkpoint.
+        # A fresh torchrun (new store, new ports) resumes from the latest complete checkpoint.
         log.warning("%s: torchrun exited with code %d; relaunching (%d of %d)", spec.name, code,
                     relaunch + 1, cfg.launch.max_restarts)
     return _result(folder, spec.name, code)
+
+
+def run_torchrun(cmd: list[str], env: dict[str, str] | None = None) -> tuple[int, bool]:
+    """Run torchrun; pass stop signals this process gets on to its ranks. (exit code, stop requested)"""
+    with StopRequest().listening() as stop, subprocess.Popen(cmd, env=env) as proc:
+        forwarded = -FORWARD_AGAIN_SECONDS
+        try:
+            while True:
+                try:
+                    return proc.wait(timeout=0.5), stop.requested
+                except subprocess.TimeoutExpired:
+                    pass
+                if stop.requested and time.monotonic() - forwarded >= FORWARD_AGAIN_SECONDS:
+                    forwarded = time.monotonic()
+                    _signal_descendants(proc.pid, stop.signum)
+        except BaseException:
+            proc.terminate()  # torchrun takes its ranks down with it
+            proc.wait(timeout=60)
+            raise
+
+
+def _signal_descendants(pid: int, signum: int) -> None:
+    # torchrun starts each rank in a session of its own, so a process-group signal would miss them.
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return
+    for child in children:
+        try:
+            child.send_signal(signum)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def _worker_env(ctx: StageContext) -> dict[str, str]:
@@ -61,10 +104,23 @@ def _worker_env(ctx: StageContext) -> dict[str, str]:
     return env
 
 
-def _result(folder, stage: str, code: int) -> dict[str, Any]:
-    error = folder / ERROR_FILE
+def _result(folder: Path, stage: str, code: int) -> dict[str, Any]:
+    error, stopped = folder / ERROR_FILE, folder / STOPPED_FILE
     if error.is_file():
         raise UserError(error.read_text().strip())
+    if stopped.is_file():
+        raise StagePreempted(stopped.read_text().strip())
     if code != 0:
         raise RuntimeError(f"{stage}: torchrun exited with code {code}; the ranks' errors are printed above")
     return json.loads((folder / RESULT_FILE).read_text())
+
+
+def main(argv: list[str] | None = None) -> None:
+    from torch.distributed.run import main as torchrun_main
+
+    ignore_stop_signals()
+    torchrun_main(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()

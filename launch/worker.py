@@ -10,20 +10,21 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.errors import UserError
+from pipeline.errors import StagePreempted, UserError
 
 RESULT_FILE = ".result.json"
 ERROR_FILE = ".error.txt"
+STOPPED_FILE = ".stopped.txt"  # the stage stopped on a signal after a complete checkpoint
 RUN_ID_ENV = "FTPIPE_MLFLOW_RUN_ID"
 URI_ENV = "FTPIPE_MLFLOW_URI"
 
 
-def run_rank(run_dir: Path, stage: str, progress: bool = True) -> dict:
-    """Run `stage` as this rank; rank 0 leaves the stage's result for the launching process."""
+def run_rank(run_dir: Path, stage: str, progress: bool = True) -> dict | None:
+    """Run `stage` as this rank; rank 0 leaves the result (or why it stopped) for the launcher."""
     from pipeline import distributed
     from pipeline.config import load_config
     from pipeline.context import NullStageTracker, StageContext
-    from pipeline.run_dir import RunDir, atomic_write_json
+    from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text
     from pipeline.runner import SPECS
 
     cfg = load_config(run_dir / "config.yaml")
@@ -31,13 +32,18 @@ def run_rank(run_dir: Path, stage: str, progress: bool = True) -> dict:
     tracker = _tracker() if rank == 0 else None
     ctx = StageContext(RunDir(run_dir), rank, int(os.environ.get("WORLD_SIZE", "1")),
                        tracker or NullStageTracker(), progress)
+    result, stopped = None, None
     try:
         result = SPECS[stage].run(cfg, ctx)
+    except StagePreempted as err:
+        stopped = str(err)
     finally:
         if tracker is not None:
             tracker.close()
     distributed.shutdown()
-    if rank == 0:
+    if rank == 0 and stopped is not None:
+        atomic_write_text(RunDir(run_dir).stage(stage) / STOPPED_FILE, stopped)
+    elif rank == 0:
         atomic_write_json(RunDir(run_dir).stage(stage) / RESULT_FILE, result)
     return result
 

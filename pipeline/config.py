@@ -216,8 +216,8 @@ class SlurmConfig(Section):
     exclusive: bool = Field(False, description="Train job: whole nodes only (sbatch --exclusive).")
     gpus_per_node: int | None = Field(None, ge=0, description="GPUs per node of the train job; null: none requested.")
     signal_lead_seconds: int = Field(
-        120, ge=0, description="Seconds before the time limit at which a job is signalled to stop, requeue and later resume from its last checkpoint.")
-    max_requeues: int = Field(3, ge=0, description="Times a job that hit its time limit or was preempted is requeued.")
+        120, ge=0, description="SLURM sends SIGUSR2 this many seconds before the time limit (sbatch --signal); all ranks of the train job then save one checkpoint at the next step boundary, and the job requeues itself and resumes there.")
+    max_requeues: int = Field(3, ge=0, description="Times a job is requeued after such a stop signal (time limit, preemption); then it fails, and `ftpipe submit` resumes it.")
     setup: list[str] = Field(
         default_factory=list, description="Shell lines run in each batch script before the stage (module load, source venv/bin/activate).")
     extra_directives: list[str] = Field(
@@ -252,8 +252,8 @@ class LaunchConfig(Section):
     rdzv_endpoint: str | None = Field(
         None, description="torchrun: HOST:PORT of the rendezvous (multi-node); null: localhost.")
     max_restarts: int = Field(
-        0, ge=0, description="torchrun: restarts of all ranks after a rank fails (torchrun's own; on one node "
-        "then as many fresh torchrun launches); training resumes from the latest complete checkpoint.")
+        0, ge=0, description="torchrun: restarts of all ranks after a rank fails (on one node as fresh torchrun "
+        "launches, across nodes torchrun's own); training resumes from the latest complete checkpoint.")
     slurm: SlurmConfig = Field(
         default_factory=SlurmConfig, description="backend slurm: how `ftpipe submit` asks for resources.")
 

@@ -115,17 +115,13 @@ def all_reduce_sum(value: float) -> float:
     return float(tensor.item())
 
 
-def all_true(flag: bool) -> bool:
-    """True only when every rank passes True: how ranks agree on a coordinated action."""
+def all_reduce_max(value: int) -> int:
+    """The largest of the ranks' integers: how ranks agree on whether (and why) to act together."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return flag
-    tensor = torch.tensor([0 if flag else 1], dtype=torch.int32, device=_collective_device())
-    dist.all_reduce(tensor)
-    return int(tensor.item()) == 0
-
-
-def any_true(flag: bool) -> bool:
-    return not all_true(not flag)
+        return int(value)
+    tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -1,5 +1,12 @@
-"""The one exception type for mistakes a user can fix (config, data, paths)."""
+"""Exception types the command line turns into one-line messages instead of tracebacks."""
 
 
 class UserError(ValueError):
     """Bad input from the user; the CLI prints it as one line and exits 2."""
+
+
+class StagePreempted(RuntimeError):
+    """A stage stopped on request (SLURM's time-limit signal, preemption) after a complete checkpoint.
+
+    Nothing is wrong: running the stage again resumes where it stopped.
+    """

@@ -14,7 +14,7 @@ from typing import Any
 import pipeline
 from pipeline.config import RunConfig, expand_sources
 from pipeline.context import NullStageTracker, StageContext
-from pipeline.errors import UserError
+from pipeline.errors import StagePreempted, UserError
 from pipeline.run_dir import STAGES, DigestCache, RunDir, fingerprint
 
 PACKAGE_DIR = Path(pipeline.__file__).parent
@@ -219,9 +219,9 @@ def run_stage(cfg: RunConfig, stage: PlannedStage, run_dir: RunDir, tracker, pro
     started = time.time()
     try:
         manifest = launcher(spec, cfg, ctx)
-    except BaseException:
+    except BaseException as err:
         if stage_run:
-            stage_run.finish("FAILED")
+            stage_run.finish("KILLED" if isinstance(err, StagePreempted) else "FAILED")
         raise
     manifest.update(stage=stage.name, fingerprint=stage.fingerprint, run_id=uuid.uuid4().hex,
                     inputs={i: run_dir.read_manifest(i)["run_id"] for i in spec.inputs},

@@ -7,9 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,7 +16,8 @@ import torch
 from pipeline.tokenize import open_split
 from pipeline.train.data import SampleOrder
 from tests import fixtures
-from tests.helpers import REPO, assert_close_weights, ftpipe, losses, manifest, weights
+from tests.helpers import assert_close_weights, ftpipe, losses, manifest, weights
+from tests.processes import kill_tree, output, rank_pid, start_run, wait_for_file, wait_for_lines
 
 STRATEGIES = {
     "ddp": {"strategy": "ddp"},
@@ -67,92 +65,67 @@ def test_two_ranks_match_the_single_process_run(workspace, tiny_llama, single_ru
     assert manifest(run, "consolidate")["verify_max_abs_diff"] <= 1e-4
 
 
-def _start(config: Path, *overrides: str) -> subprocess.Popen:
-    # Output goes to a file: an unread pipe would fill up and block the ranks.
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    log = open(config.with_suffix(".log"), "w")  # noqa: SIM115 - closed with the process
-    process = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", str(config), "--no-progress", *overrides],
-                               env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    process.log_path = Path(log.name)
-    return process
+LONG_FSDP = {**STRATEGIES["fsdp"], "max_steps": 40, "checkpoint_every": 4, "keep_last": 20}
 
 
-def _output(process: subprocess.Popen) -> str:
-    return process.log_path.read_text()
-
-
-def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, _output(process)
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.05)
-
-
-def _parent(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def _descendants(root: int) -> list[int]:
-    """Processes below `root` (torchrun starts its workers in sessions of their own)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        pid = int(entry.name)
-        try:
-            while pid > 1 and pid != root:
-                pid = _parent(pid)
-        except (OSError, ValueError, IndexError):
-            continue
-        if pid == root:
-            found.append(int(entry.name))
-    return found
-
-
-def _kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL the run and every rank: torchrun's workers live in their own sessions."""
-    for pid in [*_descendants(process.pid), process.pid]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait()
-
-
-def _rank_pid(root: int, rank: int) -> int:
-    """The worker process of `rank` started under `root`."""
-    for pid in _descendants(root):
-        try:
-            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"launch.worker" in cmdline and f"RANK={rank}".encode() in environ:
-            return pid
-    raise AssertionError(f"no worker with RANK={rank}")
-
-
-def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(workspace, tiny_llama):
+@pytest.fixture(scope="module")
+def fsdp_whole(workspace, tiny_llama) -> Path:
+    """40 uninterrupted FSDP steps on two ranks: what interrupted runs must end up equal to."""
     tmp, data = workspace
-    train = {**STRATEGIES["fsdp"], "max_steps": 40, "checkpoint_every": 4, "keep_last": 20}
-    whole = _config(tmp, tiny_llama, data, "fsdp-whole", train, TWO_RANKS)
-    killed = _config(tmp, tiny_llama, data, "fsdp-killed", train, {**TWO_RANKS, "max_restarts": 1})
-    assert ftpipe("run", whole, "--no-progress") == 0
-    process = _start(killed)
-    _wait_for(tmp / "runs" / "fsdp-killed" / "train" / "checkpoints" / "step-000008" / "COMPLETE", process)
-    os.kill(_rank_pid(process.pid, 1), signal.SIGKILL)
+    assert ftpipe("run", _config(tmp, tiny_llama, data, "fsdp-whole", LONG_FSDP, TWO_RANKS), "--no-progress") == 0
+    return tmp / "runs" / "fsdp-whole"
+
+
+def _finish(process) -> None:
     try:
         process.wait(timeout=300)
     finally:
         if process.poll() is None:
-            _kill_tree(process)
-    assert process.returncode == 0, _output(process)[-3000:]
+            kill_tree(process)
+
+
+def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(workspace, tiny_llama, fsdp_whole):
+    tmp, data = workspace
+    killed = _config(tmp, tiny_llama, data, "fsdp-killed", LONG_FSDP, {**TWO_RANKS, "max_restarts": 1})
+    process = start_run(killed)
+    wait_for_file(tmp / "runs" / "fsdp-killed" / "train" / "checkpoints" / "step-000008" / "COMPLETE", process)
+    os.kill(rank_pid(process.pid, 1), signal.SIGKILL)
+    _finish(process)
+    assert process.returncode == 0, output(process)[-3000:]
     run = tmp / "runs" / "fsdp-killed"
     assert manifest(run, "train")["resumed_from_step"] >= 8
-    assert losses(run) == pytest.approx(losses(tmp / "runs" / "fsdp-whole"), rel=1e-5)
-    assert_close_weights(weights(run), weights(tmp / "runs" / "fsdp-whole"), rtol=1e-5, atol=1e-6)
+    assert losses(run) == pytest.approx(losses(fsdp_whole), rel=1e-5)
+    assert_close_weights(weights(run), weights(fsdp_whole), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,receiver", [("fsdp", "launcher"), ("zero3", "rank 1")])
+def test_a_stop_signal_saves_every_rank_and_the_rerun_resumes_exactly(workspace, tiny_llama, fsdp_whole,
+                                                                      name, receiver):
+    """SLURM's --signal (or a preemption notice) reaches the launcher or any one rank: all ranks save the
+    same step together, the run stops with exit code 75, and running again loses and repeats nothing."""
+    tmp, data = workspace
+    train = {**LONG_FSDP, **STRATEGIES[name], "checkpoint_every": 1000, "sample_ledger": True}
+    config = _config(tmp, tiny_llama, data, f"stop-{name}", train, TWO_RANKS)
+    run = tmp / "runs" / f"stop-{name}"
+    process = start_run(config)
+    wait_for_lines(run / "train" / "metrics.jsonl", 5, process)
+    os.kill(process.pid if receiver == "launcher" else rank_pid(process.pid, 1), signal.SIGUSR2)
+    _finish(process)
+    assert process.returncode == 75, output(process)[-3000:]
+    assert "stopped on SIGUSR2 at step" in output(process) and "Traceback" not in output(process)
+    assert not (run / "train" / "manifest.json").exists()
+    saved = sorted((run / "train" / "checkpoints").glob("step-*/COMPLETE"))
+    assert len(saved) == 1, "the stop writes exactly one checkpoint"
+    stopped_at = int(saved[0].parent.name.split("-")[1])
+    assert 5 <= stopped_at < 40
+    assert ftpipe("run", config, "--no-progress") == 0
+    assert manifest(run, "train")["resumed_from_step"] == stopped_at
+    table = open_split(run / "tokenize" / "train")
+    expected = SampleOrder(table.num_rows, seed=0).rows(0, 40 * BATCH["global_batch_size"])
+    assert Counter(_ledger_rows(run)) == Counter(int(r) for r in expected), "a sample was lost or trained twice"
+    if name == "fsdp":
+        assert losses(run) == pytest.approx(losses(fsdp_whole), rel=1e-5)
+        assert_close_weights(weights(run), weights(fsdp_whole), rtol=1e-5, atol=1e-6)
 
 
 def _ledger_rows(run: Path) -> list[int]:
@@ -171,10 +144,10 @@ def test_resume_at_another_world_size_loses_and_repeats_no_sample(workspace, tin
     tmp, data = workspace
     train = {**STRATEGIES[name], "max_steps": 12, "checkpoint_every": 3, "sample_ledger": True, "keep_last": 10}
     config = _config(tmp, tiny_llama, data, f"ws-{name}", train, before)
-    process = _start(config)
+    process = start_run(config)
     run = tmp / "runs" / f"ws-{name}"
-    _wait_for(run / "train" / "checkpoints" / "step-000006" / "COMPLETE", process)
-    _kill_tree(process)
+    wait_for_file(run / "train" / "checkpoints" / "step-000006" / "COMPLETE", process)
+    kill_tree(process)
     assert not (run / "train" / "manifest.json").exists()
     moved = [f"launch.{k}={v}" for k, v in (after or {"backend": "local", "nproc_per_node": 1}).items()]
     assert ftpipe("run", config, "--no-progress", *moved) == 0

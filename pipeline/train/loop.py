@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -13,10 +14,12 @@ from tqdm import tqdm
 
 from pipeline import distributed
 from pipeline.distributed import DistEnv
-from pipeline.train.checkpoint import prune, save_checkpoint
+from pipeline.errors import StagePreempted
+from pipeline.train.checkpoint import prune, save_checkpoint, step_dir
 from pipeline.train.data import TrainBatches
 from pipeline.train.engine import lr_factor
 from pipeline.train.objective import summed_loss
+from pipeline.train.preemption import StopRequest
 
 
 @dataclass
@@ -45,6 +48,7 @@ class LoopSettings:
     ledger_dir: Path | None = None
     dist: DistEnv = field(default_factory=DistEnv)
     progress: bool = True
+    stop: StopRequest = field(default_factory=StopRequest)
 
 
 def run_step(engine: Any, batches: TrainBatches, offset: int, rank: int, task: str) -> tuple[float, int, list[int]]:
@@ -88,10 +92,22 @@ def train_loop(engine: Any, batches: TrainBatches, settings: LoopSettings, state
         _record(settings, state, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, log)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-        if state.step % settings.checkpoint_every == 0 or state.samples >= state.target_samples:
+        due = state.step % settings.checkpoint_every == 0 or state.samples >= state.target_samples
+        if due:
             checkpoint(engine, settings, state)
+        stop_signal = distributed.all_reduce_max(settings.stop.signum or 0)  # any rank's signal stops all
+        if stop_signal and state.samples < state.target_samples:
+            bar.close()
+            stop_here(engine, settings, state, saved=due, signum=stop_signal)
     bar.close()
     return state
+
+
+def stop_here(engine: Any, settings: LoopSettings, state: LoopState, saved: bool, signum: int) -> None:
+    """Every rank saves this step together (unless just saved), then the stage stops."""
+    folder = step_dir(settings.checkpoint_root, state.step) if saved else checkpoint(engine, settings, state)
+    raise StagePreempted(f"train: stopped on {signal.Signals(signum).name} at step {state.step} after writing "
+                         f"{folder.name} ({state.samples} of {state.target_samples} samples); run again to resume there")
 
 
 def checkpoint(engine: Any, settings: LoopSettings, state: LoopState) -> Path:

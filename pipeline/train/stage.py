@@ -25,6 +25,7 @@ from pipeline.train.build import build_engine
 from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
 from pipeline.train.data import TrainBatches, batch_layout, collate
 from pipeline.train.loop import LoopSettings, LoopState, train_loop, truncate_logs
+from pipeline.train.preemption import StopRequest
 
 VERIFY_FILE = "verify.pt"
 VERIFY_ROWS = 4
@@ -45,15 +46,16 @@ def target_samples(cfg: TrainConfig, num_rows: int, global_batch: int) -> int:
 def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     """Train on the tokenized train split; resume from the latest complete checkpoint."""
     owns_group = cfg.train.strategy != "single" and not distributed.launched_by_torchrun()
-    dist = distributed.init(need_group=cfg.train.strategy != "single")
-    try:
-        return train(cfg, ctx, dist)
-    finally:
-        if owns_group:
-            distributed.shutdown()
+    with StopRequest().listening() as stop:
+        dist = distributed.init(need_group=cfg.train.strategy != "single")
+        try:
+            return train(cfg, ctx, dist, stop)
+        finally:
+            if owns_group:
+                distributed.shutdown()
 
 
-def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv) -> dict[str, Any]:
+def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -> dict[str, Any]:
     out = ctx.run_dir.stage("train")
     table = open_split(ctx.run_dir.stage("tokenize") / "train")
     if table.num_rows == 0:
@@ -70,7 +72,7 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv) -> dict[str, Any]:
         checkpoint_every=cfg.train.checkpoint_every, keep_last=cfg.train.keep_last,
         log_every=cfg.train.log_every, checkpoint_root=out / "checkpoints", metrics_file=out / "metrics.jsonl",
         ledger_dir=out / "ledger" if cfg.train.sample_ledger else None, dist=dist,
-        progress=ctx.progress and dist.is_main)
+        progress=ctx.progress and dist.is_main, stop=stop)
     fresh = LoopState(target_samples=target_samples(cfg.train, table.num_rows, layout.global_batch))
     state, resumed = _resume(engine, settings, latest, fresh)
     state = train_loop(engine, batches, settings, state, ctx.tracker.log_metrics)
