@@ -176,3 +176,52 @@ def test_status_shows_a_failed_stage_and_its_waiting_dependents(slurm_cluster, t
     assert ftpipe("logs", run, "shard") == 0
     assert "text.jsonl" in capsys.readouterr().out  # the job's error names the missing file
     assert ftpipe("cancel", run) == 0 and capsys.readouterr().out.count("cancelled ") == 4
+
+
+def test_a_signalled_train_job_saves_every_rank_requeues_and_resumes(slurm_cluster, tmp_path, tiny_llama, text_data):
+    """`scancel --signal=USR2` signals every process of the job's steps, as `--signal=USR2@lead` does
+    before the time limit: the two FSDP ranks save one step together, the job requeues itself, and
+    the requeued run resumes there with no sample lost or trained twice."""
+    from pipeline.tokenize import open_split
+    from pipeline.train.data import SampleOrder
+
+    train = {"strategy": "fsdp", "max_steps": 60, "micro_batch_size": 2, "global_batch_size": 8,
+             "checkpoint_every": 1000, "keep_last": 5, "sample_ledger": True}
+    cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name="pre", train=train,
+                                 launch={"backend": "slurm", "nproc_per_node": 2, "slurm": {"max_requeues": 2}})
+    config = fixtures.write_config(tmp_path / "pre.yaml", cfg)
+    assert ftpipe("submit", config) == 0
+    run = tmp_path / "runs" / "pre"
+    job = next(j for j in read_jobs(run) if j.stage == "train")
+    metrics = run / "train" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):
+        assert time.monotonic() < deadline, status_lines(run)
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], env=slurm_cluster.env, check=True)
+    _wait_for_requeue(slurm_cluster, job.job_id)
+    lines = wait_for(run, timeout=300)
+    assert all(" done " in line for line in lines), "\n".join(lines) + Path(job.stderr).read_text()[-3000:]
+    log = Path(job.stderr).read_text()
+    assert "stopped on SIGUSR2 at step" in log and "requeued job" in log
+    stopped_at = manifest(run, "train")["resumed_from_step"]
+    assert stopped_at is not None and 5 <= stopped_at < 60
+    table = open_split(run / "tokenize" / "train")
+    expected = [int(r) for r in SampleOrder(table.num_rows, seed=0).rows(0, 60 * 8)]
+    trained = [r for path in sorted((run / "train" / "ledger").glob("rank-*.jsonl"))
+               for line in path.read_text().splitlines() for r in json.loads(line)["rows"]]
+    assert sorted(trained) == sorted(expected), "a sample was lost or trained twice"
+
+
+def _wait_for_requeue(slurm_cluster, job_id: str, timeout: float = 120) -> None:
+    """Until the job is back in the queue; then let it start now rather than after SLURM's requeue
+    hold (BeginTime about two minutes on), which only makes the test slower."""
+    deadline = time.monotonic() + timeout
+    while True:
+        shown = subprocess.run(["scontrol", "show", "job", job_id], env=slurm_cluster.env,
+                               capture_output=True, text=True).stdout
+        if "Restarts=1" in shown and "JobState=PENDING" in shown:
+            break
+        assert time.monotonic() < deadline, f"job {job_id} was not requeued: {shown}"
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_cluster.env, check=True)
