@@ -8,7 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from pipeline.config import RunConfig, check_paths, load_config
+from pipeline.config import RunConfig, load_config
+from pipeline.sources import check_paths
 from pipeline.errors import StagePreempted, UserError
 
 STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; running again resumes

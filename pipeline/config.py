@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import difflib
-import glob
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
+from pipeline.config_errors import describe_error, yaml_lines
 from pipeline.errors import UserError
 
 
@@ -50,8 +50,28 @@ LOSS_ON = {"text": ("all",), "classification": ("all",), "instruction": ("comple
            "prompt_completion": ("completion", "all"), "chat": ("assistant", "all")}
 
 
+class SourceSpec(Section):
+    path: str = Field(description="A file or glob (jsonl, parquet, csv, txt).")
+    weight: float = Field(
+        1.0, gt=0, le=1000, description="Times each training row of this source is seen per epoch: 2 doubles "
+        "it, 0.5 keeps a stable half (chosen by row hash). Held-out rows count once.")
+    limit: int | None = Field(
+        None, ge=1, description="At most this many valid rows from each file of this source (its first ones).")
+
+
+# A path string or a {path, weight, limit} mapping; the tags keep pydantic from reporting both
+# alternatives for one mistake, and error messages leave them out.
+ENTRY_TAGS = ("file", "source")
+SourceEntry = Annotated[
+    Union[Annotated[str, Tag("file")], Annotated[SourceSpec, Tag("source")]],  # noqa: UP007 - Tag needs Union
+    Discriminator(lambda v: "source" if isinstance(v, (dict, SourceSpec)) else "file"),
+]
+
+
 class DataConfig(Section):
-    train: list[str] = Field(min_length=1, description="Training files or globs (jsonl, parquet, csv, txt).")
+    train: list[SourceEntry] = Field(
+        min_length=1, description="Training files or globs (jsonl, parquet, csv, txt); an entry may also be "
+        "{path, weight, limit} to up- or down-weight a source or cap its rows.")
     eval: list[str] = Field(
         default_factory=list, description="Held-out files; when empty, eval_fraction of train is held out.")
     format: Literal["text", "instruction", "chat", "prompt_completion", "classification"] = Field(
@@ -319,7 +339,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read config: {err}") from None
     raw = _parse_yaml(path, text)
-    lines = _yaml_lines(text)
+    lines = yaml_lines(text)
     for item in overrides:
         key = _apply_override(raw, item)
         for loc in [loc for loc in lines if loc[: len(key)] == key]:
@@ -333,7 +353,7 @@ def validate_config(raw: dict, path: Path | str = "<config>", lines: dict | None
     except ValidationError as err:
         # Unknown keys first: a misspelled required key also shows up as "missing".
         errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        messages = [_describe_error(e, path, lines or {}) for e in errors]
+        messages = [describe_error(e, path, lines or {}, RunConfig, ENTRY_TAGS) for e in errors]
         more = f" (and {len(messages) - 1} more)" if len(messages) > 1 else ""
         raise UserError(messages[0] + more) from None
 
@@ -368,91 +388,6 @@ def _apply_override(raw: dict, item: str) -> tuple[str, ...]:
         node = child
     node[parts[-1]] = parsed
     return tuple(parts)
-
-
-def _describe_error(error: dict, path: Path | str, lines: dict) -> str:
-    loc = tuple(str(p) for p in error["loc"])
-    dotted = ".".join(loc) or "config"
-    where = f"{path}:{lines[loc]}" if loc in lines else str(path)
-    if error["type"] == "extra_forbidden":
-        hint = _closest_key(loc)
-        return f"{where}: unknown key '{dotted}'" + (f" (did you mean '{hint}'?)" if hint else "")
-    if error["type"] == "missing":
-        return f"{where}: missing required key '{dotted}'"
-    message = re.sub(r"^Value error, ", "", error["msg"])
-    got = error.get("input")
-    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-    if not loc:
-        return f"{where}: {message}"
-    return f"{where}: {dotted}: {message}{shown}"
-
-
-def _closest_key(loc: tuple[str, ...]) -> str | None:
-    model: type[BaseModel] = RunConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return None
-        model = annotation
-    match = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1, cutoff=0.5)
-    return ".".join((*loc[:-1], match[0])) if match else None
-
-
-def _yaml_lines(text: str | None) -> dict[tuple[str, ...], int]:
-    """Map each key path in the YAML text to its 1-based line, for error messages."""
-    if not text:
-        return {}
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return {}
-    found: dict[tuple[str, ...], int] = {}
-
-    def walk(node: Any, prefix: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                here = (*prefix, str(key.value))
-                found[here] = key.start_mark.line + 1
-                walk(value, here)
-        elif isinstance(node, yaml.SequenceNode):
-            for index, value in enumerate(node.value):
-                found[(*prefix, str(index))] = value.start_mark.line + 1
-                walk(value, (*prefix, str(index)))
-
-    walk(root, ())
-    return found
-
-
-# --- checks that touch the file system ---------------------------------------------------------
-
-
-def expand_sources(patterns: list[str], key: str) -> list[Path]:
-    """Resolve globs in order; a pattern that matches nothing is an error naming the key."""
-    files: list[Path] = []
-    for index, pattern in enumerate(patterns):
-        matches = sorted(glob.glob(pattern, recursive=True))
-        matches = [m for m in matches if Path(m).is_file()]
-        if not matches:
-            raise UserError(f"{key}[{index}]: no file matches {pattern!r}")
-        files.extend(Path(m) for m in matches if Path(m) not in files)
-    return files
-
-
-def check_paths(cfg: RunConfig) -> None:
-    """Fail early, naming the key, when an input the run needs is missing."""
-    expand_sources(cfg.data.train, "data.train")
-    if cfg.data.eval:
-        expand_sources(cfg.data.eval, "data.eval")
-    template = cfg.data.chat_template
-    if template is not None and not Path(template).is_file():
-        raise UserError(f"data.chat_template: no file {template!r}")
-    name = cfg.model.name_or_path
-    local = Path(name)
-    if not local.exists() and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
-        raise UserError(f"model.name_or_path: {name!r} is neither a local directory nor a hub id")
-    if local.exists() and not (local / "config.json").is_file():
-        raise UserError(f"model.name_or_path: {name!r} has no config.json")
 
 
 def dump_config(cfg: RunConfig) -> str:

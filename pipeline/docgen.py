@@ -16,6 +16,7 @@ from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
 from pipeline.config import RunConfig
+from pipeline.config_errors import nested_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOC_PATH = REPO_ROOT / "docs" / "config.md"
@@ -78,6 +79,8 @@ def type_name(annotation: object) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if annotation is None or annotation is type(None):
         return "null"
+    if origin is typing.Annotated:  # tags, discriminators: how pydantic parses, not what to write
+        return type_name(args[0])
     if origin is typing.Literal:
         return " | ".join(yaml_value(a) for a in args)
     if origin in (typing.Union, types.UnionType):
@@ -93,6 +96,13 @@ def section_model(field: FieldInfo) -> type[BaseModel] | None:
     candidates = typing.get_args(field.annotation) or (field.annotation,)
     models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
     return models[0] if models else None
+
+
+def item_model(field: FieldInfo) -> type[BaseModel] | None:
+    """The model a list's entries may be (`list[str | Model]`), documented as a table of its own."""
+    if typing.get_origin(field.annotation) is not list:
+        return None
+    return nested_model(field.annotation)
 
 
 def default_value(field: FieldInfo) -> object:
@@ -162,9 +172,16 @@ def section_intro(holder: FieldInfo) -> str:
 
 
 def render_section(prefix: str, model: type[BaseModel], holder: FieldInfo | None) -> list[str]:
-    if holder is None:
-        return ["## top level", "", *table(prefix, model), ""]
-    return [f"## {prefix.rstrip('.')}", "", section_intro(holder), "", *table(prefix, model), ""]
+    lines = (["## top level", ""] if holder is None
+             else [f"## {prefix.rstrip('.')}", "", section_intro(holder), ""])
+    lines += [*table(prefix, model), ""]
+    for name, field in model.model_fields.items():
+        entry = item_model(field)
+        if entry is not None:
+            lines += [f"## {prefix}{name}[] entries", "",
+                      f"An entry of `{prefix}{name}` is a string, or a mapping with these keys:", "",
+                      *table(f"{prefix}{name}[].", entry), ""]
+    return lines
 
 
 # --- example ---------------------------------------------------------------------------------

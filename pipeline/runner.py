@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pipeline
-from pipeline.config import RunConfig, expand_sources
+from pipeline.config import RunConfig
 from pipeline.context import NullStageTracker, StageContext
 from pipeline.errors import StagePreempted, UserError
 from pipeline.run_dir import STAGES, DigestCache, RunDir, fingerprint
@@ -41,11 +41,11 @@ NOT_SHARD_KEYS = {"max_seq_len", "overlong", "loss_on", "chat_template", "packin
 
 
 def _shard_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
+    from pipeline.sources import source_files
+
     data = cfg.data.model_dump(exclude=NOT_SHARD_KEYS)
-    sources = expand_sources(cfg.data.train, "data.train") + (
-        expand_sources(cfg.data.eval, "data.eval") if cfg.data.eval else [])
     return {"data": data, "num_labels": cfg.model.num_labels,
-            "files": {str(p): cache.digest(p) for p in sources}}
+            "files": {str(s.path): cache.digest(s.path) for s in source_files(cfg)}}
 
 
 def _tokenize_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
@@ -60,13 +60,14 @@ def digest_cache(cfg: RunConfig) -> DigestCache:
     return DigestCache(Path(cfg.output_dir) / ".digest-cache.json")
 
 
-def shard_unit_fingerprints(cfg: RunConfig, sources: list[tuple[Path, bool | None]]) -> list[str]:
-    """One per source file: what its shard pieces depend on (its content, not the other files)."""
+def shard_unit_fingerprints(cfg: RunConfig, sources: list[Any]) -> list[str]:
+    """One per source file (SourceFile): what its shard pieces depend on (its content and
+    settings, not the other files)."""
     cache = digest_cache(cfg)
     base = {"data": cfg.data.model_dump(exclude=NOT_SHARD_KEYS | {"train", "eval"}),
             "num_labels": cfg.model.num_labels, "code": SPECS["shard"].code_version()}
-    return [fingerprint({**base, "file": str(path), "digest": cache.digest(path), "held_out": held_out})
-            for path, held_out in sources]
+    return [fingerprint({**base, "file": str(s.path), "digest": cache.digest(s.path), "held_out": s.held_out,
+                         "weight": s.weight, "limit": s.limit}) for s in sources]
 
 
 def tokenize_unit_fingerprints(cfg: RunConfig, piece_fingerprints: list[str]) -> list[str]:
@@ -112,7 +113,7 @@ class StageSpec:
 
 
 SPECS: dict[str, StageSpec] = {s.name: s for s in (
-    StageSpec("shard", "pipeline.shard", (), _shard_inputs, ("shard.py", "formats.py"), unit_cache=True),
+    StageSpec("shard", "pipeline.shard", (), _shard_inputs, ("shard.py", "formats.py", "sources.py"), unit_cache=True),
     StageSpec("tokenize", "pipeline.tokenize", ("shard",), _tokenize_inputs,
               ("tokenize.py", "encoding.py", "packing.py", "models.py"), unit_cache=True),
     StageSpec("train", "pipeline.train.stage", ("tokenize",), _train_inputs, ("train/*.py", "models.py", "distributed.py")),

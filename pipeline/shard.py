@@ -21,13 +21,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import RunConfig, expand_sources
+from pipeline.config import RunConfig
 from pipeline.context import StageContext
 from pipeline.formats import RowValidator, has_surrogates, shard_schema
 from pipeline.errors import UserError
 from pipeline.parallel import run_tasks
 from pipeline.runner import shard_unit_fingerprints
 from pipeline.run_dir import RunDir, atomic_dir, atomic_write_json, remove_stale_tmp
+from pipeline.sources import SourceFile, source_files
 
 FLUSH_ROWS = 2048
 MARKER = "done.json"
@@ -134,6 +135,13 @@ def row_hash(row: dict[str, Any]) -> bytes:
     return hashlib.blake2b(json.dumps(row, sort_keys=True).encode(), digest_size=16).digest()
 
 
+def copies(digest: bytes, weight: float) -> int:
+    """floor(weight) copies, one more for a stable share frac(weight) of rows (by their hash)."""
+    whole, fraction = divmod(weight, 1.0)
+    # Bytes 8.. pick the shard; 4..8 are independent of them and of the split (0..8 as a whole).
+    return int(whole) + (int.from_bytes(digest[4:8], "big") / 2**32 < fraction)
+
+
 @dataclass
 class SplitWriter:
     """Buffers rows per shard and appends them to parquet files in batches."""
@@ -186,24 +194,33 @@ class Sharder:
         self.rejects = rejects
         self.sources: list[dict[str, Any]] = []
 
-    def add_file(self, path: Path, held_out: bool) -> None:
-        kept = rejected = 0
-        for item in read_rows(path, self.data.text_field):
+    def add_file(self, source: SourceFile) -> None:
+        kept = rejected = train_rows = 0
+        for item in read_rows(source.path, self.data.text_field):
+            if source.limit is not None and kept >= source.limit:
+                break
             row, problem = self.validate(item.row) if item.row is not None else (None, item.error)
             if row is None:
                 rejected += 1
-                self._reject(path, item, problem)
+                self._reject(source.path, item, problem)
                 continue
             kept += 1
-            self._route(row, path, item.line, held_out)
-        self.sources.append({"path": str(path), "rows": kept, "rejected": rejected})
+            train_rows += self._route(row, source, item.line)
+        self.sources.append({"path": str(source.path), "rows": kept, "rejected": rejected, "weight": source.weight,
+                             "limit": source.limit, "train_copies": train_rows})
 
-    def _route(self, row: dict[str, Any], path: Path, line: int, held_out: bool | None) -> None:
+    def _route(self, row: dict[str, Any], source: SourceFile, line: int) -> int:
+        """Write the row to its split and shard (training rows `weight` times); return train copies."""
         digest = row_hash(row)
+        held_out = source.held_out
         if held_out is None:
             held_out = int.from_bytes(digest[:8], "big") / 2**64 < self.data.eval_fraction
         shard = int.from_bytes(digest[8:], "big") % self.data.num_shards
-        self.writers["eval" if held_out else "train"].add(shard, {**row, "source": str(path), "line": line})
+        record = {**row, "source": str(source.path), "line": line}
+        times = 1 if held_out else copies(digest, source.weight)
+        for _ in range(times):
+            self.writers["eval" if held_out else "train"].add(shard, record)
+        return 0 if held_out else times
 
     def _reject(self, path: Path, item: RawRow, reason: str | None) -> None:
         record = {"file": str(path), "line": item.line, "reason": reason, "row": item.raw[:500]}
@@ -216,13 +233,6 @@ class Sharder:
 SPLITS = ("train", "eval")
 
 
-def sources(cfg: RunConfig) -> list[tuple[Path, bool | None]]:
-    """Every source file with its split rule: None (by hash), False (train), True (eval files)."""
-    train = expand_sources(cfg.data.train, "data.train")
-    held = expand_sources(cfg.data.eval, "data.eval") if cfg.data.eval else []
-    return [(path, None if not held else False) for path in train] + [(path, True) for path in held]
-
-
 def piece_dir(out: Path, rank: int) -> Path:
     return out / "parts" / f"{rank:05d}"
 
@@ -230,9 +240,8 @@ def piece_dir(out: Path, rank: int) -> Path:
 def run_shard(cfg: RunConfig, run_dir: Path, rank: int, world_size: int) -> dict[str, Any]:
     """Task `rank` of `world_size` (one per source file): that file's piece of every shard of both
     splits, its rejects and, last, its marker. A marker with the same fingerprint means done."""
-    listed = sources(cfg)
+    listed = source_files(cfg)
     assert len(listed) == world_size, (len(listed), world_size)
-    path, held_out = listed[rank]
     expected = shard_unit_fingerprints(cfg, [listed[rank]])[0]
     folder = piece_dir(RunDir(run_dir).stage("shard"), rank)
     cached = _read_marker(folder / MARKER)
@@ -240,7 +249,7 @@ def run_shard(cfg: RunConfig, run_dir: Path, rank: int, world_size: int) -> dict
         return cached
     with atomic_dir(folder) as tmp, open(tmp / "rejects.jsonl", "w", encoding="utf-8") as rejects:
         sharder = Sharder(cfg, tmp, rejects)
-        sharder.add_file(path, held_out)
+        sharder.add_file(listed[rank])
         result = {"fingerprint": expected, "source": sharder.sources[0], "splits": sharder.finish()}
     atomic_write_json(folder / MARKER, result)
     return result
@@ -261,7 +270,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     Merge: each shard file is its pieces in source order, i.e. the rows a single pass would write.
     """
     out = ctx.run_dir.stage("shard")
-    listed = sources(cfg)
+    listed = source_files(cfg)
     ranks = list(range(len(listed)))
     reused = _current(out, shard_unit_fingerprints(cfg, listed))
     results = {d.rank: d.result for d in run_tasks(run_shard, cfg, ctx.run_dir.root, ranks, len(listed),

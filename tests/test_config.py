@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from launch.cli import main
-from pipeline.config import check_paths, load_config
+from pipeline.config import load_config
+from pipeline.sources import check_paths
 from pipeline.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
