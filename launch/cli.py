@@ -126,7 +126,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print("every stage is up to date; nothing submitted")
         return 0
     for job in slurm.submit(cfg, stages, Path.cwd()):
-        print(f"submitted {job.stage:<11} job {job.job_id:<8} log {job.stdout}")
+        after = f" after array {job.array_job_id}" if job.array_job_id else ""
+        print(f"submitted {job.stage:<11} job {job.job_id}{after}  log {job.stdout}")
     print(f"follow with: ftpipe status {cfg.run_dir}")
     return 0
 

@@ -7,6 +7,7 @@ torchrun whose rendezvous host is the allocation's first node.
 Also a command line for batch scripts written by hand (slurm/*.sbatch):
     python -m launch.slurm prepare CONFIG [KEY=VALUE ...]   write RUN_DIR/config.yaml, print RUN_DIR
     python -m launch.slurm run-stage RUN_DIR STAGE          run STAGE here (one task per node)
+    python -m launch.slurm run-array-task RUN_DIR STAGE     this array task's share of STAGE's ranks
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, NoReturn
 import submitit
 
 from launch.torchrun import DISTRIBUTED_STAGES, run_torchrun, torchrun_command
+from launch.slurm_arrays import ARRAY_STAGES, ArrayTask, pending_ranks, stage_module, task_groups
 from launch.slurm_jobs import JobRecord, active_jobs, read_jobs, record_jobs
 from pipeline.config import RunConfig, dump_config, load_config
 from pipeline.errors import StagePreempted, UserError
@@ -149,17 +151,20 @@ def _directive(item: str) -> tuple[str, Any]:
     return name, value if sep else True
 
 
-def stage_command(run_dir: Path, stage: str, cwd: Path) -> str:
-    """The command a hand-run script uses instead of submitit's pickle: the same StageJob."""
-    args = [sys.executable, "-u", "-m", "launch.slurm", "run-stage", str(run_dir), stage, "--cwd", str(cwd)]
+def stage_command(run_dir: Path, stage: str, cwd: Path, array: bool = False) -> str:
+    """The command a hand-run script uses instead of submitit's pickle: the same StageJob (or ArrayTask)."""
+    args = [sys.executable, "-u", "-m", "launch.slurm", "run-array-task" if array else "run-stage", str(run_dir),
+            stage, "--cwd", str(cwd)]
     return shlex.join(args)
 
 
-def render_script(cfg: RunConfig, stage: str, run_dir: Path, cwd: Path) -> str:
-    """The sbatch script of STAGE's job, as submitit renders it, runnable without submitit's pickle."""
+def render_script(cfg: RunConfig, stage: str, run_dir: Path, cwd: Path, array_tasks: int | None = None) -> str:
+    """The sbatch script of STAGE's job (or its job array), as submitit renders it, runnable without
+    submitit's pickle."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    return _make_sbatch_string(command=stage_command(run_dir, stage, cwd), folder=str(run_dir / "slurm" / "%j"),
+    return _make_sbatch_string(command=stage_command(run_dir, stage, cwd, array=array_tasks is not None),
+                               folder=str(run_dir / "slurm" / "%j"), map_count=array_tasks,
                                **job_parameters(cfg, stage))
 
 
@@ -182,12 +187,19 @@ def dry_run(cfg: RunConfig, stages: list[str], cwd: Path) -> list[Path]:
     run_dir = write_run_config(cfg)
     folder = run_dir / "slurm" / "dry-run"
     folder.mkdir(parents=True, exist_ok=True)
+    scripts = []
+    for stage in stages:
+        if stage in ARRAY_STAGES:
+            tasks = len(task_groups(list(range(stage_module(stage).task_count(cfg, run_dir))),
+                                    cfg.launch.slurm.max_array_tasks))
+            scripts.append((f"{stage}-array", render_script(cfg, stage, run_dir, cwd, tasks)))
+        scripts.append((stage, render_script(cfg, stage, run_dir, cwd)))
     written = []
-    for index, stage in enumerate(stages):
-        path = folder / f"{index:02d}-{stage}.sbatch"
-        header, _, body = render_script(cfg, stage, run_dir, cwd).partition("\n")
+    for index, (name, text) in enumerate(scripts):
+        path = folder / f"{index:02d}-{name}.sbatch"
+        header, _, body = text.partition("\n")
         # submit adds the dependency on the command line; an #SBATCH line cannot hold a job id not yet known.
-        how = (f"sbatch --dependency=afterok:<job id of {index - 1:02d}-{stages[index - 1]}> {path.name}"
+        how = (f"sbatch --dependency=afterok:<job id of {index - 1:02d}-{scripts[index - 1][0]}> {path.name}"
                if index else f"sbatch {path.name}")
         atomic_write_text(path, f"{header}\n# ftpipe submit --dry-run; by hand: {how}\n{body}")
         written.append(path)
@@ -195,7 +207,8 @@ def dry_run(cfg: RunConfig, stages: list[str], cwd: Path) -> list[Path]:
 
 
 def submit(cfg: RunConfig, stages: list[str], cwd: Path) -> list[JobRecord]:
-    """Submit one job per stage, each after the previous one succeeded; record them in jobs.json."""
+    """Submit one job per stage, each after the previous one succeeded (shard and tokenize after
+    their job arrays); record them in jobs.json."""
     run_dir = write_run_config(cfg)
     busy = active_jobs(read_jobs(run_dir))
     if busy:
@@ -204,19 +217,36 @@ def submit(cfg: RunConfig, stages: list[str], cwd: Path) -> list[JobRecord]:
                         f"wait, or `ftpipe cancel {run_dir}` first")
     records: list[JobRecord] = []
     previous: str | None = None
-    for stage in stages:
-        executor = submitit.SlurmExecutor(folder=run_dir / "slurm" / "%j",
-                                          max_num_timeout=cfg.launch.slurm.max_requeues)
-        executor.update_parameters(**job_parameters(cfg, stage),
-                                   **({"dependency": f"afterok:{previous}"} if previous else {}))
-        try:
-            job = executor.submit(StageJob(str(run_dir), stage, str(cwd)))
-        except submitit.core.utils.FailedJobError as err:
-            raise UserError(f"sbatch refused the {stage} job: {_last_line(str(err))}") from None
+    for index, stage in enumerate(stages):
+        array_id = None
+        if stage in ARRAY_STAGES:
+            ranks = pending_ranks(cfg, run_dir, stage, upstream_redone=index > 0)
+            array_id = _submit_array(cfg, run_dir, stage, cwd, ranks, previous) if ranks else None
+        job = _submit_one(cfg, stage, StageJob(str(run_dir), stage, str(cwd)), array_id or previous,
+                          lambda executor, fn: executor.submit(fn))
         previous = job.job_id
-        records.append(JobRecord(stage, job.job_id, str(job.paths.stdout), str(job.paths.stderr)))
+        records.append(JobRecord(stage, job.job_id, str(job.paths.stdout), str(job.paths.stderr), array_id or ""))
         record_jobs(run_dir, records)  # after every job: a failure later still leaves the earlier ones known
     return records
+
+
+def _submit_one(cfg: RunConfig, stage: str, fn: Any, after: str | None, how: Any) -> Any:
+    executor = submitit.SlurmExecutor(folder=cfg.run_dir.resolve() / "slurm" / "%j",
+                                      max_num_timeout=cfg.launch.slurm.max_requeues)
+    executor.update_parameters(**job_parameters(cfg, stage), **({"dependency": f"afterok:{after}"} if after else {}))
+    try:
+        return how(executor, fn)
+    except submitit.core.utils.FailedJobError as err:
+        raise UserError(f"sbatch refused the {stage} job: {_last_line(str(err))}") from None
+
+
+def _submit_array(cfg: RunConfig, run_dir: Path, stage: str, cwd: Path, ranks: list[int],
+                  after: str | None) -> str:
+    """The stage's pending ranks as one job array; its job id (every task shares it)."""
+    groups = task_groups(ranks, cfg.launch.slurm.max_array_tasks)
+    jobs = _submit_one(cfg, stage, ArrayTask(str(run_dir), stage, str(cwd)), after,
+                       lambda executor, fn: executor.map_array(fn, groups))
+    return jobs[0].job_id.split("_")[0]
 
 
 def _last_line(text: str) -> str:
@@ -234,15 +264,19 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(argv[1], argv[2:])
             print(write_run_config(cfg))
             return 0
-        if argv[:1] == ["run-stage"] and len(argv) >= 3:
+        if argv[:1] in (["run-stage"], ["run-array-task"]) and len(argv) >= 3:
             cwd = Path(argv[argv.index("--cwd") + 1]) if "--cwd" in argv else Path.cwd()
-            StageJob(str(Path(argv[1]).resolve()), argv[2], str(cwd))()
+            run_dir = str(Path(argv[1]).resolve())
+            if argv[0] == "run-stage":
+                StageJob(run_dir, argv[2], str(cwd))()
+            else:
+                ArrayTask(run_dir, argv[2], str(cwd))()
             return 0
     except UserError as err:
         print(f"ftpipe: error: {err}", file=sys.stderr)
         return 2
-    print("usage: python -m launch.slurm prepare CONFIG [KEY=VALUE ...] | run-stage RUN_DIR STAGE [--cwd DIR]",
-          file=sys.stderr)
+    print("usage: python -m launch.slurm prepare CONFIG [KEY=VALUE ...] | run-stage RUN_DIR STAGE [--cwd DIR]"
+          " | run-array-task RUN_DIR STAGE [--cwd DIR]", file=sys.stderr)
     return 2
 
 

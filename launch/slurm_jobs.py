@@ -27,6 +27,11 @@ class JobRecord:
     job_id: str
     stdout: str
     stderr: str
+    array_job_id: str = ""  # shard, tokenize: the job array the stage's own job waits for
+
+    @property
+    def job_ids(self) -> list[str]:
+        return [i for i in (self.array_job_id, self.job_id) if i]
 
 
 def jobs_path(run_dir: Path) -> Path:
@@ -58,27 +63,39 @@ def _run(cmd: list[str]) -> str | None:
     return done.stdout if done.returncode == 0 else None
 
 
+def _telling(a: tuple[str, str] | None, b: tuple[str, str]) -> tuple[str, str]:
+    """Of two tasks' states, the one that says most about their array: running, queued, failed, done."""
+    def order(state: str) -> int:
+        return 0 if state in RUNNING else 1 if state in QUEUED else 3 if state == "COMPLETED" else 2
+    return b if a is None or order(b[0]) < order(a[0]) else a
+
+
+def _collect(out: str, job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """'ID|STATE[|REASON]' lines; array tasks (ID_N) count toward their array's base id."""
+    found: dict[str, tuple[str, str]] = {}
+    for line in out.splitlines():
+        job_id, state, reason = (line.split("|") + ["", ""])[:3]
+        base = job_id.split("_")[0]
+        if base in job_ids and state:
+            reason = "" if reason in ("None", "(null)") else reason
+            found[base] = _telling(found.get(base), (state.split()[0], reason))
+    return found
+
+
 def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     """job id -> (state, reason) from squeue, completed by sacct where accounting is on."""
     if not job_ids:
         return {}
-    states: dict[str, tuple[str, str]] = {}
-    out = _run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)]) or ""
-    for line in out.splitlines():
-        job_id, _, state = line.partition("|")
-        if job_id in job_ids and state:
-            states[job_id] = (state.split()[0], "")
-    out = _run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r", "-j", ",".join(job_ids)]) or ""
-    for line in out.splitlines():
-        job_id, state, reason = (line.split("|") + ["", ""])[:3]
-        if job_id in job_ids:
-            states[job_id] = (state, "" if reason in ("None", "(null)") else reason)
+    ids = ",".join(job_ids)
+    states = _collect(_run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ids]) or "", job_ids)
+    # %i is ID_N for array tasks (and ID_[1-3] while pending); the base id groups them.
+    states.update(_collect(_run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r", "-j", ids]) or "", job_ids))
     return states
 
 
 def active_jobs(jobs: list[JobRecord]) -> list[JobRecord]:
-    states = slurm_states([j.job_id for j in jobs])
-    return [j for j in jobs if states.get(j.job_id, ("", ""))[0] in QUEUED | RUNNING]
+    states = slurm_states([i for j in jobs for i in j.job_ids])
+    return [j for j in jobs if any(states.get(i, ("", ""))[0] in QUEUED | RUNNING for i in j.job_ids)]
 
 
 def _result(job: JobRecord) -> str | None:
@@ -91,8 +108,15 @@ def _result(job: JobRecord) -> str | None:
         return None
 
 
-def stage_state(run_dir: RunDir, stage: str, job: JobRecord | None, slurm: tuple[str, str] | None) -> str:
+def stage_state(run_dir: RunDir, stage: str, job: JobRecord | None, slurm: tuple[str, str] | None,
+                array: tuple[str, str] | None = None) -> str:
     state, reason = slurm or ("", "")
+    if array and array[0] in RUNNING:
+        return "running (array tasks)"
+    if array and array[0] in QUEUED:
+        return "queued (array tasks)"
+    if array and array[0] != "COMPLETED" and run_dir.read_manifest(stage) is None:
+        return f"{array[0].lower()} (an array task)"
     if state in QUEUED:
         return f"queued ({reason})" if reason else "queued"
     if state in RUNNING:
@@ -108,31 +132,34 @@ def stage_state(run_dir: RunDir, stage: str, job: JobRecord | None, slurm: tuple
 
 def status_lines(run_dir: Path) -> list[str]:
     rd, jobs = RunDir(Path(run_dir)), {j.stage: j for j in read_jobs(run_dir)}
-    states = slurm_states([j.job_id for j in jobs.values()])
+    states = slurm_states([i for j in jobs.values() for i in j.job_ids])
     lines, broken = [], None
     for stage in STAGES:
         job = jobs.get(stage)
-        state = stage_state(rd, stage, job, states.get(job.job_id) if job else None)
+        array = states.get(job.array_job_id) if job and job.array_job_id else None
+        state = stage_state(rd, stage, job, states.get(job.job_id) if job else None, array)
         if broken and state.startswith("queued"):
             # afterok on a failed job: SLURM keeps it pending forever (reason DependencyNeverSatisfied).
             state = f"blocked ({broken} did not finish)"
         elif not broken and job and not state.startswith(("queued", "running", "done")):
             broken = stage
-        lines.append(f"  {stage:<11} {state:<24} {'job ' + job.job_id if job else ''}".rstrip())
+        ids = f"job {job.job_id}" + (f" (array {job.array_job_id})" if job.array_job_id else "") if job else ""
+        lines.append(f"  {stage:<11} {state:<24} {ids}".rstrip())
     return lines
 
 
 def cancel(run_dir: Path) -> list[JobRecord]:
     jobs = active_jobs(read_jobs(run_dir))
     if jobs:
-        done = subprocess.run(["scancel", *[j.job_id for j in jobs]], capture_output=True, text=True)
+        done = subprocess.run(["scancel", *[i for j in jobs for i in j.job_ids]], capture_output=True, text=True)
         if done.returncode != 0:
             raise UserError(f"scancel failed: {done.stderr.strip() or done.returncode}")
     return jobs
 
 
 def log_files(run_dir: Path, stage: str) -> list[Path]:
-    """The stage's job logs: task 0's stdout and stderr, then the other nodes' tasks."""
+    """The stage's job logs: its array tasks' (shard, tokenize), task 0's stdout and stderr, then the
+    other nodes' tasks."""
     job = {j.stage: j for j in read_jobs(run_dir)}.get(stage)
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
@@ -141,4 +168,7 @@ def log_files(run_dir: Path, stage: str) -> list[Path]:
     folder = Path(job.stdout).parent
     main = [Path(job.stdout), Path(job.stderr)]
     others = sorted(p for p in folder.glob(f"{job.job_id}_*_log.*") if p not in main)
-    return [p for p in main + others if p.is_file()]
+    # submitit submits a one-task array as a plain job: logs under ID/, else under ID_N/.
+    arrays = [p for pattern in (f"{job.array_job_id}/*_log.*", f"{job.array_job_id}_*/*_log.*")
+              for p in sorted(folder.parent.glob(pattern))] if job.array_job_id else []
+    return [p for p in arrays + main + others if p.is_file()]

@@ -237,6 +237,9 @@ class SlurmConfig(Section):
     gpus_per_node: int | None = Field(None, ge=0, description="GPUs per node of the train job; null: none requested.")
     signal_lead_seconds: int = Field(
         120, ge=0, description="SLURM sends SIGUSR2 this many seconds before the time limit (sbatch --signal); all ranks of the train job then save one checkpoint at the next step boundary, and the job requeues itself and resumes there.")
+    max_array_tasks: int = Field(
+        64, ge=1, description="shard and tokenize run as job arrays with at most this many tasks (each takes every "
+        "k-th source file or shard piece); only the pieces without a current completion marker are submitted.")
     max_requeues: int = Field(3, ge=0, description="Times a job is requeued after such a stop signal (time limit, preemption); then it fails, and `ftpipe submit` resumes it.")
     setup: list[str] = Field(
         default_factory=list, description="Shell lines run in each batch script before the stage (module load, source venv/bin/activate).")

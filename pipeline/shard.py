@@ -288,6 +288,18 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     return manifest
 
 
+def task_count(cfg: RunConfig, run_dir: Path) -> int:
+    """Tasks of this stage (one per source file): the world size of run_shard."""
+    return len(source_files(cfg))
+
+
+def pending_tasks(cfg: RunConfig, run_dir: Path) -> list[int]:
+    """Tasks without a current marker: what a rerun (or a resubmitted job array) has to do."""
+    listed = source_files(cfg)
+    done = set(_current(RunDir(run_dir).stage("shard"), shard_unit_fingerprints(cfg, listed)))
+    return [rank for rank in range(len(listed)) if rank not in done]
+
+
 def _current(out: Path, expected: list[str]) -> list[int]:
     """Sources whose pieces are done with the fingerprint they would have now."""
     markers = [_read_marker(piece_dir(out, rank) / MARKER) for rank in range(len(expected))]

@@ -29,6 +29,7 @@ from pipeline.packing import Packer, packed_schema, packing_summary
 from pipeline.parallel import run_tasks
 from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text, remove_stale_tmp
 from pipeline.runner import tokenize_unit_fingerprints
+from pipeline.sources import source_files
 
 BATCH_ROWS = 1000
 SPLITS = ("train", "eval")
@@ -120,8 +121,22 @@ def run_shard(cfg: RunConfig, run_dir: Path, rank: int, world_size: int) -> dict
     todo = units(cfg, run_dir)
     assert len(todo) == world_size, (len(todo), world_size)
     unit = todo[rank]
-    return _tokenize_once(unit.source, RunDir(run_dir).stage("tokenize") / unit.split, unit.index,
-                          unit.fingerprint, lambda: _encoder(cfg))[0]
+    folder = RunDir(run_dir).stage("tokenize") / unit.split
+    folder.mkdir(parents=True, exist_ok=True)  # a SLURM array task may run before the stage's own job
+    return _tokenize_once(unit.source, folder, unit.index, unit.fingerprint, lambda: _encoder(cfg))[0]
+
+
+def task_count(cfg: RunConfig, run_dir: Path) -> int:
+    """Tasks of this stage, one per shard piece (split x shard x source file), known before shard ran."""
+    return len(SPLITS) * cfg.data.num_shards * len(source_files(cfg))
+
+
+def pending_tasks(cfg: RunConfig, run_dir: Path) -> list[int]:
+    """Pieces without a current marker; all of them while the shard stage is not done."""
+    if RunDir(run_dir).read_manifest("shard") is None:
+        return list(range(task_count(cfg, run_dir)))
+    out = RunDir(run_dir).stage("tokenize")
+    return [rank for rank, u in enumerate(units(cfg, run_dir)) if _current(out / u.split, u.index, u.fingerprint) is None]
 
 
 def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
@@ -134,7 +149,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     todo = units(cfg, ctx.run_dir.root)
     for split in SPLITS:
         _prepare(out / split, sum(u.split == split for u in todo))
-    stale = [rank for rank, u in enumerate(todo) if _current(out / u.split, u.index, u.fingerprint) is None]
+    stale = pending_tasks(cfg, ctx.run_dir.root)
     for _ in run_tasks(run_shard, cfg, ctx.run_dir.root, stale, len(todo), cfg.data.num_workers):
         pass  # each task wrote its marker; the stats are read back from them below
     manifest: dict[str, Any] = {"splits": {}, "reused_shards": len(todo) - len(stale), "ran_shards": len(stale),

@@ -33,21 +33,20 @@ def labelled_data(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """A real 1-node SLURM cluster (own munged, slurmctld, slurmd); SLURM_CONF points at it."""
-    from tests.slurm_cluster import SlurmCluster, Unavailable, ensure_installed
+    yield from _cluster(tmp_path_factory.mktemp("slurm"), nodes=1)
+
+
+@pytest.fixture(scope="module")
+def two_node_cluster(tmp_path_factory):
+    """A real 2-node SLURM cluster, each node a network namespace with its own address."""
+    yield from _cluster(tmp_path_factory.mktemp("slurm2"), nodes=2)
+
+
+def _cluster(root, nodes: int):
+    from tests.slurm_cluster import Unavailable, running_cluster
 
     try:
-        ensure_installed()
+        with running_cluster(root, nodes) as cluster:
+            yield cluster
     except Unavailable as err:
         pytest.skip(str(err))
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm"))
-    previous = os.environ.get("SLURM_CONF")
-    try:
-        cluster.start()
-        os.environ["SLURM_CONF"] = str(cluster.conf)
-        yield cluster
-    finally:
-        cluster.stop()
-        if previous is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = previous

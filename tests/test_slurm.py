@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.slurm_jobs import read_jobs, status_lines
+from launch.slurm_jobs import log_files, read_jobs, status_lines
 from tests import fixtures
 from tests.helpers import REPO, assert_same_weights, ftpipe, losses, manifest, weights
 
@@ -75,10 +75,13 @@ def test_dry_run_writes_scripts_and_quotes_values(slurm_cluster, tmp_path, tiny_
     before = squeue_ids(slurm_cluster)
     assert ftpipe("submit", config, "--dry-run") == 0
     scripts = sorted((tmp_path / "runs" / "dry" / "slurm" / "dry-run").glob("*.sbatch"))
-    assert [p.name for p in scripts] == [f"{i:02d}-{s}.sbatch" for i, s in enumerate(STAGES)]
-    train = scripts[2].read_text()
+    names = ["shard-array", "shard", "tokenize-array", "tokenize", "train", "consolidate", "evaluate"]
+    assert [p.name for p in scripts] == [f"{i:02d}-{s}.sbatch" for i, s in enumerate(names)]
+    train = scripts[4].read_text()
+    array = scripts[2].read_text()  # tokenize: 2 splits x 2 shards x 1 source = 4 pieces, one task each
+    assert "#SBATCH --array=0-3%4" in array and "launch.slurm run-array-task" in array
     assert f"#SBATCH --partition='{evil}'" in train and f"#SBATCH --account='$(touch {pwned})'" in train
-    assert "sbatch --dependency=afterok:<job id of 01-tokenize> 02-train.sbatch" in train
+    assert "sbatch --dependency=afterok:<job id of 03-tokenize> 04-train.sbatch" in train
     assert "echo from-setup" in train and "launch.slurm run-stage" in train
     assert squeue_ids(slurm_cluster) == before and not read_jobs(tmp_path / "runs" / "dry")
     capsys.readouterr()
@@ -99,10 +102,10 @@ def test_status_logs_cancel_on_a_real_job(slurm_cluster, tmp_path, tiny_llama, t
     capsys.readouterr()
     assert ftpipe("status", run) == 0
     status = capsys.readouterr().out.splitlines()
-    assert "running" in status[0] and jobs["shard"].job_id in status[0]
-    assert "queued (Dependency)" in status[1] and jobs["tokenize"].job_id in status[1]
+    assert "running (array tasks)" in status[0] and f"job {jobs['shard'].job_id} (array " in status[0]
+    assert "queued" in status[1] and jobs["tokenize"].job_id in status[1]
     deadline = time.monotonic() + 10
-    while "setup-ran" not in Path(jobs["shard"].stdout).read_text() and time.monotonic() < deadline:
+    while not any("setup-ran" in p.read_text() for p in log_files(run, "shard")) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ftpipe("logs", run, "shard") == 0
     assert "setup-ran" in capsys.readouterr().out
@@ -175,7 +178,8 @@ def test_status_shows_a_failed_stage_and_its_waiting_dependents(slurm_cluster, t
     capsys.readouterr()
     assert ftpipe("logs", run, "shard") == 0
     assert "text.jsonl" in capsys.readouterr().out  # the job's error names the missing file
-    assert ftpipe("cancel", run) == 0 and capsys.readouterr().out.count("cancelled ") == 4
+    # shard's own job waits on its failed array too: all five are still queued
+    assert ftpipe("cancel", run) == 0 and capsys.readouterr().out.count("cancelled ") == 5
 
 
 def test_a_signalled_train_job_saves_every_rank_requeues_and_resumes(slurm_cluster, tmp_path, tiny_llama, text_data):
@@ -225,3 +229,44 @@ def _wait_for_requeue(slurm_cluster, job_id: str, timeout: float = 120) -> None:
         assert time.monotonic() < deadline, f"job {job_id} was not requeued: {shown}"
         time.sleep(0.5)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_cluster.env, check=True)
+
+
+def test_a_killed_shard_array_task_is_resubmitted_alone(slurm_cluster, tmp_path, tiny_llama):
+    """shard runs as a job array, one task per source file here; cancelling one task midway leaves
+    the others' pieces done, and the next submit's array holds only the missing one."""
+    texts = fixtures.sentences(240, seed=3)
+    files = [fixtures.write_jsonl(tmp_path / "data" / f"part{i}.jsonl", [{"text": t} for t in texts[i::4]])
+             for i in range(4)]
+    hold = tmp_path / "hold-task-2"
+    hold.touch()
+    stall = f'if [ "${{SLURM_ARRAY_TASK_ID:-}}" = 2 ] && [ -e {hold} ]; then sleep 300; fi'
+    cfg = fixtures.causal_config(tmp_path, tiny_llama, files[0], name="arr", data={"train": [str(f) for f in files]},
+                                 launch={"backend": "slurm", "slurm": {"setup": [stall]}})
+    config = fixtures.write_config(tmp_path / "arr.yaml", cfg)
+    assert ftpipe("submit", config) == 0
+    run = tmp_path / "runs" / "arr"
+    shard = next(j for j in read_jobs(run) if j.stage == "shard")
+    markers = [run / "shard" / "parts" / f"{i:05d}" / "done.json" for i in (0, 1, 3)]
+    deadline = time.monotonic() + 120
+    while not all(m.is_file() for m in markers):
+        assert time.monotonic() < deadline, status_lines(run)
+        time.sleep(0.5)
+    subprocess.run(["scancel", f"{shard.array_job_id}_2"], env=slurm_cluster.env, check=True)
+    deadline = time.monotonic() + 60
+    while "cancelled (an array task)" not in status_lines(run)[0]:
+        assert time.monotonic() < deadline, status_lines(run)
+        time.sleep(0.5)
+    assert all("blocked (shard did not finish)" in line for line in status_lines(run)[1:]), status_lines(run)
+    assert not (run / "shard" / "parts" / "00002" / "done.json").exists()
+    before = [m.stat().st_mtime_ns for m in markers]
+
+    hold.unlink()
+    assert ftpipe("cancel", run) == 0 and ftpipe("submit", config) == 0
+    again = next(j for j in read_jobs(run) if j.stage == "shard")
+    lines = wait_for(run, timeout=240)
+    assert all(" done " in line for line in lines), "\n".join(lines)
+    tasks = subprocess.run(["squeue", "-h", "-t", "all", "-j", again.array_job_id, "-o", "%i"],
+                           env=slurm_cluster.env, capture_output=True, text=True).stdout.split()
+    assert len(tasks) == 1, tasks  # one task: the missing source file only
+    assert [m.stat().st_mtime_ns for m in markers] == before, "finished pieces were redone"
+    assert manifest(run, "shard")["splits"]["train"]["rows"] + manifest(run, "shard")["splits"]["eval"]["rows"] == 240

@@ -1,0 +1,43 @@
+"""A train job across two SLURM nodes (network namespaces): srun starts one torchrun per node, node
+rank from SLURM_NODEID, rendezvous at the first node's address. The result must equal two ranks on
+one machine."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests import fixtures
+from tests.helpers import assert_close_weights, ftpipe, losses, manifest, weights
+from tests.test_slurm import wait_for
+
+BATCH = {"max_steps": 4, "micro_batch_size": 2, "global_batch_size": 8, "checkpoint_every": 2, "lr": 1e-3}
+STRATEGIES = {"fsdp": {"strategy": "fsdp"}, "zero3": {"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}}
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_a_two_node_train_job_equals_two_ranks_on_one_machine(two_node_cluster, tmp_path, tiny_llama, text_data,
+                                                              name):
+    train = {**BATCH, **STRATEGIES[name]}
+    local = fixtures.causal_config(tmp_path / "local", tiny_llama, text_data, name=name, train=train,
+                                   launch={"backend": "torchrun", "nproc_per_node": 2})
+    assert ftpipe("run", fixtures.write_config(tmp_path / "local.yaml", local), "--no-progress") == 0
+    # Inside a node's namespace only eth1 reaches the other node; gloo must not pick another interface.
+    slurm = {"backend": "slurm", "nnodes": 2, "nproc_per_node": 1,
+             "slurm": {"setup": ["export GLOO_SOCKET_IFNAME=eth1"]}}
+    config = fixtures.write_config(tmp_path / "multi.yaml", fixtures.causal_config(
+        tmp_path, tiny_llama, text_data, name=name, train=train, launch=slurm))
+    assert ftpipe("submit", config) == 0
+    run = tmp_path / "runs" / name
+    lines = wait_for(run, timeout=400)
+    assert all(" done " in line for line in lines), "\n".join(lines)
+    train_job = manifest(run, "train")
+    assert train_job["world_size"] == 2
+    job_id = next(line.split("job ")[1].split()[0] for line in lines if line.strip().startswith("train"))
+    shown = subprocess.run(["scontrol", "show", "job", job_id], env=two_node_cluster.env,
+                           capture_output=True, text=True).stdout
+    assert "NumNodes=2" in shown and "NodeList=ftpn[1-2]" in shown, shown
+    reference = tmp_path / "local" / "runs" / name
+    assert losses(run) == pytest.approx(losses(reference), rel=1e-5)
+    assert_close_weights(weights(run), weights(reference), rtol=1e-5, atol=1e-6)
