@@ -84,7 +84,8 @@ def run_stage_job(run_dir: Path, stage: str, cwd: Path) -> None:
 
 
 def slurm_rendezvous(cfg: RunConfig, node: int) -> Any:
-    """launch settings for this node: node rank from SLURM, endpoint = the allocation's first node."""
+    """launch settings for this node: node rank from SLURM, endpoint = the allocation's first node,
+    and this node's own address (its NodeAddr) for the other nodes to reach it at."""
     nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", cfg.launch.nnodes))
     if nodes != cfg.launch.nnodes:
         raise UserError(f"the job has {nodes} nodes but launch.nnodes is {cfg.launch.nnodes}; make them equal")
@@ -92,7 +93,9 @@ def slurm_rendezvous(cfg: RunConfig, node: int) -> Any:
         return cfg.launch.model_copy(update={"node_rank": 0, "rdzv_endpoint": None})
     port = RDZV_BASE_PORT + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000
     endpoint = f"{rendezvous_host()}:{port}"
-    return cfg.launch.model_copy(update={"node_rank": node, "rdzv_endpoint": endpoint})
+    here = os.environ.get("SLURMD_NODENAME")
+    return cfg.launch.model_copy(update={"node_rank": node, "rdzv_endpoint": endpoint,
+                                         "local_addr": node_address(here) if here else None})
 
 
 def rendezvous_host() -> str:
@@ -100,12 +103,15 @@ def rendezvous_host() -> str:
     if os.environ.get(RDZV_HOST_ENV):
         return os.environ[RDZV_HOST_ENV]
     nodelist = os.environ["SLURM_JOB_NODELIST"]
-    first = _scontrol(["show", "hostnames", nodelist]).split()[0]
-    # NodeAddr, when set, is how the nodes reach each other (it may differ from the name).
-    for item in _scontrol(["show", "node", first]).split():
+    return node_address(_scontrol(["show", "hostnames", nodelist]).split()[0])
+
+
+def node_address(name: str) -> str:
+    """How nodes reach node `name`: its NodeAddr when the cluster sets one, else the name."""
+    for item in _scontrol(["show", "node", name]).split():
         if item.startswith("NodeAddr="):
             return item.split("=", 1)[1]
-    return first
+    return name
 
 
 def _scontrol(args: list[str]) -> str:

@@ -36,9 +36,14 @@ def torchrun_command(launch: LaunchConfig, run_name: str, worker_args: list[str]
         # place, on its old store, have hung for good in gloo's connect on a loaded machine.
         cmd += ["--max-restarts=0", "--standalone"]
     else:
+        # Node 0 hosts the rendezvous store; said outright, since torchrun's guess (does the endpoint
+        # resolve to this host's name?) fails where NodeAddr is not the hostname's address.
         cmd += [f"--max-restarts={launch.max_restarts}", f"--nnodes={launch.nnodes}",
                 f"--node-rank={launch.node_rank}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--rdzv-id={run_name}"]
+                f"--rdzv-endpoint={launch.rdzv_endpoint}", f"--rdzv-id={run_name}",
+                f"--rdzv-conf=is_host={'true' if launch.node_rank == 0 else 'false'}"]
+        if launch.local_addr:
+            cmd.append(f"--local-addr={launch.local_addr}")
     return cmd + ["-m", "launch.worker", *worker_args]
 
 

@@ -274,6 +274,9 @@ class LaunchConfig(Section):
     node_rank: int = Field(0, ge=0, description="torchrun: this node's rank (multi-node, static rendezvous).")
     rdzv_endpoint: str | None = Field(
         None, description="torchrun: HOST:PORT of the rendezvous (multi-node); null: localhost.")
+    local_addr: str | None = Field(
+        None, description="torchrun: the address other nodes reach this one at (multi-node); null: the hostname's. "
+        "The SLURM backend sets it to the node's NodeAddr.")
     max_restarts: int = Field(
         0, ge=0, description="torchrun: restarts of all ranks after a rank fails (on one node as fresh torchrun "
         "launches, across nodes torchrun's own); training resumes from the latest complete checkpoint.")

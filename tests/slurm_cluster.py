@@ -198,7 +198,20 @@ class SlurmCluster:
                 return path.read_text().strip().splitlines()[-1]
         return "(no log)"
 
+    def cancel_all_jobs(self, timeout: float = 30.0) -> None:
+        """End this cluster's jobs first: stopping slurmd would leave their processes running."""
+        if "slurmctld" not in self.processes:
+            return
+        subprocess.run(["scancel", "--user", str(os.geteuid())], env=self.env, capture_output=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True)
+            if out.returncode != 0 or not out.stdout.strip():
+                return
+            time.sleep(0.5)
+
     def stop(self) -> None:
+        self.cancel_all_jobs()
         # Reverse order: slurmd and slurmctld still talk to munged while they shut down.
         for name in reversed(list(self.processes)):
             proc = self.processes[name]
