@@ -38,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="redo STAGE (and what depends on it) even if up to date; repeatable")
     submit.add_argument("--dry-run", action="store_true",
                         help="write the sbatch scripts under RUN_DIR/slurm/dry-run/ and submit nothing")
+    submit.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                        help="one train/consolidate/evaluate chain per value (combinations when repeated), "
+                             "sharing one shard/tokenize")
     cancel = sub.add_parser("cancel", help="cancel the queued and running SLURM jobs of a run directory")
     cancel.add_argument("run_dir", type=Path)
     logs = sub.add_parser("logs", help="print the SLURM job logs (stdout, stderr) of a stage")
@@ -93,17 +96,21 @@ def _run_dir(path: Path) -> Path:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from launch.slurm_jobs import jobs_path, status_lines
+    from launch.sweep import SHARED_STAGES, read_sweep, summary_rows, summary_table
 
     run_dir = RunDir(_run_dir(args.run_dir))
-    if jobs_path(args.run_dir).is_file():
-        print("\n".join(status_lines(args.run_dir)))
-        return 0
-    for name in STAGES:
-        manifest = run_dir.read_manifest(name)
-        started = run_dir.stage(name).exists()
-        state = "done" if manifest else ("partial" if started else "pending")
-        detail = f"{manifest['wall_seconds']:.1f}s" if manifest else ""
-        print(f"  {name:<11} {state:<8} {detail}")
+    sweep = read_sweep(args.run_dir)
+    if jobs_path(args.run_dir).is_file():  # a sweep's base run does only the shared stages itself
+        print("\n".join(status_lines(args.run_dir)[:len(SHARED_STAGES) if sweep else None]))
+    else:
+        for name in STAGES:
+            manifest = run_dir.read_manifest(name)
+            started = run_dir.stage(name).exists()
+            state = "done" if manifest else ("partial" if started else "pending")
+            detail = f"{manifest['wall_seconds']:.1f}s" if manifest else ""
+            print(f"  {name:<11} {state:<8} {detail}")
+    if sweep:
+        print("\nsweep:\n" + summary_table(summary_rows(args.run_dir)), end="")
     return 0
 
 
@@ -115,6 +122,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg.launch.backend != "slurm":
         raise UserError(f"{args.config}: ftpipe submit needs launch.backend: slurm (it is {cfg.launch.backend!r})")
+    if args.sweep:
+        return _submit_sweep(args, cfg)
     planned = plan(cfg, None, tuple(args.force))
     print_plan(cfg, planned)
     stages = slurm.to_submit(planned)
@@ -125,17 +134,39 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not stages:
         print("every stage is up to date; nothing submitted")
         return 0
-    for job in slurm.submit(cfg, stages, Path.cwd()):
+    _print_jobs(slurm.submit(cfg, stages, Path.cwd()))
+    print(f"follow with: ftpipe status {cfg.run_dir}")
+    return 0
+
+
+def _print_jobs(jobs: list, label: str = "") -> None:
+    for job in jobs:
         after = f" after array {job.array_job_id}" if job.array_job_id else ""
-        print(f"submitted {job.stage:<11} job {job.job_id}{after}  log {job.stdout}")
+        print(f"submitted {label}{job.stage:<11} job {job.job_id}{after}  log {job.stdout}")
+
+
+def _submit_sweep(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from launch.sweep import members, submit_sweep
+
+    found = members(args.config, args.overrides, args.sweep)
+    for member, _ in found:
+        print(f"member {member.name}: {' '.join(member.overrides)}")
+    if args.dry_run:
+        return 0
+    submitted = submit_sweep(cfg, found, Path.cwd(), tuple(args.force))
+    _print_jobs(submitted["data_jobs"])
+    for name, jobs in submitted["chains"].items():
+        _print_jobs(jobs, f"{name} ")
+    print(f"submitted sweep summary job {submitted['summary_job']}")
     print(f"follow with: ftpipe status {cfg.run_dir}")
     return 0
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from launch.slurm_jobs import cancel
+    from launch.sweep import cancel_sweep, read_sweep
 
-    jobs = cancel(_run_dir(args.run_dir))
+    jobs = cancel(_run_dir(args.run_dir)) + (cancel_sweep(args.run_dir) if read_sweep(args.run_dir) else [])
     for job in jobs:
         print(f"cancelled {job.stage:<11} job {job.job_id}")
     if not jobs:

@@ -13,8 +13,8 @@ from launch.torchrun import launch_stage
 from pipeline.config import RunConfig, dump_config
 from pipeline.errors import StagePreempted
 from pipeline.runner import PlannedStage, execute
-from pipeline.run_dir import atomic_write_text
-from pipeline.tracking import Tracker, default_tracking_uri
+from pipeline.run_dir import RunDir, atomic_write_text
+from pipeline.tracking import Tracker, default_tracking_uri, read_parent
 
 log = logging.getLogger("ftpipe")
 
@@ -31,13 +31,16 @@ def build_tracker(cfg: RunConfig, environ: dict[str, str] | None = None) -> Trac
 
 
 def run_pipeline(cfg: RunConfig, planned: list[PlannedStage], progress: bool = True) -> dict[str, dict]:
-    """Execute the plan with MLflow tracking; the parent run ends FAILED if a stage raises."""
+    """Execute the plan with MLflow tracking; the parent run ends FAILED if a stage raises. A parent
+    that `ftpipe submit` created stays open until the run's last stage is done."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     config_file = cfg.run_dir / "config.yaml"
     atomic_write_text(config_file, dump_config(cfg))
     tracker = build_tracker(cfg)
+    attached = read_parent(cfg.run_dir, tracker.uri) if tracker else None
     if tracker:
-        tracker.start(cfg.model_dump(mode="json"), config_file, {"ftpipe.run_dir": str(cfg.run_dir.resolve())})
+        tracker.start(cfg.model_dump(mode="json"), config_file, {"ftpipe.run_dir": str(cfg.run_dir.resolve())},
+                      attach_to=attached)
     status = "FAILED"
     try:
         manifests = execute(cfg, planned, tracker, progress, on_stage=lambda s, m: _report(s, m, tracker),
@@ -48,7 +51,8 @@ def run_pipeline(cfg: RunConfig, planned: list[PlannedStage], progress: bool = T
         status = "KILLED"
         raise
     finally:
-        if tracker and not tracker.close(status):
+        finished = status != "FINISHED" or not attached or RunDir(cfg.run_dir).read_manifest("evaluate") is not None
+        if tracker and not tracker.close(status if finished else None):
             log.warning("tracking incomplete for this run (see warnings above)")
 
 

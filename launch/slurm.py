@@ -29,6 +29,7 @@ from pipeline.config import RunConfig, dump_config, load_config
 from pipeline.errors import StagePreempted, UserError
 from pipeline.run_dir import atomic_write_text
 from pipeline.runner import PlannedStage
+from pipeline.tracking import create_parent_run, read_parent, write_parent
 
 RDZV_HOST_ENV = "FTPIPE_RDZV_HOST"
 RDZV_BASE_PORT = 29400
@@ -212,23 +213,26 @@ def dry_run(cfg: RunConfig, stages: list[str], cwd: Path) -> list[Path]:
     return written
 
 
-def submit(cfg: RunConfig, stages: list[str], cwd: Path) -> list[JobRecord]:
+def submit(cfg: RunConfig, stages: list[str], cwd: Path, after: str | None = None,
+           parent_of: str | None = None) -> list[JobRecord]:
     """Submit one job per stage, each after the previous one succeeded (shard and tokenize after
-    their job arrays); record them in jobs.json."""
+    their job arrays), the first after job `after`; record them in jobs.json. Their MLflow stage
+    runs go under one parent run (nested under `parent_of`, a sweep's, when given)."""
     run_dir = write_run_config(cfg)
     busy = active_jobs(read_jobs(run_dir))
     if busy:
         ids = ", ".join(j.job_id for j in busy)
         raise UserError(f"{run_dir}: jobs {ids} of this run are still queued or running; "
                         f"wait, or `ftpipe cancel {run_dir}` first")
+    parent_run(cfg, parent_of)
     records: list[JobRecord] = []
-    previous: str | None = None
+    previous: str | None = after
     for index, stage in enumerate(stages):
         array_id = None
         if stage in ARRAY_STAGES:
             ranks = pending_ranks(cfg, run_dir, stage, upstream_redone=index > 0)
             array_id = _submit_array(cfg, run_dir, stage, cwd, ranks, previous) if ranks else None
-        job = _submit_one(cfg, stage, StageJob(str(run_dir), stage, str(cwd)), array_id or previous,
+        job = submit_job(cfg, stage, StageJob(str(run_dir), stage, str(cwd)), array_id or previous,
                           lambda executor, fn: executor.submit(fn))
         previous = job.job_id
         records.append(JobRecord(stage, job.job_id, str(job.paths.stdout), str(job.paths.stderr), array_id or ""))
@@ -236,10 +240,28 @@ def submit(cfg: RunConfig, stages: list[str], cwd: Path) -> list[JobRecord]:
     return records
 
 
-def _submit_one(cfg: RunConfig, stage: str, fn: Any, after: str | None, how: Any) -> Any:
+def parent_run(cfg: RunConfig, parent_of: str | None = None) -> str | None:
+    """The MLflow parent run the jobs of this run directory attach to: the recorded one, else a new one."""
+    from launch.local import build_tracker
+
+    tracker = build_tracker(cfg)
+    if tracker is None:
+        return None
+    found = read_parent(cfg.run_dir, tracker.uri)
+    if found:
+        return found
+    tags = {"ftpipe.run_dir": str(cfg.run_dir.resolve()), **({"mlflow.parentRunId": parent_of} if parent_of else {})}
+    run_id = create_parent_run(tracker, cfg.model_dump(mode="json"), cfg.run_dir / "config.yaml", tags)
+    if run_id:
+        write_parent(cfg.run_dir, tracker.uri, run_id)
+    return run_id
+
+
+def submit_job(cfg: RunConfig, stage: str, fn: Any, after: str | None, how: Any, kind: str = "afterok") -> Any:
+    """Submit `fn` with STAGE's job parameters, after job(s) `after` (a:b:c) under dependency `kind`."""
     executor = submitit.SlurmExecutor(folder=cfg.run_dir.resolve() / "slurm" / "%j",
                                       max_num_timeout=cfg.launch.slurm.max_requeues)
-    executor.update_parameters(**job_parameters(cfg, stage), **({"dependency": f"afterok:{after}"} if after else {}))
+    executor.update_parameters(**job_parameters(cfg, stage), **({"dependency": f"{kind}:{after}"} if after else {}))
     try:
         return how(executor, fn)
     except submitit.core.utils.FailedJobError as err:
@@ -250,7 +272,7 @@ def _submit_array(cfg: RunConfig, run_dir: Path, stage: str, cwd: Path, ranks: l
                   after: str | None) -> str:
     """The stage's pending ranks as one job array; its job id (every task shares it)."""
     groups = task_groups(ranks, cfg.launch.slurm.max_array_tasks)
-    jobs = _submit_one(cfg, stage, ArrayTask(str(run_dir), stage, str(cwd)), after,
+    jobs = submit_job(cfg, stage, ArrayTask(str(run_dir), stage, str(cwd)), after,
                        lambda executor, fn: executor.map_array(fn, groups))
     return jobs[0].job_id.split("_")[0]
 

@@ -2,11 +2,14 @@
 
 Every call goes through one background thread: a slow or unreachable tracking server delays only
 that thread, and the first failure turns tracking off with one warning while the run goes on.
-One parent run per `ftpipe run`, one nested run per stage that runs.
+One parent run per `ftpipe run`, one nested run per stage that runs. Jobs submitted to SLURM attach
+to a parent that `ftpipe submit` created (RUN_DIR/slurm/mlflow.json), so one submitted run (or one
+sweep) is one parent in MLflow however many jobs it takes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -106,12 +109,17 @@ class Tracker:
     def submit(self, call: Callable[[], Any]) -> None:
         self.worker.submit(call)
 
-    def start(self, params: dict[str, Any], config_file: Path, tags: dict[str, str]) -> None:
+    def start(self, params: dict[str, Any], config_file: Path, tags: dict[str, str],
+              attach_to: str | None = None) -> None:
+        """Create the parent run, or with `attach_to` continue that one (a submitted run's jobs)."""
         def call() -> None:
             from mlflow.tracking import MlflowClient
 
             logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets INFO on import
             self.client = MlflowClient(tracking_uri=self.uri)
+            if attach_to:
+                self.parent_id = attach_to
+                return
             experiment_id = self._experiment_id()
             run = self.client.create_run(experiment_id, run_name=self.run_name, tags=tags)
             self.parent_id = run.info.run_id
@@ -157,8 +165,10 @@ class Tracker:
         for start in range(0, len(entries), 100):
             self.client.log_batch(run_id, params=entries[start:start + 100])
 
-    def close(self, status: str) -> bool:
-        self.submit(lambda: self.client.set_terminated(self.parent_id, status=status))
+    def close(self, status: str | None) -> bool:
+        """Flush; end the parent run with `status` (None leaves it running for later jobs)."""
+        if status is not None:
+            self.submit(lambda: self.client.set_terminated(self.parent_id, status=status))
         done = self.worker.close(FLUSH_TIMEOUT_S)
         if not done:
             log.warning("MLflow did not answer within %.0fs; some tracking data was not sent", FLUSH_TIMEOUT_S)
@@ -167,6 +177,31 @@ class Tracker:
     @property
     def failed(self) -> bool:
         return self.worker.failed
+
+
+PARENT_FILE = "mlflow.json"  # under RUN_DIR/slurm/: the parent run a submitted run's jobs attach to
+
+
+def create_parent_run(tracker: Tracker, params: dict[str, Any], config_file: Path, tags: dict[str, str]) -> str | None:
+    """Create the parent run now and leave it running; None (after one warning) if MLflow fails."""
+    tracker.start(params, config_file, tags)
+    done = tracker.close(None)
+    return tracker.parent_id if done else None
+
+
+def write_parent(run_dir: Path, uri: str, run_id: str) -> None:
+    folder = run_dir / "slurm"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / PARENT_FILE).write_text(json.dumps({"uri": uri, "run_id": run_id}) + "\n")
+
+
+def read_parent(run_dir: Path, uri: str) -> str | None:
+    """The parent run recorded for this run directory on the same tracking store, if any."""
+    try:
+        found = json.loads((run_dir / "slurm" / PARENT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return found.get("run_id") if found.get("uri") == uri else None
 
 
 class AttachedStageRun:

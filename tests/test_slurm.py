@@ -270,3 +270,48 @@ def test_a_killed_shard_array_task_is_resubmitted_alone(slurm_cluster, tmp_path,
     assert len(tasks) == 1, tasks  # one task: the missing source file only
     assert [m.stat().st_mtime_ns for m in markers] == before, "finished pieces were redone"
     assert manifest(run, "shard")["splits"]["train"]["rows"] + manifest(run, "shard")["splits"]["eval"]["rows"] == 240
+
+
+def test_a_sweep_shares_one_dataset_and_one_mlflow_parent(slurm_cluster, tmp_path, tiny_llama, text_data,
+                                                          mlflow_server, capsys):
+    from mlflow.tracking import MlflowClient
+
+    cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name="sw", launch={"backend": "slurm"},
+                                 tracking={"enabled": True, "mlflow_uri": mlflow_server, "experiment": "sweep"})
+    config = fixtures.write_config(tmp_path / "sw.yaml", cfg)
+    assert ftpipe("submit", config, "--sweep", "data.max_seq_len=16,32") == 2
+    assert "changes the data" in capsys.readouterr().err
+    assert ftpipe("submit", config, "--sweep", "train.lr=1e-3,3e-3") == 0
+    base, names = tmp_path / "runs" / "sw", ["sw-lr1e-3", "sw-lr3e-3"]
+    out = capsys.readouterr().out
+    assert all(f"member {n}: train.lr=" in out for n in names) and "sweep summary job" in out
+    deadline = time.monotonic() + 400
+    while not (base / "sweep" / "summary.json").is_file():
+        assert time.monotonic() < deadline, [status_lines(tmp_path / "runs" / n) for n in names]
+        time.sleep(1)
+    rows = json.loads((base / "sweep" / "summary.json").read_text())
+    assert [r["name"] for r in rows] == names and all(r["state"] == "done" and "loss" in r["metrics"] for r in rows)
+    assert [j.stage for j in read_jobs(base)] == ["shard", "tokenize"], "the data is prepared once"
+    for name, lr in zip(names, (1e-3, 3e-3)):
+        member = tmp_path / "runs" / name
+        assert (member / "shard").is_symlink() and (member / "tokenize").is_symlink()
+        assert [j.stage for j in read_jobs(member)] == ["train", "consolidate", "evaluate"]
+        assert manifest(member, "train")["steps"] == 6 and f"lr: {lr}" in (member / "config.yaml").read_text()
+    assert losses(tmp_path / "runs" / names[0]) != losses(tmp_path / "runs" / names[1])
+    assert ftpipe("status", base) == 0
+    shown = capsys.readouterr().out
+    assert "sweep:" in shown and all(f"| {n} | train.lr=" in shown for n in names)
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name("sweep").experiment_id], max_results=100)
+    by_name = {r.info.run_name: r for r in runs}
+    parent = by_name["sw"]
+    assert "mlflow.parentRunId" not in parent.data.tags and parent.info.status == "FINISHED"
+    for name in names:
+        assert by_name[name].data.tags["mlflow.parentRunId"] == parent.info.run_id
+    stages = [r for r in runs if "ftpipe.stage" in r.data.tags]
+    members = {by_name[n].info.run_id for n in names}
+    assert sorted(r.data.tags["ftpipe.stage"] for r in stages if r.data.tags["mlflow.parentRunId"]
+                  == parent.info.run_id) == ["shard", "tokenize"]
+    assert sum(r.data.tags["mlflow.parentRunId"] in members for r in stages) == 6
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1, "one parent for the sweep"

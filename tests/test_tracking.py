@@ -1,15 +1,10 @@
 """MLflow: a real sqlite store, a real `mlflow server` on 127.0.0.1, and a dead server."""
 
-import socket
-import subprocess
-import sys
-import time
-
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tests import fixtures
-from tests.helpers import ftpipe, manifest
+from tests.helpers import free_port, ftpipe, manifest
 
 STAGES = {"shard", "tokenize", "train", "consolidate", "evaluate"}
 
@@ -47,35 +42,6 @@ def test_default_sqlite_store_records_everything(tmp_path, tiny_llama, text_data
     _check_recorded(f"sqlite:///{db}", "lm")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    log = open(tmp_path / "mlflow-server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert proc.poll() is None, (tmp_path / "mlflow-server.log").read_text()
-            time.sleep(0.5)
-    yield uri
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
-
-
 def test_real_mlflow_server(tmp_path, tiny_llama, text_data, mlflow_server):
     config = _config(tmp_path, tiny_llama, text_data, mlflow_uri=mlflow_server, experiment="served")
     assert ftpipe("run", config, "--no-progress") == 0
@@ -85,7 +51,7 @@ def test_real_mlflow_server(tmp_path, tiny_llama, text_data, mlflow_server):
 def test_unreachable_tracking_server_does_not_stop_training(tmp_path, tiny_llama, text_data, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    config = _config(tmp_path, tiny_llama, text_data, mlflow_uri=f"http://127.0.0.1:{_free_port()}")
+    config = _config(tmp_path, tiny_llama, text_data, mlflow_uri=f"http://127.0.0.1:{free_port()}")
     assert ftpipe("run", config, "--no-progress") == 0
     run = tmp_path / "runs" / "lm"
     assert manifest(run, "train")["steps"] == 6 and manifest(run, "evaluate")["metrics"]["loss"] > 0

@@ -1,0 +1,171 @@
+"""`ftpipe submit CONFIG --sweep train.lr=1e-5,3e-5 [--sweep KEY=...]`: one train -> consolidate ->
+evaluate chain per combination of values, all after one shard/tokenize of the base run.
+
+Each member is a run directory of its own (`<output_dir>/<name>-<key><value>`) whose shard/ and
+tokenize/ are links to the base run's, so planning sees the shared data as done and reuses it.
+In MLflow the base run is the parent; each member is a parent nested under it, holding its stages.
+A summary job (after all members, failed or not) tabulates their eval metrics into
+`<base run>/sweep/summary.{json,md}` and the base run's MLflow record; `ftpipe status` shows the
+same table at any time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import submitit
+
+from launch.slurm import parent_run, submit, submit_job, to_submit
+from launch.slurm_jobs import JobRecord, active_jobs, cancel
+from pipeline.config import RunConfig, load_config
+from pipeline.errors import UserError
+from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text
+from pipeline.runner import plan
+
+SWEEP_FILE = "sweep.json"
+SHARED_STAGES = ("shard", "tokenize")
+MEMBER_STAGES = ("train", "consolidate", "evaluate")
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str
+    overrides: list[str]
+    run_dir: str
+
+
+def combinations(sweeps: list[str]) -> list[list[str]]:
+    """['train.lr=1e-5,3e-5', 'train.seed=0,1'] -> every combination, as override lists."""
+    axes = []
+    for item in sweeps:
+        key, sep, values = item.partition("=")
+        listed = [v.strip() for v in values.split(",") if v.strip()]
+        if not sep or not key or not listed:
+            raise UserError(f"--sweep {item!r}: expected KEY=VALUE1,VALUE2,... (e.g. train.lr=1e-5,3e-5)")
+        axes.append([f"{key}={value}" for value in listed])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def member_name(base: str, overrides: list[str]) -> str:
+    slug = "-".join(f"{key.rsplit('.', 1)[-1]}{value}" for key, _, value in (o.partition("=") for o in overrides))
+    return re.sub(r"[^A-Za-z0-9._-]", "_", f"{base}-{slug}")
+
+
+def members(config: Path, overrides: list[str], sweeps: list[str]) -> list[tuple[Member, RunConfig]]:
+    """The members' configs, each checked to share the base run's shard and tokenize outputs."""
+    base = load_config(config, overrides)
+    shared = _data_fingerprints(base)
+    found = []
+    for combo in combinations(sweeps):
+        cfg = load_config(config, [*overrides, *combo, f"name={member_name(base.name, combo)}"])
+        if _data_fingerprints(cfg) != shared:
+            raise UserError(f"--sweep {' '.join(combo)}: changes the data (shard or tokenize inputs); a sweep "
+                            "shares one tokenized dataset, so sweep keys of train, evaluate or the model's weights")
+        found.append((Member(cfg.name, combo, str(cfg.run_dir.resolve())), cfg))
+    return found
+
+
+def _data_fingerprints(cfg: RunConfig) -> dict[str, str]:
+    return {s.name: s.fingerprint for s in plan(cfg) if s.name in SHARED_STAGES}
+
+
+def link_shared_data(base_dir: Path, member_dir: Path) -> None:
+    """member/shard and member/tokenize -> the base run's (relative links: the output dir may move)."""
+    member_dir.mkdir(parents=True, exist_ok=True)
+    for stage in SHARED_STAGES:
+        link, target = member_dir / stage, base_dir / stage
+        if link.exists() and not link.is_symlink():
+            raise UserError(f"{link} exists and is not a link to {target}: remove it or name the sweep differently")
+        link.unlink(missing_ok=True)
+        link.symlink_to(os.path.relpath(target, member_dir), target_is_directory=True)
+
+
+def submit_sweep(base: RunConfig, found: list[tuple[Member, RunConfig]], cwd: Path,
+                 force: tuple[str, ...]) -> dict[str, Any]:
+    """Shared data jobs once, then each member's chain after them, then the summary job."""
+    data_stages = [s for s in to_submit(plan(base, None, force)) if s in SHARED_STAGES]
+    data_jobs = submit(base, data_stages, cwd) if data_stages else []
+    parent = parent_run(base)
+    after = data_jobs[-1].job_id if data_jobs else None
+    chains: dict[str, list[JobRecord]] = {}
+    for member, cfg in found:
+        link_shared_data(base.run_dir.resolve(), cfg.run_dir.resolve())
+        stages = [s for s in to_submit(plan(cfg, None, force)) if s in MEMBER_STAGES]
+        chains[member.name] = submit(cfg, stages, cwd, after=after, parent_of=parent) if stages else []
+    ends = [jobs[-1].job_id for jobs in chains.values() if jobs]
+    summary = submit_job(base, "evaluate", SweepSummary(str(base.run_dir.resolve()), str(cwd)),
+                          ":".join(ends) or None, lambda executor, fn: executor.submit(fn), kind="afterany")
+    record = {"members": [asdict(m) for m, _ in found], "summary_job": summary.job_id}
+    atomic_write_json(base.run_dir / SWEEP_FILE, record)
+    return {"data_jobs": data_jobs, "chains": chains, "summary_job": summary.job_id}
+
+
+class SweepSummary(submitit.helpers.Checkpointable):
+    """The summary job: tabulate, record in MLflow, end the sweep's parent run."""
+
+    def __init__(self, base_dir: str, cwd: str):
+        self.base_dir, self.cwd = base_dir, cwd
+
+    def __call__(self) -> str:
+        os.chdir(self.cwd)
+        return write_summary(Path(self.base_dir))
+
+
+def read_sweep(base_dir: Path) -> list[Member]:
+    path = Path(base_dir) / SWEEP_FILE
+    if not path.is_file():
+        return []
+    return [Member(**m) for m in json.loads(path.read_text())["members"]]
+
+
+def summary_rows(base_dir: Path) -> list[dict[str, Any]]:
+    """Per member: its overrides, how far it got, its scalar eval metrics."""
+    from pipeline.evaluate import scalar_metrics
+
+    rows = []
+    for member in read_sweep(base_dir):
+        run = RunDir(Path(member.run_dir))
+        done = [s for s in MEMBER_STAGES if run.read_manifest(s) is not None]
+        metrics_file = run.stage("evaluate") / "metrics.json"
+        metrics = scalar_metrics(json.loads(metrics_file.read_text())) if metrics_file.is_file() else {}
+        state = "done" if len(done) == len(MEMBER_STAGES) else f"{done[-1]} done" if done else "not done"
+        rows.append({"name": member.name, "overrides": " ".join(member.overrides), "state": state,
+                     "metrics": metrics})
+    return rows
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    keys = sorted({k for row in rows for k in row["metrics"]})
+    lines = ["| member | overrides | state | " + " | ".join(keys) + " |", "|---" * (3 + len(keys)) + "|"]
+    for row in rows:
+        values = [f"{row['metrics'][k]:.4f}" if k in row["metrics"] else "" for k in keys]
+        lines.append(f"| {row['name']} | {row['overrides']} | {row['state']} | " + " | ".join(values) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(base_dir: Path) -> str:
+    """summary.md into the sweep's MLflow parent (then ended), and summary.{json,md} written last."""
+    from launch.local import build_tracker
+    from pipeline.tracking import read_parent
+
+    rows = summary_rows(base_dir)
+    table = summary_table(rows)
+    folder = base_dir / "sweep"
+    atomic_write_text(folder / "summary.md", table)
+    cfg = load_config(base_dir / "config.yaml")
+    tracker = build_tracker(cfg)
+    parent = read_parent(base_dir, tracker.uri) if tracker else None
+    if tracker and parent:
+        tracker.start({}, base_dir / "config.yaml", {}, attach_to=parent)
+        tracker.submit(lambda: tracker.client.log_artifact(parent, str(folder / "summary.md"), "sweep"))
+        tracker.close("FINISHED" if all(r["state"] == "done" for r in rows) else "FAILED")
+    atomic_write_json(folder / "summary.json", rows)
+    print(table)
+    return table
