@@ -23,7 +23,8 @@ from pipeline.checkpoint_readers import CheckpointReader, open_checkpoint
 from pipeline.config import RunConfig
 from pipeline.context import StageContext
 from pipeline.hf_writer import ShardedSafetensorsWriter, WriteResult, write_model_dir
-from pipeline.models import MODEL_CLASSES, prepare_pad_token, load_model, load_model_config, load_tokenizer
+from pipeline.models import MODEL_CLASSES, load_model, load_model_config, prepare_pad_token
+from pipeline.tokenizer import load_tokenizer
 from pipeline.run_dir import atomic_dir
 
 VERIFY_ATOL = 1e-4

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.config import DataConfig
 from pipeline.errors import UserError
@@ -42,7 +43,7 @@ class Example:
 
 @dataclass
 class EncodedBatch:
-    columns: dict[str, list] = field(default_factory=dict)
+    columns: dict[str, list | pa.Array] = field(default_factory=dict)  # Arrow arrays from the text fast path
     rejects: list[tuple[int, str]] = field(default_factory=list)  # (row in batch, reason)
     truncated: int = 0
     dropped: int = 0
@@ -94,12 +95,25 @@ class Encoder:
         self.classification = data.format == "classification"
         self.masked = data.loss_on != "all"
         self.chat = ChatRenderer(tokenizer, chat_template) if data.format == "chat" else None
+        # A fast tokenizer's Rust backend, called directly: ids only, no offsets, no Python-side
+        # BatchEncoding (the tokenize stage's hot path). Slow tokenizers go through __call__.
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self.backend = backend if hasattr(backend, "encode_batch_fast") else None
 
     @property
     def schema(self) -> pa.Schema:
         return output_schema(self.classification, self.masked)
 
+    @property
+    def column_wise(self) -> bool:
+        """Plain text, loss on every token, truncation, no packing: the common pretraining-style case
+        takes the column-wise path (the same rows, built in Arrow rather than per-row lists)."""
+        return (self.data.format == "text" and not self.masked and self.data.overlong == "truncate"
+                and not self.data.packing)
+
     def __call__(self, rows: dict[str, list]) -> EncodedBatch:
+        if self.column_wise:
+            return self._text_columns(rows["text"])
         out = EncodedBatch({name: [] for name in self.schema.names})
         for index, item in enumerate(self.examples(rows)):
             if isinstance(item, str):
@@ -119,6 +133,16 @@ class Encoder:
         prompts = self._encode(rows["prompt"], True)
         completions = self._with_eos(self._encode(rows["completion"], False))
         return [self._from_ids([(self._without_eos(p), False), (c, True)]) for p, c in zip(prompts, completions)]
+
+    def _text_columns(self, texts: list[str]) -> EncodedBatch:
+        full = pa.array(self._with_eos(self._encode(texts, True)), type=pa.list_(pa.int32()))
+        lengths = pc.list_value_length(full)
+        targets = pc.subtract(pc.min_element_wise(lengths, self.max_len), 1).cast(pa.int32())
+        keep = pc.greater(targets, 0)
+        rejects = [(i, "no answer tokens left after truncation to max_seq_len")
+                   for i, kept in enumerate(keep.to_pylist()) if not kept] if not pc.all(keep).as_py() else []
+        columns = {"input_ids": pc.list_slice(full, 0, self.max_len).filter(keep), "num_targets": targets.filter(keep)}
+        return EncodedBatch(columns, rejects, truncated=pc.sum(pc.greater(lengths, self.max_len)).as_py() or 0)
 
     def _fit(self, example: Example, rows: dict[str, list], index: int, out: EncodedBatch) -> None:
         if example.length > self.max_len:
@@ -164,19 +188,31 @@ class Encoder:
 
     def _classification(self, rows: dict[str, list]) -> list[Example]:
         pairs = rows.get("text_pair")
-        encoded = self.tokenizer(rows["text"], pairs)["input_ids"]
+        encoded = self.tokenizer(rows["text"], pairs, return_attention_mask=False,
+                                 return_token_type_ids=False)["input_ids"]
         lengths = [len(seq) for seq in encoded]
         # Re-encoding only the long rows keeps the tokenizer's closing special tokens in place.
         long = [i for i, n in enumerate(lengths) if n > self.max_len]
         if long and self.data.overlong == "truncate":
             again = self.tokenizer([rows["text"][i] for i in long], [pairs[i] for i in long] if pairs else None,
-                                   truncation=True, max_length=self.max_len)["input_ids"]
+                                   truncation=True, max_length=self.max_len, return_attention_mask=False,
+                                   return_token_type_ids=False)["input_ids"]
             for i, seq in zip(long, again):
                 encoded[i] = seq
         return [Example(seq, [], n) for seq, n in zip(encoded, lengths)]
 
     def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=special)["input_ids"] if texts else []
+        if not texts:
+            return []
+        if self.backend is None:
+            return self.tokenizer(texts, add_special_tokens=special, return_attention_mask=False,
+                                  return_token_type_ids=False)["input_ids"]
+        # As a plain __call__ does: no truncation or padding (a truncating call may have set them).
+        if self.backend.truncation is not None:
+            self.backend.no_truncation()
+        if self.backend.padding is not None:
+            self.backend.no_padding()
+        return [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=special)]
 
     def _with_eos(self, encoded: list[list[int]]) -> list[list[int]]:
         eos = self.tokenizer.eos_token_id

@@ -14,7 +14,8 @@ from pipeline.config import RunConfig
 from pipeline.consolidate import load_consolidated
 from pipeline.context import StageContext
 from pipeline.errors import UserError
-from pipeline.models import load_model, load_tokenizer
+from pipeline.models import load_model
+from pipeline.tokenizer import load_tokenizer
 from pipeline.run_dir import atomic_write_json, atomic_write_text
 from pipeline.tokenize import open_split
 from pipeline.train.data import collate_table

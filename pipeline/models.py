@@ -1,4 +1,4 @@
-"""Loading tokenizers and models by task, with loading failures turned into one-line errors."""
+"""Loading models by task, with loading failures turned into one-line errors."""
 
 from __future__ import annotations
 
@@ -9,23 +9,13 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     PreTrainedModel,
-    PreTrainedTokenizerBase,
 )
 
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 
 MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
-
-
-def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
-    try:
-        return AutoTokenizer.from_pretrained(str(name_or_path))
-    except (OSError, ValueError) as err:
-        raise UserError(f"model.name_or_path: cannot load a tokenizer from {str(name_or_path)!r}: "
-                        f"{str(err).splitlines()[0]}") from None
 
 
 def label_kwargs(cfg: ModelConfig, labels: list[str] | None) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,17 +42,23 @@ def _call(fn: Task, cfg: RunConfig, run_dir: Path, rank: int, world_size: int) -
     return fn(cfg, run_dir, rank, world_size), os.getpid()
 
 
+def _pool(workers: int, threads: bool) -> Executor:
+    if threads:
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ftpipe-task")
+    # spawn: workers start clean (no copied locks, tokenizer threads or tracking threads of the parent).
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_one_thread_each)
+
+
 def run_tasks(fn: Task, cfg: RunConfig, run_dir: Path, ranks: list[int], world_size: int,
-              workers: int) -> Iterator[Done]:
-    """Yield each rank's result as it finishes; one worker (or one task) runs here, in order."""
+              workers: int, threads: bool = False) -> Iterator[Done]:
+    """Yield each rank's result as it finishes; one worker (or one task) runs here, in order.
+    `threads`: workers are threads of this process, for tasks whose heavy part releases the GIL."""
     if workers <= 1 or len(ranks) <= 1:
         for rank in ranks:
             yield Done(rank, fn(cfg, run_dir, rank, world_size), os.getpid())
         return
-    # spawn: workers start clean (no copied locks, tokenizer threads or tracking threads of the parent).
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(workers, len(ranks)), mp_context=context,
-                             initializer=_one_thread_each) as pool:
+    with _pool(min(workers, len(ranks)), threads) as pool:
         pending: dict[Future, int] = {pool.submit(_call, fn, cfg, run_dir, r, world_size): r for r in ranks}
         try:
             while pending:

@@ -115,7 +115,7 @@ class StageSpec:
 SPECS: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("shard", "pipeline.shard", (), _shard_inputs, ("shard.py", "formats.py", "sources.py"), unit_cache=True),
     StageSpec("tokenize", "pipeline.tokenize", ("shard",), _tokenize_inputs,
-              ("tokenize.py", "encoding.py", "packing.py", "models.py"), unit_cache=True),
+              ("tokenize.py", "encoding.py", "packing.py", "tokenizer.py"), unit_cache=True),
     StageSpec("train", "pipeline.train.stage", ("tokenize",), _train_inputs, ("train/*.py", "models.py", "distributed.py")),
     StageSpec("consolidate", "pipeline.consolidate", ("train",), lambda c, d: {},
               ("consolidate.py", "train/engine.py")),

@@ -12,19 +12,21 @@ What the columns hold: pipeline/encoding.py.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.config import RunConfig
 from pipeline.context import StageContext
 from pipeline.encoding import EncodedBatch, Encoder, output_schema
 from pipeline.errors import UserError
-from pipeline.models import load_tokenizer
+from pipeline.tokenizer import load_tokenizer
 from pipeline.packing import Packer, packed_schema, packing_summary
 from pipeline.parallel import run_tasks
 from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text, remove_stale_tmp
@@ -52,7 +54,7 @@ def tokenize_shard(source: Path, target: Path, encoder: Encoder) -> dict[str, An
     rejects: list[str] = []
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for batch in pq.ParquetFile(source).iter_batches(batch_size=BATCH_ROWS):
-            rows = batch.to_pydict()
+            rows = ColumnsOnDemand(batch)
             encoded = encoder(rows)
             columns = packer.add(encoded.columns) if packer else encoded.columns
             writer.write_batch(pa.RecordBatch.from_pydict(columns, schema=schema))
@@ -67,11 +69,33 @@ def tokenize_shard(source: Path, target: Path, encoder: Encoder) -> dict[str, An
     return stats
 
 
+class ColumnsOnDemand(Mapping):
+    """A record batch's columns as Python lists, converted when first read: most batches never need
+    their source and line columns (only rejects do)."""
+
+    def __init__(self, batch: pa.RecordBatch):
+        self.batch, self.converted = batch, {}
+
+    def __getitem__(self, name: str) -> list:
+        if name not in self.converted:
+            if self.batch.schema.get_field_index(name) < 0:
+                raise KeyError(name)
+            self.converted[name] = self.batch.column(name).to_pylist()
+        return self.converted[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.batch.schema.names)
+
+    def __len__(self) -> int:
+        return len(self.batch.schema.names)
+
+
 def _count(stats: dict[str, Any], encoded: EncodedBatch) -> None:
-    lengths = [len(s) for s in encoded.columns["input_ids"]]
+    ids = encoded.columns["input_ids"]
+    lengths = pc.list_value_length(ids).to_pylist() if isinstance(ids, pa.Array) else [len(s) for s in ids]
     stats["rows"] += len(lengths)
     stats["tokens"] += sum(lengths)
-    stats["targets"] += sum(encoded.columns["num_targets"])
+    stats["targets"] += pc.sum(encoded.columns["num_targets"]).as_py() or 0
     stats["truncated"] += encoded.truncated
     stats["dropped"] += encoded.dropped
     stats["rejected"] += len(encoded.rejects)
@@ -104,12 +128,13 @@ def units(cfg: RunConfig, run_dir: Path) -> list[Unit]:
     return [Unit(split, i, shard.stage("shard") / piece["file"], fp) for (split, i, piece), fp in zip(listed, prints)]
 
 
-_ENCODERS: dict[str, Encoder] = {}
+_ENCODERS: dict[tuple[str, int], Encoder] = {}
 
 
 def _encoder(cfg: RunConfig) -> Encoder:
-    """One tokenizer per worker process, loaded by its first task."""
-    key = cfg.model_dump_json()
+    """One tokenizer per worker (process or thread: a tokenizer's settings are not thread-safe),
+    loaded by its first task."""
+    key = (cfg.model_dump_json(), threading.get_ident())
     if key not in _ENCODERS:
         tokenizer = load_tokenizer(cfg.model.name_or_path)
         _ENCODERS[key] = Encoder(tokenizer, cfg.data, chat_template(cfg, tokenizer))
@@ -150,7 +175,10 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     for split in SPLITS:
         _prepare(out / split, sum(u.split == split for u in todo))
     stale = pending_tasks(cfg, ctx.run_dir.root)
-    for _ in run_tasks(run_shard, cfg, ctx.run_dir.root, stale, len(todo), cfg.data.num_workers):
+    # A Rust tokenizer releases the GIL and spreads each batch over every core itself: threads then
+    # beat processes (no start-up, no copies). Chat templates render in Python: processes.
+    threads = getattr(tokenizer, "_tokenizer", None) is not None and cfg.data.format != "chat"
+    for _ in run_tasks(run_shard, cfg, ctx.run_dir.root, stale, len(todo), cfg.data.num_workers, threads):
         pass  # each task wrote its marker; the stats are read back from them below
     manifest: dict[str, Any] = {"splits": {}, "reused_shards": len(todo) - len(stale), "ran_shards": len(stale),
                                 "pad_token_id": pad_token_id(tokenizer), "loss_on": cfg.data.loss_on}

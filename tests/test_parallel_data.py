@@ -10,18 +10,19 @@ import pytest
 from tests import fixtures
 from tests.helpers import ftpipe, ftpipe_process, manifest
 
-# Kill the worker that finished the first tokenize unit (it is then busy with its next one): the pool
-# breaks, the run stops, and the units finished so far keep their markers.
-KILL_A_TOKENIZE_WORKER = """
+# After the first finished task: kill the worker process that ran it (the pool breaks, the run
+# stops with a one-line error), or, where the workers are threads (tokenize with a Rust tokenizer),
+# the whole process, as a lost node would. Units finished so far keep their markers.
+KILL_AFTER_FIRST_TASK = """
 import os, signal
-import pipeline.tokenize as tokenize
-_run_tasks = tokenize.run_tasks
+import pipeline.{stage} as stage
+_run_tasks = stage.run_tasks
 def run_and_kill(*args, **kwargs):
     for number, done in enumerate(_run_tasks(*args, **kwargs)):
         if number == 0:
             os.kill(done.pid, signal.SIGKILL)
         yield done
-tokenize.run_tasks = run_and_kill
+stage.run_tasks = run_and_kill
 """
 DATA_STAGES = ("--no-progress", "--stages", "shard,tokenize")
 
@@ -59,12 +60,12 @@ def test_two_workers_write_the_same_bytes_as_one(tmp_path, tiny_llama):
     assert splits[0] == splits[1] and splits[0]["train"]["rows"] + splits[0]["eval"]["rows"] == 600
 
 
-def test_killed_worker_reruns_only_missing_shards(tmp_path, tiny_llama):
+def test_killed_tokenize_reruns_only_missing_shards(tmp_path, tiny_llama):
     _sources(tmp_path)
     assert ftpipe("run", _config(tmp_path, tiny_llama, "whole", 2, shards=4), *DATA_STAGES) == 0
     killed = _config(tmp_path, tiny_llama, "killed", 2, shards=4)
-    result = ftpipe_process("run", killed, *DATA_STAGES, script=KILL_A_TOKENIZE_WORKER)
-    assert result.returncode == 2 and "a worker process died" in result.stderr, result.stderr
+    result = ftpipe_process("run", killed, *DATA_STAGES, script=KILL_AFTER_FIRST_TASK.format(stage="tokenize"))
+    assert result.returncode == -9, result.stderr  # threads: the process itself went
     run = tmp_path / "runs" / "killed"
     assert not (run / "tokenize" / "manifest.json").exists()
     before = _mtimes(run)
@@ -75,6 +76,22 @@ def test_killed_worker_reruns_only_missing_shards(tmp_path, tiny_llama):
     after = _mtimes(run)
     assert {k: after[k] for k in before} == before  # finished units were not redone
     assert _outputs(run) == _outputs(tmp_path / "runs" / "whole")
+
+
+def test_a_killed_worker_process_costs_only_its_sources(tmp_path, tiny_llama):
+    # b is long enough to be still running when a's worker is killed
+    fixtures.write_jsonl(tmp_path / "data" / "a.jsonl", [{"text": t} for t in fixtures.sentences(50, seed=1)])
+    fixtures.write_jsonl(tmp_path / "data" / "b.jsonl", [{"text": t} for t in fixtures.sentences(60000, seed=2)])
+    config = _config(tmp_path, tiny_llama, "killed", 2)
+    result = ftpipe_process("run", config, *DATA_STAGES, script=KILL_AFTER_FIRST_TASK.format(stage="shard"))
+    assert result.returncode == 2 and "a worker process died" in result.stderr, result.stderr
+    run = tmp_path / "runs" / "killed"
+    markers = sorted((run / "shard" / "parts").glob("*/done.json"))
+    assert len(markers) == 1 and not (run / "shard" / "manifest.json").exists()
+    before = markers[0].stat().st_mtime_ns
+    assert ftpipe("run", config, *DATA_STAGES) == 0
+    assert (manifest(run, "shard")["reused_sources"], manifest(run, "shard")["ran_sources"]) == (1, 1)
+    assert markers[0].stat().st_mtime_ns == before
 
 
 def _ran(run: Path) -> tuple[int, int, list[str]]:
