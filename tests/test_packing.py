@@ -42,8 +42,8 @@ def model(tiny_llama):
 
 
 def encoded(tokenizer, fmt: str) -> dict[str, list]:
-    """Three examples as the tokenize stage encodes them (with a loss_mask for instruction)."""
-    data = DataConfig(train=["x"], format=fmt, max_seq_len=128)
+    """Three examples as the tokenize stage encodes them for packing (with a loss_mask for instruction)."""
+    data = DataConfig(train=["x"], format=fmt, max_seq_len=128, packing=True)
     if fmt == "text":
         rows = {"text": fixtures.sentences(3, seed=7)}
     else:

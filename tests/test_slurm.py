@@ -16,6 +16,13 @@ from tests.helpers import REPO, assert_same_weights, ftpipe, losses, manifest, w
 STAGES = ("shard", "tokenize", "train", "consolidate", "evaluate")
 
 
+@pytest.fixture(autouse=True)
+def no_jobs_left(slurm_cluster):
+    """A failed test must not leave jobs that hold the cluster's CPUs from the tests after it."""
+    yield
+    slurm_cluster.cancel_all_jobs()
+
+
 def _config(tmp_path: Path, tiny_llama: Path, text_data: Path, name: str, **launch) -> Path:
     cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name=name,
                                  launch={"backend": "slurm", **launch})

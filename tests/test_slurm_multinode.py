@@ -16,6 +16,12 @@ BATCH = {"max_steps": 4, "micro_batch_size": 2, "global_batch_size": 8, "checkpo
 STRATEGIES = {"fsdp": {"strategy": "fsdp"}, "zero3": {"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}}
 
 
+@pytest.fixture(autouse=True)
+def no_jobs_left(two_node_cluster):
+    yield
+    two_node_cluster.cancel_all_jobs()
+
+
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_a_two_node_train_job_equals_two_ranks_on_one_machine(two_node_cluster, tmp_path, tiny_llama, text_data,
                                                               name):
