@@ -11,9 +11,9 @@ from pathlib import Path
 from pipeline.config import RunConfig, load_config
 from pipeline.sources import check_paths
 from pipeline.errors import StagePreempted, UserError
+from pipeline.run_dir import STAGES, RunDir
 
 STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; running again resumes
-from pipeline.run_dir import STAGES, RunDir
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ from launch.torchrun import launch_stage
 from pipeline.config import RunConfig, dump_config
 from pipeline.errors import StagePreempted
 from pipeline.runner import PlannedStage, execute
-from pipeline.run_dir import RunDir, atomic_write_text
+from pipeline.run_dir import STAGES, RunDir, atomic_write_text
 from pipeline.tracking import Tracker, default_tracking_uri, read_parent
 
 log = logging.getLogger("ftpipe")
@@ -51,7 +51,7 @@ def run_pipeline(cfg: RunConfig, planned: list[PlannedStage], progress: bool = T
         status = "KILLED"
         raise
     finally:
-        finished = status != "FINISHED" or not attached or RunDir(cfg.run_dir).read_manifest("evaluate") is not None
+        finished = status != "FINISHED" or not attached or RunDir(cfg.run_dir).read_manifest(STAGES[-1]) is not None
         if tracker and not tracker.close(status if finished else None):
             log.warning("tracking incomplete for this run (see warnings above)")
 

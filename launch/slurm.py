@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 import submitit
 
 from launch.torchrun import DISTRIBUTED_STAGES, run_torchrun, torchrun_command
-from launch.slurm_arrays import ARRAY_STAGES, ArrayTask, pending_ranks, stage_module, task_groups
+from launch.slurm_arrays import ARRAY_STAGES, ArrayTask, enter_job, pending_ranks, stage_module, task_groups
 from launch.slurm_jobs import JobRecord, active_jobs, read_jobs, record_jobs
 from pipeline.config import RunConfig, dump_config, load_config
 from pipeline.errors import StagePreempted, UserError
@@ -68,13 +68,10 @@ def requeue_this_job(why: str, max_requeues: int) -> NoReturn:
 
 def run_stage_job(run_dir: Path, stage: str, cwd: Path) -> None:
     """`ftpipe run --stages STAGE` on node 0; on the other nodes of a train job only their torchrun."""
-    from launch.cli import quiet_libraries
     from launch.local import run_pipeline
     from pipeline.runner import plan
 
-    os.chdir(cwd)  # config paths are relative to where `ftpipe submit` ran
-    quiet_libraries()
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = enter_job(run_dir, cwd)
     node = int(os.environ.get("SLURM_NODEID", "0"))
     if stage in DISTRIBUTED_STAGES and cfg.launch.backend == "slurm":
         cfg = cfg.model_copy(update={"launch": slurm_rendezvous(cfg, node)})

@@ -22,6 +22,16 @@ from pipeline.config import RunConfig, load_config
 ARRAY_STAGES = {"shard": "pipeline.shard", "tokenize": "pipeline.tokenize"}
 
 
+def enter_job(run_dir: Path, cwd: Path) -> RunConfig:
+    """What every job function does first: work where `ftpipe submit` ran (config paths are
+    relative to it), quiet the libraries, read the run's config."""
+    from launch.cli import quiet_libraries
+
+    os.chdir(cwd)
+    quiet_libraries()
+    return load_config(Path(run_dir) / "config.yaml")
+
+
 def stage_module(stage: str) -> ModuleType:
     return importlib.import_module(ARRAY_STAGES[stage])
 
@@ -49,12 +59,8 @@ class ArrayTask(submitit.helpers.Checkpointable):
 
     def __call__(self, ranks: list[int] | None = None) -> list[int]:
         """Run `ranks` (None: this task's share of all ranks, from SLURM_ARRAY_TASK_ID/COUNT)."""
-        from launch.cli import quiet_libraries
-
-        os.chdir(self.cwd)  # config paths are relative to where `ftpipe submit` ran
-        quiet_libraries()
         run_dir = Path(self.run_dir)
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = enter_job(run_dir, Path(self.cwd))
         module = stage_module(self.stage)
         world_size = module.task_count(cfg, run_dir)
         if ranks is None:  # a script written by hand or by --dry-run: ranks done already skip on their markers

@@ -149,7 +149,12 @@ def status_lines(run_dir: Path) -> list[str]:
 
 
 def cancel(run_dir: Path) -> list[JobRecord]:
-    jobs = active_jobs(read_jobs(run_dir))
+    return cancel_jobs(read_jobs(run_dir))
+
+
+def cancel_jobs(jobs: list[JobRecord]) -> list[JobRecord]:
+    """scancel those of `jobs` (and their arrays) still queued or running; return them."""
+    jobs = active_jobs(jobs)
     if jobs:
         done = subprocess.run(["scancel", *[i for j in jobs for i in j.job_ids]], capture_output=True, text=True)
         if done.returncode != 0:

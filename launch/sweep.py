@@ -15,7 +15,6 @@ import itertools
 import json
 import os
 import re
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,8 @@ from typing import Any
 import submitit
 
 from launch.slurm import parent_run, submit, submit_job, to_submit
-from launch.slurm_jobs import JobRecord, active_jobs, cancel
+from launch.slurm_arrays import enter_job
+from launch.slurm_jobs import JobRecord, cancel, cancel_jobs
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text
@@ -114,8 +114,8 @@ class SweepSummary(submitit.helpers.Checkpointable):
         self.base_dir, self.cwd = base_dir, cwd
 
     def __call__(self) -> str:
-        os.chdir(self.cwd)
-        return write_summary(Path(self.base_dir))
+        base_dir = Path(self.base_dir)
+        return write_summary(base_dir, enter_job(base_dir, Path(self.cwd)))
 
 
 def read_sweep(base_dir: Path) -> list[Member]:
@@ -150,7 +150,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(base_dir: Path) -> str:
+def write_summary(base_dir: Path, cfg: RunConfig) -> str:
     """summary.md into the sweep's MLflow parent (then ended), and summary.{json,md} written last."""
     from launch.local import build_tracker
     from pipeline.tracking import read_parent
@@ -159,7 +159,6 @@ def write_summary(base_dir: Path) -> str:
     table = summary_table(rows)
     folder = base_dir / "sweep"
     atomic_write_text(folder / "summary.md", table)
-    cfg = load_config(base_dir / "config.yaml")
     tracker = build_tracker(cfg)
     parent = read_parent(base_dir, tracker.uri) if tracker else None
     if tracker and parent:
@@ -175,7 +174,4 @@ def cancel_sweep(base_dir: Path) -> list[JobRecord]:
     """Cancel every member's queued and running jobs and the summary job."""
     jobs = [job for member in read_sweep(base_dir) for job in cancel(Path(member.run_dir))]
     summary = JobRecord("summary", str(json.loads((Path(base_dir) / SWEEP_FILE).read_text())["summary_job"]), "", "")
-    if active_jobs([summary]):
-        subprocess.run(["scancel", summary.job_id], capture_output=True)
-        jobs.append(summary)
-    return jobs
+    return jobs + cancel_jobs([summary])

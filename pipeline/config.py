@@ -50,6 +50,10 @@ LOSS_ON = {"text": ("all",), "classification": ("all",), "instruction": ("comple
            "prompt_completion": ("completion", "all"), "chat": ("assistant", "all")}
 
 
+# Keys that mean something for one data.format only.
+FORMAT_ONLY_KEYS = {"chat_template": "chat", "text_pair_field": "classification"}
+
+
 class SourceSpec(Section):
     path: str = Field(description="A file or glob (jsonl, parquet, csv, txt).")
     weight: float = Field(
@@ -114,11 +118,12 @@ class DataConfig(Section):
             raise ValueError(f"format {info.data['format']!r} allows only {' or '.join(allowed)}")
         return value
 
-    @field_validator("chat_template")
+    @field_validator("chat_template", "text_pair_field")
     @classmethod
-    def _template_needs_chat(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and info.data.get("format") != "chat":
-            raise ValueError("only applies to format 'chat'")
+    def _only_for_its_format(cls, value: str | None, info: ValidationInfo) -> str | None:
+        needed = FORMAT_ONLY_KEYS[info.field_name]
+        if value is not None and info.data.get("format") != needed:
+            raise ValueError(f"only applies to format {needed!r}")
         return value
 
     @field_validator("packing")
@@ -126,13 +131,6 @@ class DataConfig(Section):
     def _packing_needs_causal_lm(cls, value: bool, info: ValidationInfo) -> bool:
         if value and info.data.get("format") == "classification":
             raise ValueError("format 'classification' cannot be packed (one label per row); set it to false")
-        return value
-
-    @field_validator("text_pair_field")
-    @classmethod
-    def _pair_needs_classification(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and info.data.get("format") != "classification":
-            raise ValueError("only applies to format 'classification'")
         return value
 
     @model_validator(mode="after")

@@ -4,8 +4,9 @@ The unit of work is a shard piece (the rows of one source file in one shard, see
 each is tokenized in batches and written as an Arrow IPC stream under a temporary name; its stats
 file, written after the rename and holding the unit's fingerprint (its piece, the tokenizer, the
 tokenize keys, the code), is its completion marker, so a killed or changed run redoes only the
-units without a current one. data.num_workers processes run the units in parallel. Rows the encoder rejects (data.overlong: drop, or no answer tokens
-left after truncation) go to a per-shard rejects file, merged into `tokenize/rejects.jsonl`.
+units without a current one. data.num_workers workers run the units in parallel (threads for a
+Rust tokenizer, else processes). Rows the encoder rejects (data.overlong: drop, or no answer
+tokens left after truncation) go to a per-shard rejects file, merged into `tokenize/rejects.jsonl`.
 What the columns hold: pipeline/encoding.py.
 """
 
@@ -160,8 +161,11 @@ def pending_tasks(cfg: RunConfig, run_dir: Path) -> list[int]:
     """Pieces without a current marker; all of them while the shard stage is not done."""
     if RunDir(run_dir).read_manifest("shard") is None:
         return list(range(task_count(cfg, run_dir)))
-    out = RunDir(run_dir).stage("tokenize")
-    return [rank for rank, u in enumerate(units(cfg, run_dir)) if _current(out / u.split, u.index, u.fingerprint) is None]
+    return _stale(units(cfg, run_dir), RunDir(run_dir).stage("tokenize"))
+
+
+def _stale(todo: list[Unit], out: Path) -> list[int]:
+    return [rank for rank, u in enumerate(todo) if _current(out / u.split, u.index, u.fingerprint) is None]
 
 
 def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
@@ -174,7 +178,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     todo = units(cfg, ctx.run_dir.root)
     for split in SPLITS:
         _prepare(out / split, sum(u.split == split for u in todo))
-    stale = pending_tasks(cfg, ctx.run_dir.root)
+    stale = _stale(todo, out)
     # A Rust tokenizer releases the GIL and spreads each batch over every core itself: threads then
     # beat processes (no start-up, no copies). Chat templates render in Python: processes.
     threads = getattr(tokenizer, "_tokenizer", None) is not None and cfg.data.format != "chat"

@@ -107,7 +107,8 @@ def stop_here(engine: Any, settings: LoopSettings, state: LoopState, saved: bool
     """Every rank saves this step together (unless just saved), then the stage stops."""
     folder = step_dir(settings.checkpoint_root, state.step) if saved else checkpoint(engine, settings, state)
     raise StagePreempted(f"train: stopped on {signal.Signals(signum).name} at step {state.step} after writing "
-                         f"{folder.name} ({state.samples} of {state.target_samples} samples); run again to resume there")
+                         f"{folder.name} ({state.samples} of {state.target_samples} samples); "
+                         "run again to resume there")
 
 
 def checkpoint(engine: Any, settings: LoopSettings, state: LoopState) -> Path:
