@@ -12,6 +12,7 @@ What the columns hold: pipeline/encoding.py.
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -129,15 +130,37 @@ def units(cfg: RunConfig, run_dir: Path) -> list[Unit]:
     return [Unit(split, i, shard.stage("shard") / piece["file"], fp) for (split, i, piece), fp in zip(listed, prints)]
 
 
-_ENCODERS: dict[tuple[str, int], Encoder] = {}
+_ENCODERS: dict[tuple, Encoder] = {}
+_TOKENIZERS: dict[tuple, Any] = {}
+_TOKENIZERS_LOCK = threading.Lock()
+
+
+def _tokenizer_files(name_or_path: str) -> tuple:
+    """A loaded tokenizer's identity in this process: its path and its files' sizes and times (the
+    files may be rewritten between two runs of the stage in one process)."""
+    folder = Path(name_or_path)
+    files = sorted(f for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
+    return (name_or_path, *((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+
+
+def shared_tokenizer(name_or_path: str) -> Any:
+    """This process's tokenizer, loaded once (the first load imports half of transformers); read it,
+    never change its settings."""
+    key = _tokenizer_files(name_or_path)
+    with _TOKENIZERS_LOCK:
+        if key not in _TOKENIZERS:
+            _TOKENIZERS.clear()
+            _TOKENIZERS[key] = load_tokenizer(name_or_path)
+        return _TOKENIZERS[key]
 
 
 def _encoder(cfg: RunConfig) -> Encoder:
-    """One tokenizer per worker (process or thread: a tokenizer's settings are not thread-safe),
-    loaded by its first task."""
-    key = (cfg.model_dump_json(), threading.get_ident())
+    """One encoder per worker (process or thread: a tokenizer's settings are not thread-safe), made by
+    its first task from a copy of the shared tokenizer (a quarter of the time of a load)."""
+    path = cfg.model.name_or_path
+    key = (cfg.model_dump_json(), threading.get_ident(), _tokenizer_files(path))
     if key not in _ENCODERS:
-        tokenizer = load_tokenizer(cfg.model.name_or_path)
+        tokenizer = copy.deepcopy(shared_tokenizer(path))
         _ENCODERS[key] = Encoder(tokenizer, cfg.data, chat_template(cfg, tokenizer))
     return _ENCODERS[key]
 
@@ -173,7 +196,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     shard_manifest = ctx.run_dir.read_manifest("shard")
     assert shard_manifest is not None, "tokenize runs after shard"
     out = ctx.run_dir.stage("tokenize")
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    tokenizer = shared_tokenizer(cfg.model.name_or_path)
     chat_template(cfg, tokenizer)  # a missing template is a config error: raise it before any worker starts
     todo = units(cfg, ctx.run_dir.root)
     for split in SPLITS:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests import fixtures
+from tests.config_template import write_from_template
 from tests.helpers import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -22,6 +23,29 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return fixtures.build_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    """Enough of a model for stages that never load it: check_paths wants a config.json."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    path = tmp_path / "data" / "train.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"text": "hello there"}\n{"text": "general kenobi"}\n')
+    return path
+
+
+@pytest.fixture
+def write_cfg(tmp_path, model_dir, data_file):
+    """write_cfg(replace={old_line: new_line}) -> path of a config made from config_template.BASE."""
+    return lambda *args, **kwargs: write_from_template(tmp_path, model_dir, data_file, *args, **kwargs)
 
 
 @pytest.fixture

@@ -1,76 +1,21 @@
 """Bad rows in every source format: each one lands in rejects.jsonl with file, line and reason,
-every good row around it is kept, the split is stable, and too many rejects stop the run."""
+and every good row around it is kept. (The split: test_split.py; too many rejects:
+test_reject_limits.py.)"""
 
 from __future__ import annotations
 
-import json
-import os
-import random
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from launch.cli import main
-from pipeline import shard
-from pipeline.config import RunConfig, validate_config
-from pipeline.context import StageContext
+from pipeline.config import validate_config
 from pipeline.errors import UserError
-from pipeline.run_dir import RunDir
-from tests import fixtures
+from tests.shard_checks import J, make_cfg, make_raw, rejects_of, run_shard, shard_rows
 
-REPO = Path(__file__).resolve().parents[1]
 LABELS = ["negative", "positive"]
-
-
-@pytest.fixture
-def model_dir(tmp_path) -> Path:
-    """The shard stage never loads the model; check_paths only needs a directory with config.json."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    return folder
-
-
-def make_raw(tmp_path: Path, model_dir: Path, sources: list[Path], classify: bool = False,
-             name: str | None = None, **data) -> dict:
-    build = fixtures.classification_config if classify else fixtures.causal_config
-    raw = fixtures.merge(build(tmp_path, model_dir, sources[0]), {"data": data})
-    raw["data"]["train"] = [str(s) for s in sources]
-    if name:
-        raw["name"] = name
-    return raw
-
-
-def make_cfg(tmp_path: Path, model_dir: Path, sources: list[Path], classify: bool = False,
-             name: str | None = None, **data) -> RunConfig:
-    return validate_config(make_raw(tmp_path, model_dir, sources, classify, name, **data))
-
-
-def run_shard(cfg: RunConfig) -> dict:
-    return shard.run(cfg, StageContext(RunDir(cfg.run_dir), progress=False))
-
-
-def data_dir(cfg: RunConfig) -> Path:
-    return cfg.run_dir / "shard" / "data"
-
-
-def rejects_of(cfg: RunConfig) -> list[dict]:
-    return [json.loads(line) for line in (data_dir(cfg) / "rejects.jsonl").read_text().splitlines()]
-
-
-def shard_rows(cfg: RunConfig) -> dict[str, list[dict]]:
-    """Every row of every parquet shard, per split, with the shard file it is in."""
-    out: dict[str, list[dict]] = {}
-    for split in ("train", "eval"):
-        files = sorted(data_dir(cfg).glob(f"{split}-*-of-*.parquet"))
-        assert len(files) == cfg.data.num_shards
-        out[split] = [{**row, "shard": f.name} for f in files for row in pq.read_table(f).to_pylist()]
-    return out
 
 
 def input_rows(path: Path) -> int:
@@ -85,10 +30,6 @@ def input_rows(path: Path) -> int:
 # --- one source file per format, with the outcome every row must have --------------------------
 # An entry is (row, outcome): outcome is (text, label) for a kept row, a list of words the reject
 # reason must contain, or None for a blank line (neither kept nor rejected).
-
-
-def J(obj) -> bytes:
-    return json.dumps(obj).encode()
 
 
 def write_source(path: Path, entries: list, header: bytes | None = None,
@@ -319,204 +260,6 @@ def test_labels_by_index_only_with_num_labels(tmp_path, model_dir):
     assert [(r["line"], r["reason"]) for r in rejects_of(cfg)] == [
         (3, "unknown label 3 (expected one of 0..2)"), (4, "unknown label 'positive' (expected one of 0..2)")]
     assert sorted(r["label"] for rs in shard_rows(cfg).values() for r in rs) == [0, 2]
-
-
-# --- the stable split ----------------------------------------------------------------------------
-
-
-def _placement(cfg: RunConfig) -> dict[str, tuple[str, str]]:
-    return {r["text"]: (split, r["shard"]) for split, rows in shard_rows(cfg).items() for r in rows}
-
-
-def test_split_is_stable_across_runs_and_file_order(tmp_path, model_dir):
-    texts = [f"{i} {s}" for i, s in enumerate(fixtures.sentences(2000, seed=3))]
-    a = fixtures.write_jsonl(tmp_path / "src" / "a.jsonl", [{"text": t} for t in texts[:1200]])
-    b = fixtures.write_jsonl(tmp_path / "src" / "b.jsonl", [{"text": t} for t in texts[1200:]])
-    shuffled = texts[:]
-    random.Random(5).shuffle(shuffled)
-    one = fixtures.write_jsonl(tmp_path / "src" / "all.jsonl", [{"text": t} for t in shuffled])
-
-    common = {"eval_fraction": 0.1, "num_shards": 3}
-    first = make_cfg(tmp_path, model_dir, [a, b], name="first", **common)
-    second = make_cfg(tmp_path / "elsewhere", model_dir, [b, a], name="second", **common)
-    third = make_cfg(tmp_path, model_dir, [one], name="third", **common)
-    assert len({first.run_dir, second.run_dir, third.run_dir}) == 3
-    placed = []
-    for cfg in (first, second, third):
-        run_shard(cfg)
-        placed.append(_placement(cfg))
-
-    assert len(placed[0]) == 2000
-    assert placed[0] == placed[1] == placed[2]
-    eval_share = sum(split == "eval" for split, _ in placed[0].values()) / 2000
-    assert 0.05 <= eval_share <= 0.15
-
-
-def test_split_with_zero_eval_fraction_keeps_everything_in_train(tmp_path, model_dir):
-    source = fixtures.write_jsonl(tmp_path / "d.jsonl", [{"text": f"{i} row"} for i in range(300)])
-    cfg = make_cfg(tmp_path, model_dir, [source], eval_fraction=0.0)
-    manifest = run_shard(cfg)
-    assert manifest["splits"]["train"]["rows"] == 300 and manifest["splits"]["eval"]["rows"] == 0
-
-
-def test_explicit_eval_files_bypass_the_hash_split(tmp_path, model_dir):
-    train_texts = [f"train {i} {s}" for i, s in enumerate(fixtures.sentences(200, seed=1))]
-    eval_texts = [f"eval {i} {s}" for i, s in enumerate(fixtures.sentences(50, seed=2))]
-    train = fixtures.write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in train_texts])
-    held = fixtures.write_jsonl(tmp_path / "held.jsonl", [{"text": t} for t in eval_texts])
-    cfg = make_cfg(tmp_path, model_dir, [train], eval=[str(held)], eval_fraction=0.5)
-    manifest = run_shard(cfg)
-    rows = shard_rows(cfg)
-    assert sorted(r["text"] for r in rows["train"]) == sorted(train_texts)
-    assert sorted(r["text"] for r in rows["eval"]) == sorted(eval_texts)
-    assert {r["source"] for r in rows["train"]} == {str(train)}
-    assert {r["source"] for r in rows["eval"]} == {str(held)}
-    assert manifest["splits"]["train"]["rows"] == 200 and manifest["splits"]["eval"]["rows"] == 50
-
-
-# --- too many rejects, no rows at all --------------------------------------------------------------
-
-
-def _mostly_good(path: Path, good: int, bad_lines: dict[int, bytes]) -> Path:
-    """`good` valid rows with the given bad lines (1-based positions) among them."""
-    lines: list[bytes] = []
-    rows = iter(range(good))
-    while len(lines) < good + len(bad_lines):
-        position = len(lines) + 1
-        lines.append(bad_lines[position] if position in bad_lines else J({"text": f"good row {next(rows)}"}))
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    return path
-
-
-BAD = {3: b"{broken", 20: J({"text": ""}), 47: J([1]), 80: b"\xff", 105: J({"txt": "x"})}
-
-
-def test_too_many_rejects_stop_the_run_and_keep_rejects(tmp_path, model_dir):
-    source = _mostly_good(tmp_path / "d.jsonl", 100, BAD)
-    cfg = make_cfg(tmp_path, model_dir, [source])  # default max_reject_fraction: 0.01
-    assert cfg.data.max_reject_fraction == 0.01
-    with pytest.raises(UserError) as info:
-        run_shard(cfg)
-    where = data_dir(cfg) / "rejects.jsonl"
-    assert str(info.value) == (
-        f"data: 5 of 105 rows rejected (4.8% > data.max_reject_fraction 1.0%); see {where}")
-    assert [(r["file"], r["line"]) for r in rejects_of(cfg)] == [(str(source), n) for n in sorted(BAD)]
-
-
-def test_reject_fraction_at_the_limit_passes(tmp_path, model_dir):
-    source = _mostly_good(tmp_path / "d.jsonl", 99, {50: b"{broken"})
-    cfg = make_cfg(tmp_path, model_dir, [source], max_reject_fraction=0.01)
-    manifest = run_shard(cfg)
-    assert manifest["rejected"] == 1
-    assert sum(len(rows) for rows in shard_rows(cfg).values()) == 99
-
-
-def test_raised_reject_limit_lets_the_run_continue(tmp_path, model_dir):
-    source = _mostly_good(tmp_path / "d.jsonl", 100, BAD)
-    cfg = make_cfg(tmp_path, model_dir, [source], max_reject_fraction=0.05)
-    assert run_shard(cfg)["rejected"] == 5
-
-
-def _write_all_bad(folder: Path, kind: str) -> tuple[Path, int]:
-    folder.mkdir(parents=True, exist_ok=True)
-    if kind == "jsonl-all-bad":
-        path = folder / "bad.jsonl"
-        path.write_bytes(b'{"text": ""}\n[1]\n\n\xff\xfe\n')
-        return path, 3
-    if kind == "jsonl-empty":
-        path = folder / "empty.jsonl"
-        path.write_bytes(b"")
-        return path, 0
-    if kind == "txt-blank-lines":
-        path = folder / "blank.txt"
-        path.write_bytes(b"\n  \n\t\n")
-        return path, 0
-    if kind == "csv-header-only":
-        path = folder / "header.csv"
-        path.write_bytes(b"text,label\n")
-        return path, 0
-    if kind == "csv-all-bad":
-        path = folder / "bad.csv"
-        path.write_bytes(b"text\n,\n\xff\n")
-        return path, 2
-    if kind == "parquet-empty":
-        path = folder / "empty.parquet"
-        pq.write_table(pa.table({"text": pa.array([], pa.string())}), path)
-        return path, 0
-    assert kind == "parquet-all-null"
-    path = folder / "null.parquet"
-    pq.write_table(pa.table({"text": pa.array([None, None, ""], pa.string())}), path)
-    return path, 3
-
-
-EMPTY_KINDS = ["jsonl-all-bad", "jsonl-empty", "txt-blank-lines", "csv-header-only", "csv-all-bad",
-               "parquet-empty", "parquet-all-null"]
-
-
-@pytest.mark.parametrize("kind", EMPTY_KINDS)
-def test_no_valid_rows_is_an_error(tmp_path, model_dir, kind):
-    source, bad = _write_all_bad(tmp_path / "src", kind)
-    cfg = make_cfg(tmp_path, model_dir, [source], max_reject_fraction=1.0)
-    with pytest.raises(UserError) as info:
-        run_shard(cfg)
-    where = data_dir(cfg) / "rejects.jsonl"
-    assert str(info.value) == f"data.train: no valid training rows ({bad} rejected, see {where})"
-    assert len(rejects_of(cfg)) == bad
-
-
-def test_text_file_for_classification_rejects_every_line(tmp_path, model_dir):
-    source = tmp_path / "lines.txt"
-    source.write_text("one line\ntwo line\n")
-    cfg = make_cfg(tmp_path, model_dir, [source], classify=True)
-    with pytest.raises(UserError) as info:
-        run_shard(cfg)
-    assert "no valid training rows (2 rejected" in str(info.value)
-    assert [(r["line"], r["reason"]) for r in rejects_of(cfg)] == [(1, "missing field 'label'"),
-                                                                  (2, "missing field 'label'")]
-
-
-# --- through the CLI ----------------------------------------------------------------------------------
-
-
-def _cli_config(tmp_path: Path, model_dir: Path, source: Path, **data) -> Path:
-    raw = make_raw(tmp_path, model_dir, [source], **data)
-    return fixtures.write_config(tmp_path / "cfg.yaml", raw)
-
-
-def test_cli_too_many_rejects_exits_2_with_one_line(tmp_path, model_dir, capsys):
-    source = _mostly_good(tmp_path / "d.jsonl", 100, BAD)
-    config = _cli_config(tmp_path, model_dir, source)
-    rc = main(["run", str(config), "--stages", "shard", "--no-progress"])
-    out, err = capsys.readouterr()
-    where = tmp_path / "runs" / "lm" / "shard" / "data" / "rejects.jsonl"
-    assert rc == 2
-    assert err == f"ftpipe: error: data: 5 of 105 rows rejected (4.8% > data.max_reject_fraction 1.0%); see {where}\n"
-    assert "  shard       run" in out
-    assert len(where.read_text().splitlines()) == 5
-    assert not (tmp_path / "runs" / "lm" / "shard" / "manifest.json").exists()
-
-
-@pytest.mark.parametrize("kind", ["jsonl-all-bad", "parquet-empty"])
-def test_cli_no_valid_rows_exits_2_with_one_line(tmp_path, model_dir, capsys, kind):
-    source, bad = _write_all_bad(tmp_path / "src", kind)
-    config = _cli_config(tmp_path, model_dir, source)
-    rc = main(["run", str(config), "--stages", "shard", "--no-progress"])
-    err = capsys.readouterr().err
-    where = tmp_path / "runs" / "lm" / "shard" / "data" / "rejects.jsonl"
-    assert rc == 2
-    assert err == f"ftpipe: error: data.train: no valid training rows ({bad} rejected, see {where})\n"
-
-
-def test_subprocess_no_valid_rows_exits_2_without_traceback(tmp_path, model_dir):
-    source, _ = _write_all_bad(tmp_path / "src", "jsonl-all-bad")
-    config = _cli_config(tmp_path, model_dir, source)
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "run", str(config), "--stages", "shard",
-                           "--no-progress"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True)
-    where = tmp_path / "runs" / "lm" / "shard" / "data" / "rejects.jsonl"
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr == f"ftpipe: error: data.train: no valid training rows (3 rejected, see {where})\n"
 
 
 # --- inputs that once crashed the stage or lost rows -----------------------------------------------

@@ -3,11 +3,13 @@ general per-example path writes."""
 
 from __future__ import annotations
 
+import random
+
 import pyarrow as pa
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.encoding import Encoder
+from pipeline.encoding import Encoder, id_lists
 from pipeline.tokenizer import load_tokenizer
 from tests import fixtures
 
@@ -33,3 +35,13 @@ def test_column_wise_text_equals_the_per_example_path(model, request):
     schema = fast.schema
     assert pa.RecordBatch.from_pydict(got.columns, schema=schema).equals(
         pa.RecordBatch.from_pydict(want.columns, schema=schema))
+
+
+@pytest.mark.parametrize("eos", [None, 0, 3])
+def test_id_lists_equal_appending_eos_list_by_list(eos):
+    """Empty lists, lists already ending in EOS and empty batches included."""
+    rng = random.Random(eos)
+    for _ in range(200):
+        lists = [[rng.randint(0, 4) for _ in range(rng.choice([0, 0, 1, 2, 5]))] for _ in range(rng.randint(0, 6))]
+        want = lists if eos is None else [s + [eos] if not s or s[-1] != eos else s for s in lists]
+        assert id_lists(lists, eos).equals(pa.array(want, pa.list_(pa.int32()))), (lists, eos)

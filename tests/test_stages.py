@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import consolidate, evaluate, shard, tokenize
+from pipeline import evaluate, shard, tokenize
 from pipeline.config import validate_config
 from pipeline.context import StageContext
 from pipeline.run_dir import RunDir

@@ -1,6 +1,5 @@
 """MLflow: a real sqlite store, a real `mlflow server` on 127.0.0.1, and a dead server."""
 
-import pytest
 from mlflow.tracking import MlflowClient
 
 from tests import fixtures

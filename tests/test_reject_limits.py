@@ -1,0 +1,162 @@
+"""data.max_reject_fraction and sources without one valid row: one-line errors before any
+training, from the stage, the CLI (exit 2) and a fresh interpreter (no traceback)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from launch.cli import main
+from pipeline.errors import UserError
+from tests import fixtures
+from tests.shard_checks import J, data_dir, make_cfg, make_raw, rejects_of, run_shard, shard_rows
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _mostly_good(path: Path, good: int, bad_lines: dict[int, bytes]) -> Path:
+    """`good` valid rows with the given bad lines (1-based positions) among them."""
+    lines: list[bytes] = []
+    rows = iter(range(good))
+    while len(lines) < good + len(bad_lines):
+        position = len(lines) + 1
+        lines.append(bad_lines[position] if position in bad_lines else J({"text": f"good row {next(rows)}"}))
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+BAD = {3: b"{broken", 20: J({"text": ""}), 47: J([1]), 80: b"\xff", 105: J({"txt": "x"})}
+
+
+def test_too_many_rejects_stop_the_run_and_keep_rejects(tmp_path, model_dir):
+    source = _mostly_good(tmp_path / "d.jsonl", 100, BAD)
+    cfg = make_cfg(tmp_path, model_dir, [source])  # default max_reject_fraction: 0.01
+    assert cfg.data.max_reject_fraction == 0.01
+    with pytest.raises(UserError) as info:
+        run_shard(cfg)
+    where = data_dir(cfg) / "rejects.jsonl"
+    assert str(info.value) == (
+        f"data: 5 of 105 rows rejected (4.8% > data.max_reject_fraction 1.0%); see {where}")
+    assert [(r["file"], r["line"]) for r in rejects_of(cfg)] == [(str(source), n) for n in sorted(BAD)]
+
+
+def test_reject_fraction_at_the_limit_passes(tmp_path, model_dir):
+    source = _mostly_good(tmp_path / "d.jsonl", 99, {50: b"{broken"})
+    cfg = make_cfg(tmp_path, model_dir, [source], max_reject_fraction=0.01)
+    manifest = run_shard(cfg)
+    assert manifest["rejected"] == 1
+    assert sum(len(rows) for rows in shard_rows(cfg).values()) == 99
+
+
+def test_raised_reject_limit_lets_the_run_continue(tmp_path, model_dir):
+    source = _mostly_good(tmp_path / "d.jsonl", 100, BAD)
+    cfg = make_cfg(tmp_path, model_dir, [source], max_reject_fraction=0.05)
+    assert run_shard(cfg)["rejected"] == 5
+
+
+def _write_all_bad(folder: Path, kind: str) -> tuple[Path, int]:
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "jsonl-all-bad":
+        path = folder / "bad.jsonl"
+        path.write_bytes(b'{"text": ""}\n[1]\n\n\xff\xfe\n')
+        return path, 3
+    if kind == "jsonl-empty":
+        path = folder / "empty.jsonl"
+        path.write_bytes(b"")
+        return path, 0
+    if kind == "txt-blank-lines":
+        path = folder / "blank.txt"
+        path.write_bytes(b"\n  \n\t\n")
+        return path, 0
+    if kind == "csv-header-only":
+        path = folder / "header.csv"
+        path.write_bytes(b"text,label\n")
+        return path, 0
+    if kind == "csv-all-bad":
+        path = folder / "bad.csv"
+        path.write_bytes(b"text\n,\n\xff\n")
+        return path, 2
+    if kind == "parquet-empty":
+        path = folder / "empty.parquet"
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), path)
+        return path, 0
+    assert kind == "parquet-all-null"
+    path = folder / "null.parquet"
+    pq.write_table(pa.table({"text": pa.array([None, None, ""], pa.string())}), path)
+    return path, 3
+
+
+EMPTY_KINDS = ["jsonl-all-bad", "jsonl-empty", "txt-blank-lines", "csv-header-only", "csv-all-bad",
+               "parquet-empty", "parquet-all-null"]
+
+
+@pytest.mark.parametrize("kind", EMPTY_KINDS)
+def test_no_valid_rows_is_an_error(tmp_path, model_dir, kind):
+    source, bad = _write_all_bad(tmp_path / "src", kind)
+    cfg = make_cfg(tmp_path, model_dir, [source], max_reject_fraction=1.0)
+    with pytest.raises(UserError) as info:
+        run_shard(cfg)
+    where = data_dir(cfg) / "rejects.jsonl"
+    assert str(info.value) == f"data.train: no valid training rows ({bad} rejected, see {where})"
+    assert len(rejects_of(cfg)) == bad
+
+
+def test_text_file_for_classification_rejects_every_line(tmp_path, model_dir):
+    source = tmp_path / "lines.txt"
+    source.write_text("one line\ntwo line\n")
+    cfg = make_cfg(tmp_path, model_dir, [source], classify=True)
+    with pytest.raises(UserError) as info:
+        run_shard(cfg)
+    assert "no valid training rows (2 rejected" in str(info.value)
+    assert [(r["line"], r["reason"]) for r in rejects_of(cfg)] == [(1, "missing field 'label'"),
+                                                                  (2, "missing field 'label'")]
+
+
+# --- through the CLI ----------------------------------------------------------------------------------
+
+
+def _cli_config(tmp_path: Path, model_dir: Path, source: Path, **data) -> Path:
+    raw = make_raw(tmp_path, model_dir, [source], **data)
+    return fixtures.write_config(tmp_path / "cfg.yaml", raw)
+
+
+def test_cli_too_many_rejects_exits_2_with_one_line(tmp_path, model_dir, capsys):
+    source = _mostly_good(tmp_path / "d.jsonl", 100, BAD)
+    config = _cli_config(tmp_path, model_dir, source)
+    rc = main(["run", str(config), "--stages", "shard", "--no-progress"])
+    out, err = capsys.readouterr()
+    where = tmp_path / "runs" / "lm" / "shard" / "data" / "rejects.jsonl"
+    assert rc == 2
+    assert err == f"ftpipe: error: data: 5 of 105 rows rejected (4.8% > data.max_reject_fraction 1.0%); see {where}\n"
+    assert "  shard       run" in out
+    assert len(where.read_text().splitlines()) == 5
+    assert not (tmp_path / "runs" / "lm" / "shard" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["jsonl-all-bad", "parquet-empty"])
+def test_cli_no_valid_rows_exits_2_with_one_line(tmp_path, model_dir, capsys, kind):
+    source, bad = _write_all_bad(tmp_path / "src", kind)
+    config = _cli_config(tmp_path, model_dir, source)
+    rc = main(["run", str(config), "--stages", "shard", "--no-progress"])
+    err = capsys.readouterr().err
+    where = tmp_path / "runs" / "lm" / "shard" / "data" / "rejects.jsonl"
+    assert rc == 2
+    assert err == f"ftpipe: error: data.train: no valid training rows ({bad} rejected, see {where})\n"
+
+
+def test_subprocess_no_valid_rows_exits_2_without_traceback(tmp_path, model_dir):
+    source, _ = _write_all_bad(tmp_path / "src", "jsonl-all-bad")
+    config = _cli_config(tmp_path, model_dir, source)
+    proc = subprocess.run([sys.executable, "-m", "launch.cli", "run", str(config), "--stages", "shard",
+                           "--no-progress"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True)
+    where = tmp_path / "runs" / "lm" / "shard" / "data" / "rejects.jsonl"
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr == f"ftpipe: error: data.train: no valid training rows (3 rejected, see {where})\n"
