@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.abc
 import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import RunConfig, load_config
 from pipeline.sources import check_paths
@@ -202,6 +204,19 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _BeforeDeepSpeed(importlib.abc.MetaPathFinder):
+    """Picks DeepSpeed's accelerator just before the first `import deepspeed` (ours or transformers'),
+    which would otherwise warn: the choice needs torch, which commands that never train skip (1-2 s)."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        if name == "deepspeed":
+            sys.meta_path.remove(self)
+            from pipeline.distributed import prepare_accelerator_env
+
+            prepare_accelerator_env()
+        return None  # the usual finders import it
+
+
 def quiet_libraries() -> None:
     root = logging.getLogger("ftpipe")
     if not root.handlers:
@@ -213,9 +228,8 @@ def quiet_libraries() -> None:
     for name in ("alembic", "mlflow", "urllib3", "httpx", "datasets", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)
-    from pipeline.distributed import prepare_accelerator_env
-
-    prepare_accelerator_env()  # before transformers imports DeepSpeed, which would warn
+    if not any(isinstance(finder, _BeforeDeepSpeed) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _BeforeDeepSpeed())
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:

@@ -46,13 +46,7 @@ def id_lists(encoded: list[list[int]], eos: int | None) -> pa.ListArray:
         flat = np.insert(flat, ends[missing], eos)
         lengths = lengths + missing
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    return pa.ListArray.from_arrays(_int32_array(offsets), _int32_array(flat))
-
-
-def _int32_array(values: np.ndarray) -> pa.Array:
-    # From the buffer: pa.array(ndarray) would import pandas (half a second) on its first call.
-    values = np.ascontiguousarray(values, np.int32)
-    return pa.Array.from_buffers(pa.int32(), len(values), [None, pa.py_buffer(values)])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.int32()))
 
 
 @dataclass

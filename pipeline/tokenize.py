@@ -130,6 +130,19 @@ def units(cfg: RunConfig, run_dir: Path) -> list[Unit]:
     return [Unit(split, i, shard.stage("shard") / piece["file"], fp) for (split, i, piece), fp in zip(listed, prints)]
 
 
+_UNITS: dict[tuple[str, str], list[Unit]] = {}
+
+
+def _units_once(cfg: RunConfig, run_dir: Path, refresh: bool = False) -> list[Unit]:
+    """units(), computed once per stage run in each process rather than once per task (every unit's
+    fingerprint each time: quadratic in thousands of units). run() refreshes it before any task starts;
+    a worker process or SLURM array task computes it at its first task."""
+    key = (cfg.model_dump_json(), str(run_dir))
+    if refresh or key not in _UNITS:
+        _UNITS[key] = units(cfg, run_dir)
+    return _UNITS[key]
+
+
 _ENCODERS: dict[tuple, Encoder] = {}
 _TOKENIZERS: dict[tuple, Any] = {}
 _TOKENIZERS_LOCK = threading.Lock()
@@ -167,7 +180,7 @@ def _encoder(cfg: RunConfig) -> Encoder:
 
 def run_shard(cfg: RunConfig, run_dir: Path, rank: int, world_size: int) -> dict[str, Any]:
     """Task `rank` of `world_size`: tokenize unit number `rank` unless its marker is current."""
-    todo = units(cfg, run_dir)
+    todo = _units_once(cfg, run_dir)
     assert len(todo) == world_size, (len(todo), world_size)
     unit = todo[rank]
     folder = RunDir(run_dir).stage("tokenize") / unit.split
@@ -198,7 +211,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     out = ctx.run_dir.stage("tokenize")
     tokenizer = shared_tokenizer(cfg.model.name_or_path)
     chat_template(cfg, tokenizer)  # a missing template is a config error: raise it before any worker starts
-    todo = units(cfg, ctx.run_dir.root)
+    todo = _units_once(cfg, ctx.run_dir.root, refresh=True)
     for split in SPLITS:
         _prepare(out / split, sum(u.split == split for u in todo))
     stale = _stale(todo, out)
