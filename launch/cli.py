@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.abc
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -232,13 +233,14 @@ def quiet_libraries() -> None:
         sys.meta_path.insert(0, _BeforeDeepSpeed())
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
+    if "transformers" in sys.modules:  # it reads these variables only when imported
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
-    except ImportError:
-        pass
+    else:  # importing transformers here would cost commands like `ftpipe status` a second
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
 def main(argv: list[str] | None = None) -> int:
