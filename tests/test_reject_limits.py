@@ -60,40 +60,28 @@ def test_raised_reject_limit_lets_the_run_continue(tmp_path, model_dir):
     assert run_shard(cfg)["rejected"] == 5
 
 
+# kind -> (file name, its content: bytes, or the text column of a parquet file, rows it rejects)
+NO_VALID_ROWS: dict[str, tuple[str, bytes | list, int]] = {
+    "jsonl-all-bad": ("bad.jsonl", b'{"text": ""}\n[1]\n\n\xff\xfe\n', 3),
+    "jsonl-empty": ("empty.jsonl", b"", 0),
+    "txt-blank-lines": ("blank.txt", b"\n  \n\t\n", 0),
+    "csv-header-only": ("header.csv", b"text,label\n", 0),
+    "csv-all-bad": ("bad.csv", b"text\n,\n\xff\n", 2),
+    "parquet-empty": ("empty.parquet", [], 0),
+    "parquet-all-null": ("null.parquet", [None, None, ""], 3),
+}
+EMPTY_KINDS = list(NO_VALID_ROWS)
+
+
 def _write_all_bad(folder: Path, kind: str) -> tuple[Path, int]:
+    name, content, rejected = NO_VALID_ROWS[kind]
     folder.mkdir(parents=True, exist_ok=True)
-    if kind == "jsonl-all-bad":
-        path = folder / "bad.jsonl"
-        path.write_bytes(b'{"text": ""}\n[1]\n\n\xff\xfe\n')
-        return path, 3
-    if kind == "jsonl-empty":
-        path = folder / "empty.jsonl"
-        path.write_bytes(b"")
-        return path, 0
-    if kind == "txt-blank-lines":
-        path = folder / "blank.txt"
-        path.write_bytes(b"\n  \n\t\n")
-        return path, 0
-    if kind == "csv-header-only":
-        path = folder / "header.csv"
-        path.write_bytes(b"text,label\n")
-        return path, 0
-    if kind == "csv-all-bad":
-        path = folder / "bad.csv"
-        path.write_bytes(b"text\n,\n\xff\n")
-        return path, 2
-    if kind == "parquet-empty":
-        path = folder / "empty.parquet"
-        pq.write_table(pa.table({"text": pa.array([], pa.string())}), path)
-        return path, 0
-    assert kind == "parquet-all-null"
-    path = folder / "null.parquet"
-    pq.write_table(pa.table({"text": pa.array([None, None, ""], pa.string())}), path)
-    return path, 3
-
-
-EMPTY_KINDS = ["jsonl-all-bad", "jsonl-empty", "txt-blank-lines", "csv-header-only", "csv-all-bad",
-               "parquet-empty", "parquet-all-null"]
+    path = folder / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        pq.write_table(pa.table({"text": pa.array(content, pa.string())}), path)
+    return path, rejected
 
 
 @pytest.mark.parametrize("kind", EMPTY_KINDS)
