@@ -209,9 +209,12 @@ class _BeforeDeepSpeed(importlib.abc.MetaPathFinder):
     """Picks DeepSpeed's accelerator just before the first `import deepspeed` (ours or transformers'),
     which would otherwise warn: the choice needs torch, which commands that never train skip (1-2 s)."""
 
+    done = False
+
     def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
-        if name == "deepspeed":
-            sys.meta_path.remove(self)
+        # Stays in sys.meta_path: removing itself here would skip the next finder of this very search.
+        if name == "deepspeed" and not self.done:
+            self.done = True
             from pipeline.distributed import prepare_accelerator_env
 
             prepare_accelerator_env()
