@@ -235,7 +235,9 @@ def _wait_for_requeue(slurm_cluster, job_id: str, timeout: float = 120) -> None:
             break
         assert time.monotonic() < deadline, f"job {job_id} was not requeued: {shown}"
         time.sleep(0.5)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=slurm_cluster.env, check=True)
+    # slurmd revoked the first run's credential; one made in the same second counts as revoked too
+    # ("Killing non-startable batch job: Job credential revoked"), so start it a few seconds on.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"], env=slurm_cluster.env, check=True)
 
 
 def test_a_killed_shard_array_task_is_resubmitted_alone(slurm_cluster, tmp_path, tiny_llama):
