@@ -47,8 +47,7 @@ class Packer:
         self._open: list[_Row] = []
         self._closed: list[_Row] = []
 
-    def add(self, columns: dict[str, list | pa.Array]) -> dict[str, list]:
-        columns = {k: v.to_pylist() if isinstance(v, pa.Array) else v for k, v in columns.items()}
+    def add(self, columns: dict[str, list]) -> dict[str, list]:
         masks = columns["loss_mask"] if self.masked else [None] * len(columns["input_ids"])
         for ids, mask, targets in zip(columns["input_ids"], masks, columns["num_targets"]):
             self._place(ids, mask, targets)

@@ -3,9 +3,6 @@ line on stderr and no traceback."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +11,7 @@ from launch.cli import main
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.sources import check_paths
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, ftpipe_process
 
 
 # --- paths ---------------------------------------------------------------------------------------
@@ -154,15 +150,9 @@ def test_cli_plan_is_validate(write_cfg, capsys):
     assert capsys.readouterr().out == plan_out
 
 
-def _subprocess(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True)
-
-
 def test_subprocess_misspelled_key_exits_2_without_traceback(write_cfg):
     path = write_cfg({"  eval_fraction: 0.2": "  eval_fration: 0.2"})
-    proc = _subprocess("validate", str(path))
+    proc = ftpipe_process("validate", str(path), cwd=REPO)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr == (
@@ -171,7 +161,7 @@ def test_subprocess_misspelled_key_exits_2_without_traceback(write_cfg):
 
 
 def test_subprocess_missing_data_exits_2_without_traceback(write_cfg):
-    proc = _subprocess("run", str(write_cfg()), "data.train=[nope/*.jsonl]", "--no-progress")
+    proc = ftpipe_process("run", str(write_cfg()), "data.train=[nope/*.jsonl]", "--no-progress", cwd=REPO)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr == "ftpipe: error: data.train[0]: no file matches 'nope/*.jsonl'\n"

@@ -3,9 +3,6 @@ training, from the stage, the CLI (exit 2) and a fresh interpreter (no traceback
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,9 +12,8 @@ import pytest
 from launch.cli import main
 from pipeline.errors import UserError
 from tests import fixtures
+from tests.helpers import REPO, ftpipe_process
 from tests.shard_checks import J, data_dir, make_cfg, make_raw, rejects_of, run_shard, shard_rows
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _mostly_good(path: Path, good: int, bad_lines: dict[int, bytes]) -> Path:
@@ -141,9 +137,7 @@ def test_cli_no_valid_rows_exits_2_with_one_line(tmp_path, model_dir, capsys, ki
 def test_subprocess_no_valid_rows_exits_2_without_traceback(tmp_path, model_dir):
     source, _ = _write_all_bad(tmp_path / "src", "jsonl-all-bad")
     config = _cli_config(tmp_path, model_dir, source)
-    proc = subprocess.run([sys.executable, "-m", "launch.cli", "run", str(config), "--stages", "shard",
-                           "--no-progress"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True)
+    proc = ftpipe_process("run", str(config), "--stages", "shard", "--no-progress", cwd=REPO)
     where = tmp_path / "runs" / "lm" / "shard" / "data" / "rejects.jsonl"
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
