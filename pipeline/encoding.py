@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import DataConfig
 from pipeline.errors import UserError
+from pipeline.tokenizer import RustTokenizer, rust_tokenizer
 
 Span = tuple[str, bool]  # (text, counted by the loss)
 
@@ -115,8 +116,7 @@ class Encoder:
         self.chat = ChatRenderer(tokenizer, chat_template) if data.format == "chat" else None
         # A fast tokenizer's Rust backend, called directly: ids only, no offsets, no Python-side
         # BatchEncoding (the tokenize stage's hot path). Slow tokenizers go through __call__.
-        backend = getattr(tokenizer, "_tokenizer", None)
-        self.backend = backend if hasattr(backend, "encode_batch_fast") else None
+        self.rust = tokenizer if isinstance(tokenizer, RustTokenizer) else rust_tokenizer(tokenizer)
 
     @property
     def schema(self) -> pa.Schema:
@@ -205,32 +205,33 @@ class Encoder:
         return self._from_ids(list(zip(encoded, [counted for _, counted in spans])))
 
     def _classification(self, rows: dict[str, list]) -> list[Example]:
-        pairs = rows.get("text_pair")
-        encoded = self.tokenizer(rows["text"], pairs, return_attention_mask=False,
-                                 return_token_type_ids=False)["input_ids"]
+        texts, pairs = rows["text"], rows.get("text_pair")
+        encoded = self._encode_with_pairs(texts, pairs)
         lengths = [len(seq) for seq in encoded]
         # Re-encoding only the long rows keeps the tokenizer's closing special tokens in place.
         long = [i for i, n in enumerate(lengths) if n > self.max_len]
         if long and self.data.overlong == "truncate":
-            again = self.tokenizer([rows["text"][i] for i in long], [pairs[i] for i in long] if pairs else None,
-                                   truncation=True, max_length=self.max_len, return_attention_mask=False,
-                                   return_token_type_ids=False)["input_ids"]
+            again = self._encode_with_pairs([texts[i] for i in long], [pairs[i] for i in long] if pairs else None,
+                                            self.max_len)
             for i, seq in zip(long, again):
                 encoded[i] = seq
         return [Example(seq, [], n) for seq, n in zip(encoded, lengths)]
 
+    def _encode_with_pairs(self, texts: list[str], pairs: list[str] | None, max_len: int | None = None) -> list[list[int]]:
+        """Ids of texts (and their pairs) with the tokenizer's special tokens, as a plain call makes them."""
+        if self.rust is not None:
+            return self.rust.ids(list(zip(texts, pairs)) if pairs else texts, True, max_len)
+        truncation = {"truncation": True, "max_length": max_len} if max_len is not None else {}
+        return self.tokenizer(texts, pairs, return_attention_mask=False, return_token_type_ids=False,
+                              **truncation)["input_ids"]
+
     def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
         if not texts:
             return []
-        if self.backend is None:
+        if self.rust is None:
             return self.tokenizer(texts, add_special_tokens=special, return_attention_mask=False,
                                   return_token_type_ids=False)["input_ids"]
-        # As a plain __call__ does: no truncation or padding (a truncating call may have set them).
-        if self.backend.truncation is not None:
-            self.backend.no_truncation()
-        if self.backend.padding is not None:
-            self.backend.no_padding()
-        return [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=special)]
+        return self.rust.ids(texts, special)
 
     def _with_eos(self, encoded: list[list[int]]) -> list[list[int]]:
         eos = self.tokenizer.eos_token_id

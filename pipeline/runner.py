@@ -56,6 +56,11 @@ def _tokenize_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
             "tokenizer": _model_digest(cfg, cache, weights=False)}
 
 
+def tokenizer_digest(cfg: RunConfig) -> dict[str, str]:
+    """The tokenizer's files by content (the model folder's files other than weights)."""
+    return _model_digest(cfg, digest_cache(cfg), weights=False)
+
+
 def digest_cache(cfg: RunConfig) -> DigestCache:
     return DigestCache(Path(cfg.output_dir) / ".digest-cache.json")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+from importlib.metadata import version
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,15 +29,16 @@ from pipeline.config import RunConfig
 from pipeline.context import StageContext
 from pipeline.encoding import EncodedBatch, Encoder, output_schema
 from pipeline.errors import UserError
-from pipeline.tokenizer import load_tokenizer
+from pipeline.tokenizer import RustTokenizer, load_tokenizer, rust_tokenizer, saved_tokenizer
 from pipeline.packing import Packer, packed_schema, packing_summary
 from pipeline.parallel import run_tasks
-from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text, remove_stale_tmp
-from pipeline.runner import tokenize_unit_fingerprints
+from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text, fingerprint, remove_stale_tmp
+from pipeline.runner import SPECS, tokenize_unit_fingerprints, tokenizer_digest
 from pipeline.sources import source_files
 
 BATCH_ROWS = 1000
 SPLITS = ("train", "eval")
+SAVED_TOKENIZERS = ".tokenizers"  # in output_dir, beside .digest-cache.json: shared by its runs
 
 
 def pad_token_id(tokenizer) -> int:
@@ -148,34 +150,36 @@ _TOKENIZERS: dict[tuple, Any] = {}
 _TOKENIZERS_LOCK = threading.Lock()
 
 
-def _tokenizer_files(name_or_path: str) -> tuple:
-    """A loaded tokenizer's identity in this process: its path and its files' sizes and times (the
-    files may be rewritten between two runs of the stage in one process)."""
-    folder = Path(name_or_path)
-    files = sorted(f for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
-    return (name_or_path, *((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
-
-
-def shared_tokenizer(name_or_path: str) -> Any:
-    """This process's tokenizer, loaded once (the first load imports half of transformers); read it,
-    never change its settings."""
-    key = _tokenizer_files(name_or_path)
+def shared_tokenizer(cfg: RunConfig) -> tuple[tuple, Any]:
+    """This process's tokenizer for the stage and its identity, loaded once; read it, never change
+    its settings. Local tokenizers come from their saved Rust copy (see pipeline.tokenizer), except
+    for chat, whose templates render through transformers."""
+    path = cfg.model.name_or_path
+    key = (path, cfg.data.format == "chat", _saved_name(cfg))
     with _TOKENIZERS_LOCK:
         if key not in _TOKENIZERS:
             _TOKENIZERS.clear()
-            _TOKENIZERS[key] = load_tokenizer(name_or_path)
-        return _TOKENIZERS[key]
+            local = Path(path).is_dir() and cfg.data.format != "chat"
+            _TOKENIZERS[key] = saved_tokenizer(path, Path(cfg.output_dir) / SAVED_TOKENIZERS, key[-1]) \
+                if local else load_tokenizer(path)
+        return key, _TOKENIZERS[key]
+
+
+def _saved_name(cfg: RunConfig) -> str:
+    """Names a saved tokenizer by what it is built from: the files' content and the libraries."""
+    return fingerprint({"files": tokenizer_digest(cfg), "code": SPECS["tokenize"].code_version(),
+                        "libraries": [version(name) for name in ("transformers", "tokenizers")]})
 
 
 def _encoder(cfg: RunConfig) -> Encoder:
     """One encoder per worker (process or thread: a tokenizer's settings are not thread-safe), made by
-    its first task from a copy of the shared tokenizer (a quarter of the time of a load)."""
-    path = cfg.model.name_or_path
-    key = (cfg.model_dump_json(), threading.get_ident(), _tokenizer_files(path))
-    if key not in _ENCODERS:
-        tokenizer = copy.deepcopy(shared_tokenizer(path))
-        _ENCODERS[key] = Encoder(tokenizer, cfg.data, chat_template(cfg, tokenizer))
-    return _ENCODERS[key]
+    its first task from a copy of the shared tokenizer (a fraction of the time of a load)."""
+    key, shared = shared_tokenizer(cfg)
+    worker_key = (cfg.model_dump_json(), threading.get_ident(), key)
+    if worker_key not in _ENCODERS:
+        tokenizer = copy.deepcopy(shared)
+        _ENCODERS[worker_key] = Encoder(tokenizer, cfg.data, chat_template(cfg, tokenizer))
+    return _ENCODERS[worker_key]
 
 
 def run_shard(cfg: RunConfig, run_dir: Path, rank: int, world_size: int) -> dict[str, Any]:
@@ -209,7 +213,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     shard_manifest = ctx.run_dir.read_manifest("shard")
     assert shard_manifest is not None, "tokenize runs after shard"
     out = ctx.run_dir.stage("tokenize")
-    tokenizer = shared_tokenizer(cfg.model.name_or_path)
+    tokenizer = shared_tokenizer(cfg)[1]
     chat_template(cfg, tokenizer)  # a missing template is a config error: raise it before any worker starts
     todo = _units_once(cfg, ctx.run_dir.root, refresh=True)
     for split in SPLITS:
@@ -217,7 +221,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     stale = _stale(todo, out)
     # A Rust tokenizer releases the GIL and spreads each batch over every core itself: threads then
     # beat processes (no start-up, no copies). Chat templates render in Python: processes.
-    threads = getattr(tokenizer, "_tokenizer", None) is not None and cfg.data.format != "chat"
+    threads = cfg.data.format != "chat" and (isinstance(tokenizer, RustTokenizer) or rust_tokenizer(tokenizer) is not None)
     for _ in run_tasks(run_shard, cfg, ctx.run_dir.root, stale, len(todo), cfg.data.num_workers, threads):
         pass  # each task wrote its marker; the stats are read back from them below
     manifest: dict[str, Any] = {"splits": {}, "reused_shards": len(todo) - len(stale), "ran_shards": len(stale),

@@ -1,11 +1,28 @@
-"""Loading a tokenizer without the modeling code: tokenize workers start in a fraction of the time."""
+"""Tokenizers: transformers' AutoTokenizer, and for the tokenize stage the same Rust tokenizer saved
+once and loaded without transformers.
+
+Loading any tokenizer through transformers imports transformers and torch: 3-5 s in every process
+that does it, longer than tokenizing a shard of 50k rows (every SLURM array task of the tokenize
+stage is such a process). Outside chat templates the stage calls only the Rust backend that
+transformers builds for a fast tokenizer, so that backend is saved once per tokenizer (its files'
+digests, the library versions and this file's code in the name) and loaded from there with the
+`tokenizers` library alone. A saved tokenizer is checked against the live one before it is used.
+"""
 
 from __future__ import annotations
 
+import copy
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
+from pipeline.run_dir import atomic_write_json, atomic_write_text
+
+# Texts the saved and the live tokenizer must encode alike: spacing, accents, CJK, emoji, digits.
+PROBES = ("Hello world", "  two  spaces\tand a tab\nnew line ", "naïve café, Straße", "東京タワー 🤗 ✓",
+          "12345 3.14159 -7", "x", "")
 
 
 def load_tokenizer(name_or_path: str | Path) -> Any:
@@ -16,3 +33,100 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
     except (OSError, ValueError) as err:
         raise UserError(f"model.name_or_path: cannot load a tokenizer from {str(name_or_path)!r}: "
                         f"{str(err).splitlines()[0]}") from None
+
+
+@dataclass
+class RustTokenizer:
+    """A fast tokenizer's Rust backend, called as a plain call of the transformers tokenizer calls it
+    (no padding, truncation only when asked), and the settings of that tokenizer the stage reads."""
+
+    backend: Any  # tokenizers.Tokenizer
+    eos_token_id: int | None
+    pad_token_id: int | None
+    truncation_side: str
+    split_special_tokens: bool  # not in the backend's JSON: set again after every load or copy
+
+    def __post_init__(self) -> None:
+        self.backend.encode_special_tokens = self.split_special_tokens
+
+    def __deepcopy__(self, memo: dict) -> RustTokenizer:
+        return RustTokenizer(copy.deepcopy(self.backend, memo), **self.settings())
+
+    def settings(self) -> dict[str, Any]:
+        return {"eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+                "truncation_side": self.truncation_side, "split_special_tokens": self.split_special_tokens}
+
+    def ids(self, texts: list[Any], special: bool = True, max_len: int | None = None) -> list[list[int]]:
+        """Token ids of texts (or (text, pair) tuples); `max_len` truncates as transformers'
+        truncation=True does (longest first, on the tokenizer's truncation side)."""
+        if self.backend.padding is not None:  # a tokenizer.json may pad; a plain call never does
+            self.backend.no_padding()
+        if max_len is not None:
+            self.backend.enable_truncation(max_len, strategy="longest_first", direction=self.truncation_side)
+        elif self.backend.truncation is not None:
+            self.backend.no_truncation()
+        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=special)]
+
+
+def rust_tokenizer(hf_tokenizer: Any) -> RustTokenizer | None:
+    """The Rust side of a transformers tokenizer (shared with it, not a copy); None for a slow one."""
+    backend = getattr(hf_tokenizer, "_tokenizer", None)
+    if not hasattr(backend, "encode_batch_fast"):
+        return None
+    return RustTokenizer(backend, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id,
+                         hf_tokenizer.truncation_side, bool(getattr(hf_tokenizer, "split_special_tokens", False)))
+
+
+def saved_tokenizer(name_or_path: str, folder: Path, name: str) -> RustTokenizer | Any:
+    """The tokenizer of `name_or_path` as saved in `folder` under `name`, saved first if it is not
+    there yet (the one load through transformers). A slow tokenizer, or one whose saved copy does
+    not encode as transformers does, comes from transformers every time."""
+    settings = _read_settings(folder / f"{name}.json")
+    if settings is not None and not settings.get("rust"):
+        return load_tokenizer(name_or_path)
+    loaded = _load_saved(folder / f"{name}.tokenizer.json", settings) if settings else None
+    return loaded if loaded is not None else _save(load_tokenizer(name_or_path), folder, name)
+
+
+def _read_settings(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # not saved yet: save it
+
+
+def _load_saved(path: Path, settings: dict[str, Any]) -> RustTokenizer | None:
+    """None where the save is incomplete (its files removed or edited by hand): it is saved again."""
+    from tokenizers import Tokenizer
+
+    fields = [k for k in RustTokenizer.__dataclass_fields__ if k != "backend"]
+    try:
+        return RustTokenizer(Tokenizer.from_file(str(path)), **{k: settings[k] for k in fields})
+    except Exception:  # tokenizers raises a bare Exception for a missing or unreadable file
+        return None
+
+
+def _save(hf_tokenizer: Any, folder: Path, name: str) -> RustTokenizer | Any:
+    """Write the backend, then the settings (last: they mark the save complete)."""
+    live = rust_tokenizer(hf_tokenizer)
+    if live is not None:
+        from tokenizers import Tokenizer
+
+        text = live.backend.to_str()
+        saved = RustTokenizer(Tokenizer.from_str(text), **live.settings())
+        if _encodes_alike(saved, hf_tokenizer):
+            atomic_write_text(folder / f"{name}.tokenizer.json", text)
+            atomic_write_json(folder / f"{name}.json", {"rust": True, **saved.settings()})
+            return saved
+    atomic_write_json(folder / f"{name}.json", {"rust": False})
+    return hf_tokenizer
+
+
+def _encodes_alike(saved: RustTokenizer, hf_tokenizer: Any) -> bool:
+    """The saved copy against transformers' own call, with and without special tokens, with pairs."""
+    specials = " ".join(getattr(hf_tokenizer, "all_special_tokens", []))
+    texts = [*PROBES, f"{specials} between {specials}"]
+    pairs = list(reversed(texts))
+    return all(saved.ids(texts, special) == hf_tokenizer(texts, add_special_tokens=special)["input_ids"]
+               and saved.ids(list(zip(texts, pairs)), special)
+               == hf_tokenizer(texts, pairs, add_special_tokens=special)["input_ids"] for special in (True, False))

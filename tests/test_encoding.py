@@ -25,7 +25,7 @@ def test_column_wise_text_equals_the_per_example_path(model, request):
     texts = fixtures.sentences(40, seed=7) + ["a", "b c", " ".join(fixtures.sentences(6, seed=8))]
     rows = {"text": texts, "source": ["s"] * len(texts), "line": list(range(len(texts)))}
     fast, slow = Encoder(tokenizer, data), PerExample(tokenizer, data)
-    assert fast.column_wise and not slow.column_wise and fast.backend is not None
+    assert fast.column_wise and not slow.column_wise and fast.rust is not None
     # The Rust backend called directly gives what the tokenizer's own __call__ gives.
     assert fast._encode(texts, True) == tokenizer(texts)["input_ids"]
     tokenizer(texts[:3], truncation=True, max_length=4)  # leaves truncation set on the backend
