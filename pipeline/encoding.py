@@ -217,7 +217,8 @@ class Encoder:
                 encoded[i] = seq
         return [Example(seq, [], n) for seq, n in zip(encoded, lengths)]
 
-    def _encode_with_pairs(self, texts: list[str], pairs: list[str] | None, max_len: int | None = None) -> list[list[int]]:
+    def _encode_with_pairs(self, texts: list[str], pairs: list[str] | None,
+                           max_len: int | None = None) -> list[list[int]]:
         """Ids of texts (and their pairs) with the tokenizer's special tokens, as a plain call makes them."""
         if self.rust is not None:
             return self.rust.ids(list(zip(texts, pairs)) if pairs else texts, True, max_len)

@@ -221,7 +221,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     stale = _stale(todo, out)
     # A Rust tokenizer releases the GIL and spreads each batch over every core itself: threads then
     # beat processes (no start-up, no copies). Chat templates render in Python: processes.
-    threads = cfg.data.format != "chat" and (isinstance(tokenizer, RustTokenizer) or rust_tokenizer(tokenizer) is not None)
+    rust = isinstance(tokenizer, RustTokenizer) or rust_tokenizer(tokenizer) is not None
+    threads = rust and cfg.data.format != "chat"
     for _ in run_tasks(run_shard, cfg, ctx.run_dir.root, stale, len(todo), cfg.data.num_workers, threads):
         pass  # each task wrote its marker; the stats are read back from them below
     manifest: dict[str, Any] = {"splits": {}, "reused_shards": len(todo) - len(stale), "ran_shards": len(stale),
