@@ -2,11 +2,13 @@
 only its unfinished shards, and each shard piece is cached on its own fingerprint."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from pipeline.parallel import run_tasks
 from tests import fixtures
 from tests.helpers import ftpipe, ftpipe_process, manifest
 
@@ -149,3 +151,17 @@ def test_shard_keys_redo_every_source(tmp_path, tiny_llama, key):
     shards = 3 if key.endswith("=3") else 2
     assert manifest(run, "shard")["ran_sources"] == 2 and manifest(run, "tokenize")["ran_shards"] == 2 * 2 * shards
     assert len(list((run / "tokenize" / "train").glob("*.arrow"))) == 2 * shards  # no stale units left
+
+
+def _tokenizers_parallelism(cfg, run_dir, rank, world_size):
+    return os.environ.get("TOKENIZERS_PARALLELISM")
+
+
+@pytest.mark.parametrize("cores, seen", [(2, "false"), (8, "true")])
+def test_worker_threads_that_fill_the_cores_keep_rust_calls_on_their_thread(monkeypatch, cores, seen):
+    """2 worker threads: on 2 cores each Rust call stays on its thread; on 8 (faked: this machine has
+    fewer) the calls may spread. The variable is back as it was once the tasks end."""
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    done = list(run_tasks(_tokenizers_parallelism, None, Path("."), [0, 1, 2], 3, workers=2, threads=True))
+    assert {d.result for d in done} == {seen} and os.environ["TOKENIZERS_PARALLELISM"] == "true"
