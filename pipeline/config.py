@@ -97,8 +97,9 @@ class DataConfig(Section):
         0.1, ge=0.0, lt=1.0, description="Share of train rows held out by a stable hash of the row.")
     num_shards: int = Field(4, ge=1, description="Number of parquet shards the shard stage writes per split.")
     num_workers: int = Field(
-        1, ge=1, description="Processes the shard and tokenize stages spread their work over (one source file or "
-        "one shard piece per task); the output is the same for any value.")
+        1, ge=1, description="Workers the shard and tokenize stages spread their work over (one source file or "
+        "one shard piece per task; processes, or threads for tokenize with a fast tokenizer); the output is the "
+        "same for any value.")
     max_seq_len: int = Field(128, ge=8, description="Tokens per example; see overlong for longer ones.")
     overlong: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="Examples longer than max_seq_len: truncate the end, drop them (tokenize "
