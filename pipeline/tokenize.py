@@ -15,9 +15,9 @@ from __future__ import annotations
 import copy
 import json
 import threading
-from importlib.metadata import version
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -219,8 +219,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     for split in SPLITS:
         _prepare(out / split, sum(u.split == split for u in todo))
     stale = _stale(todo, out)
-    # A Rust tokenizer releases the GIL and spreads each batch over every core itself: threads then
-    # beat processes (no start-up, no copies). Chat templates render in Python: processes.
+    # A Rust tokenizer releases the GIL: threads then beat processes (no start-up, no copies, and
+    # one thread's Python work overlaps another's Rust). Chat templates render in Python: processes.
     rust = isinstance(tokenizer, RustTokenizer) or rust_tokenizer(tokenizer) is not None
     threads = rust and cfg.data.format != "chat"
     for _ in run_tasks(run_shard, cfg, ctx.run_dir.root, stale, len(todo), cfg.data.num_workers, threads):
