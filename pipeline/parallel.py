@@ -39,6 +39,11 @@ def _one_thread_each() -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a SLURM or cgroup CPU set), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @contextlib.contextmanager
 def _rust_calls_stay_on_their_thread(workers: int) -> Iterator[None]:
     """With a worker thread per core, each Rust tokenizer call runs on the thread that made it
@@ -46,7 +51,7 @@ def _rust_calls_stay_on_their_thread(workers: int) -> Iterator[None]:
     on 2 cores, 200k rows: the stage 9.4 s instead of 10.1 s, means of 3). tokenizers reads the
     variable at every call; the old value is back after."""
     old = os.environ.get("TOKENIZERS_PARALLELISM")
-    if workers >= len(os.sched_getaffinity(0)):
+    if workers >= usable_cores():
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         yield
@@ -78,7 +83,8 @@ def run_tasks(fn: Task, cfg: RunConfig, run_dir: Path, ranks: list[int], world_s
             yield Done(rank, fn(cfg, run_dir, rank, world_size), os.getpid())
         return
     workers = min(workers, len(ranks))
-    with _pool(workers, threads) as pool, _rust_calls_stay_on_their_thread(workers if threads else 0):
+    # The pool closes (its threads done) before the variable is restored.
+    with _rust_calls_stay_on_their_thread(workers if threads else 0), _pool(workers, threads) as pool:
         pending: dict[Future, int] = {pool.submit(_call, fn, cfg, run_dir, r, world_size): r for r in ranks}
         try:
             while pending:

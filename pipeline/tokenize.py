@@ -17,7 +17,7 @@ import json
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +165,21 @@ def shared_tokenizer(cfg: RunConfig) -> tuple[tuple, Any]:
         return key, _TOKENIZERS[key]
 
 
+# What turns a model folder into a Rust tokenizer (the last three convert folders without tokenizer.json).
+TOKENIZER_LIBRARIES = ("transformers", "tokenizers", "sentencepiece", "protobuf", "tiktoken")
+
+
 def _saved_name(cfg: RunConfig) -> str:
     """Names a saved tokenizer by what it is built from: the files' content and the libraries."""
     return fingerprint({"files": tokenizer_digest(cfg), "code": SPECS["tokenize"].code_version(),
-                        "libraries": [version(name) for name in ("transformers", "tokenizers")]})
+                        "libraries": [_installed(name) for name in TOKENIZER_LIBRARIES]})
+
+
+def _installed(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def _encoder(cfg: RunConfig) -> Encoder:

@@ -70,18 +70,21 @@ class RustTokenizer:
 
 
 def rust_tokenizer(hf_tokenizer: Any) -> RustTokenizer | None:
-    """The Rust side of a transformers tokenizer (shared with it, not a copy); None for a slow one."""
+    """The Rust side of a transformers tokenizer (shared with it, not a copy), where it encodes as
+    the tokenizer's own call does; None for a slow tokenizer or one whose call does more."""
     backend = getattr(hf_tokenizer, "_tokenizer", None)
     if not hasattr(backend, "encode_batch_fast"):
         return None
-    return RustTokenizer(backend, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id,
+    rust = RustTokenizer(backend, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id,
                          hf_tokenizer.truncation_side, bool(getattr(hf_tokenizer, "split_special_tokens", False)))
+    return rust if _encodes_alike(rust, hf_tokenizer) else None
 
 
 def saved_tokenizer(name_or_path: str, folder: Path, name: str) -> RustTokenizer | Any:
     """The tokenizer of `name_or_path` as saved in `folder` under `name`, saved first if it is not
-    there yet (the one load through transformers). A slow tokenizer, or one whose saved copy does
-    not encode as transformers does, comes from transformers every time."""
+    there yet (the one load through transformers). A slow tokenizer, one that cannot be saved, or one
+    whose saved copy does not encode as transformers' call does, comes from transformers every time
+    (and the Encoder then calls it, not its backend)."""
     settings = _read_settings(folder / f"{name}.json")
     if settings is not None and not settings.get("rust"):
         return load_tokenizer(name_or_path)
@@ -109,36 +112,40 @@ def _load_saved(path: Path, settings: dict[str, Any]) -> RustTokenizer | None:
 
 def _save(hf_tokenizer: Any, folder: Path, name: str) -> RustTokenizer | Any:
     """Write the backend, then the settings (last: they mark the save complete)."""
-    live = rust_tokenizer(hf_tokenizer)
-    if live is not None:
-        from tokenizers import Tokenizer
-
-        text = live.backend.to_str()
-        saved = RustTokenizer(Tokenizer.from_str(text), **live.settings())
-        if _encodes_alike(saved, hf_tokenizer):
-            atomic_write_text(folder / f"{name}.tokenizer.json", text)
-            atomic_write_json(folder / f"{name}.json", {"rust": True, **saved.settings()})
-            return saved
+    saved = _reloaded(rust_tokenizer(hf_tokenizer))
+    if saved is not None and _encodes_alike(saved, hf_tokenizer):
+        atomic_write_text(folder / f"{name}.tokenizer.json", saved.backend.to_str())
+        atomic_write_json(folder / f"{name}.json", {"rust": True, **saved.settings()})
+        return saved
     atomic_write_json(folder / f"{name}.json", {"rust": False})
     return hf_tokenizer
 
 
-def _encodes_alike(saved: RustTokenizer, hf_tokenizer: Any) -> bool:
-    """The saved copy against transformers' own call, with and without special tokens, with pairs."""
+def _reloaded(live: RustTokenizer | None) -> RustTokenizer | None:
+    """A copy through the backend's JSON, as a later load will see it; None where it has none (a
+    custom Python pre-tokenizer, as RoFormer's, cannot be serialized)."""
+    if live is None:
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return RustTokenizer(Tokenizer.from_str(live.backend.to_str()), **live.settings())
+    except Exception:  # tokenizers raises a bare Exception
+        return None
+
+
+def _encodes_alike(rust: RustTokenizer, hf_tokenizer: Any) -> bool:
+    """The Rust tokenizer against transformers' own call, with and without special tokens, with pairs."""
     specials = " ".join(getattr(hf_tokenizer, "all_special_tokens", []))
     texts = [*PROBES, f"{specials} between {specials}"]
     pairs = list(reversed(texts))
-    for special in (True, False):
-        if saved.ids(texts, special) != hf_tokenizer(texts, add_special_tokens=special)["input_ids"]:
-            return False
-        if _ids_or_error(lambda: saved.ids(list(zip(texts, pairs)), special)) != _ids_or_error(
-                lambda: hf_tokenizer(texts, pairs, add_special_tokens=special)["input_ids"]):
-            return False
-    return True
+    return all(_ids_or_error(lambda: rust.ids(batch, special)) == _ids_or_error(
+        lambda: hf_tokenizer(texts, batch_pairs, add_special_tokens=special)["input_ids"])
+        for batch, batch_pairs in ((texts, None), (list(zip(texts, pairs)), pairs)) for special in (True, False))
 
 
 def _ids_or_error(encode: Callable[[], list]) -> list | str:
     try:
         return encode()
-    except Exception:  # a post-processor without a pair template fails on pairs: both must fail
+    except Exception:  # e.g. a post-processor without a pair template fails on pairs: both must fail
         return "error"

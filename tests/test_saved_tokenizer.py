@@ -13,7 +13,7 @@ import pytest
 from pipeline.config import DataConfig
 from pipeline.encoding import Encoder
 from pipeline.tokenize import SAVED_TOKENIZERS
-from pipeline.tokenizer import RustTokenizer, load_tokenizer, saved_tokenizer
+from pipeline.tokenizer import RustTokenizer, _save, load_tokenizer, saved_tokenizer
 from tests import fixtures
 from tests.helpers import ftpipe_process
 
@@ -74,6 +74,38 @@ def test_a_tokenizer_that_cannot_be_saved_comes_from_transformers(tiny_llama, tm
     assert json.loads((tmp_path / "u.json").read_text())["pad_token_id"] is not None  # saved again, whole
 
 
+class SplitOnSpaces:
+    """A pre-tokenizer written in Python: the backend then has no JSON form."""
+
+    def pre_tokenize(self, pretokenized) -> None:
+        pretokenized.split(lambda index, normalized: normalized.split(" ", "isolated"))
+
+
+def test_a_tokenizer_without_a_json_form_comes_from_transformers(tiny_llama, tmp_path):
+    from tokenizers.pre_tokenizers import PreTokenizer
+
+    hf = load_tokenizer(tiny_llama)
+    hf.backend_tokenizer.pre_tokenizer = PreTokenizer.custom(SplitOnSpaces())
+    assert _save(hf, tmp_path, "t") is hf
+    assert json.loads((tmp_path / "t.json").read_text()) == {"rust": False}
+
+
+def test_a_tokenizer_whose_call_does_more_than_its_backend_is_called(tiny_llama, tmp_path):
+    """Its backend is neither saved nor called directly: the rows are what its own call gives."""
+    hf = load_tokenizer(tiny_llama)
+
+    class Lowercasing(type(hf)):
+        def __call__(self, text, *args, **kwargs):
+            return super().__call__([t.lower() for t in text], *args, **kwargs)
+
+    hf.__class__ = Lowercasing
+    assert _save(hf, tmp_path, "t") is hf and json.loads((tmp_path / "t.json").read_text()) == {"rust": False}
+    encoder = Encoder(hf, DataConfig(train=["x"], format="text", max_seq_len=32))
+    texts = ["The Cat SAT", "Blue Moon"]
+    assert encoder.rust is None and encoder._encode(texts, True) == hf(texts)["input_ids"] != \
+        load_tokenizer(tiny_llama)(texts)["input_ids"]
+
+
 def _tokenize(cfg: Path, *force: str) -> dict:
     """Run shard + tokenize in a fresh interpreter; report what it imported."""
     probe = ("import atexit, json, sys\natexit.register(lambda: print(json.dumps({m: m in sys.modules "
@@ -91,6 +123,7 @@ def _rows(run: Path) -> pa.Table:
 def _rows_transformers_gives(run: Path, model: Path) -> pa.Table:
     shards = sorted((run / "shard" / "data").glob("train-*.parquet"))
     encoder = Encoder(load_tokenizer(model), DataConfig(train=["x"], format="text", max_seq_len=32))
+    encoder.rust = None  # transformers' own call, not its backend
     return pa.Table.from_batches([pa.RecordBatch.from_pydict(encoder(pq.read_table(p).to_pydict()).columns,
                                                              schema=encoder.schema) for p in shards])
 
