@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from pipeline.config import DataConfig
 from pipeline.errors import UserError
-from pipeline.tokenizer import RustTokenizer, rust_tokenizer
+from pipeline.tokenizer import rust_tokenizer
 
 Span = tuple[str, bool]  # (text, counted by the loss)
 
@@ -116,7 +116,7 @@ class Encoder:
         self.chat = ChatRenderer(tokenizer, chat_template) if data.format == "chat" else None
         # A fast tokenizer's Rust backend, called directly: ids only, no offsets, no Python-side
         # BatchEncoding (the tokenize stage's hot path). Slow tokenizers go through __call__.
-        self.rust = tokenizer if isinstance(tokenizer, RustTokenizer) else rust_tokenizer(tokenizer)
+        self.rust = rust_tokenizer(tokenizer)
 
     @property
     def schema(self) -> pa.Schema:

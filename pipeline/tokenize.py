@@ -29,7 +29,7 @@ from pipeline.config import RunConfig
 from pipeline.context import StageContext
 from pipeline.encoding import EncodedBatch, Encoder, output_schema
 from pipeline.errors import UserError
-from pipeline.tokenizer import RustTokenizer, load_tokenizer, rust_tokenizer, saved_tokenizer
+from pipeline.tokenizer import load_tokenizer, rust_tokenizer, saved_tokenizer
 from pipeline.packing import Packer, packed_schema, packing_summary
 from pipeline.parallel import run_tasks
 from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text, fingerprint, remove_stale_tmp
@@ -232,8 +232,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     stale = _stale(todo, out)
     # A Rust tokenizer releases the GIL: threads then beat processes (no start-up, no copies, and
     # one thread's Python work overlaps another's Rust). Chat templates render in Python: processes.
-    rust = isinstance(tokenizer, RustTokenizer) or rust_tokenizer(tokenizer) is not None
-    threads = rust and cfg.data.format != "chat"
+    threads = cfg.data.format != "chat" and rust_tokenizer(tokenizer) is not None
     for _ in run_tasks(run_shard, cfg, ctx.run_dir.root, stale, len(todo), cfg.data.num_workers, threads):
         pass  # each task wrote its marker; the stats are read back from them below
     manifest: dict[str, Any] = {"splits": {}, "reused_shards": len(todo) - len(stale), "ran_shards": len(stale),

@@ -69,15 +69,22 @@ class RustTokenizer:
         return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=special)]
 
 
-def rust_tokenizer(hf_tokenizer: Any) -> RustTokenizer | None:
-    """The Rust side of a transformers tokenizer (shared with it, not a copy), where it encodes as
-    the tokenizer's own call does; None for a slow tokenizer or one whose call does more."""
+def rust_tokenizer(tokenizer: Any) -> RustTokenizer | None:
+    """A RustTokenizer as it is; else the Rust side of a transformers tokenizer (shared with it, not
+    a copy), where it encodes as the tokenizer's own call does; None for a slow tokenizer or one
+    whose call does more."""
+    if isinstance(tokenizer, RustTokenizer):
+        return tokenizer
+    rust = _rust_side(tokenizer)
+    return rust if rust is not None and _encodes_alike(rust, tokenizer) else None
+
+
+def _rust_side(hf_tokenizer: Any) -> RustTokenizer | None:
     backend = getattr(hf_tokenizer, "_tokenizer", None)
     if not hasattr(backend, "encode_batch_fast"):
         return None
-    rust = RustTokenizer(backend, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id,
+    return RustTokenizer(backend, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id,
                          hf_tokenizer.truncation_side, bool(getattr(hf_tokenizer, "split_special_tokens", False)))
-    return rust if _encodes_alike(rust, hf_tokenizer) else None
 
 
 def saved_tokenizer(name_or_path: str, folder: Path, name: str) -> RustTokenizer | Any:
@@ -85,10 +92,13 @@ def saved_tokenizer(name_or_path: str, folder: Path, name: str) -> RustTokenizer
     there yet (the one load through transformers). A slow tokenizer, one that cannot be saved, or one
     whose saved copy does not encode as transformers' call does, comes from transformers every time
     (and the Encoder then calls it, not its backend)."""
+    from tokenizers import Tokenizer
+
     settings = _read_settings(folder / f"{name}.json")
     if settings is not None and not settings.get("rust"):
         return load_tokenizer(name_or_path)
-    loaded = _load_saved(folder / f"{name}.tokenizer.json", settings) if settings else None
+    path = folder / f"{name}.tokenizer.json"
+    loaded = _built(lambda: Tokenizer.from_file(str(path)), settings) if settings else None
     return loaded if loaded is not None else _save(load_tokenizer(name_or_path), folder, name)
 
 
@@ -99,39 +109,30 @@ def _read_settings(path: Path) -> dict[str, Any] | None:
         return None  # not saved yet: save it
 
 
-def _load_saved(path: Path, settings: dict[str, Any]) -> RustTokenizer | None:
-    """None where the save is incomplete (its files removed or edited by hand): it is saved again."""
-    from tokenizers import Tokenizer
-
+def _built(backend: Callable[[], Any], settings: dict[str, Any]) -> RustTokenizer | None:
+    """A RustTokenizer from `backend()` and `settings`; None where tokenizers cannot build it (a
+    saved file removed or edited by hand, a custom Python pre-tokenizer with no JSON form, as
+    RoFormer's) or the settings lack a key: it is then saved again, or comes from transformers."""
     fields = [k for k in RustTokenizer.__dataclass_fields__ if k != "backend"]
     try:
-        return RustTokenizer(Tokenizer.from_file(str(path)), **{k: settings[k] for k in fields})
-    except Exception:  # tokenizers raises a bare Exception for a missing or unreadable file
+        return RustTokenizer(backend(), **{k: settings[k] for k in fields})
+    except Exception:  # tokenizers raises a bare Exception
         return None
 
 
 def _save(hf_tokenizer: Any, folder: Path, name: str) -> RustTokenizer | Any:
-    """Write the backend, then the settings (last: they mark the save complete)."""
-    saved = _reloaded(rust_tokenizer(hf_tokenizer))
+    """Write the backend, then the settings (last: they mark the save complete). The copy checked is
+    the one through the backend's JSON, as a later load will see it."""
+    from tokenizers import Tokenizer
+
+    live = _rust_side(hf_tokenizer)
+    saved = _built(lambda: Tokenizer.from_str(live.backend.to_str()), live.settings()) if live is not None else None
     if saved is not None and _encodes_alike(saved, hf_tokenizer):
         atomic_write_text(folder / f"{name}.tokenizer.json", saved.backend.to_str())
         atomic_write_json(folder / f"{name}.json", {"rust": True, **saved.settings()})
         return saved
     atomic_write_json(folder / f"{name}.json", {"rust": False})
     return hf_tokenizer
-
-
-def _reloaded(live: RustTokenizer | None) -> RustTokenizer | None:
-    """A copy through the backend's JSON, as a later load will see it; None where it has none (a
-    custom Python pre-tokenizer, as RoFormer's, cannot be serialized)."""
-    if live is None:
-        return None
-    from tokenizers import Tokenizer
-
-    try:
-        return RustTokenizer(Tokenizer.from_str(live.backend.to_str()), **live.settings())
-    except Exception:  # tokenizers raises a bare Exception
-        return None
 
 
 def _encodes_alike(rust: RustTokenizer, hf_tokenizer: Any) -> bool:

@@ -30,6 +30,15 @@ def ftpipe_process(*args: str, cwd: Path | None = None, env: dict | None = None,
                           capture_output=True, text=True, timeout=600)
 
 
+def ftpipe_imports(*args: str) -> dict[str, bool]:
+    """Run ftpipe in a fresh interpreter (it must succeed); whether it imported transformers and torch."""
+    probe = ("import atexit, json, sys\natexit.register(lambda: print(json.dumps({m: m in sys.modules "
+             "for m in ('transformers', 'torch')})))\n")
+    proc = ftpipe_process(*args, script=probe)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def losses(run_dir: Path) -> list[float]:
     lines = (run_dir / "train" / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines if line.strip()]

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers import ftpipe_imports
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -21,10 +23,7 @@ def _python(code: str, *args: str) -> dict:
 
 
 def test_validate_imports_neither_torch_nor_transformers(write_cfg):
-    loaded = _python("import json, sys\nfrom launch.cli import main\nrc = main(['validate', sys.argv[1]])\n"
-                     "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, "
-                     "'transformers': 'transformers' in sys.modules}))", str(write_cfg()))
-    assert loaded == {"rc": 0, "torch": False, "transformers": False}
+    assert ftpipe_imports("validate", write_cfg()) == {"torch": False, "transformers": False}
 
 
 def test_deepspeed_gets_its_accelerator_before_its_first_import():

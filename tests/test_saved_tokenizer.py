@@ -15,7 +15,7 @@ from pipeline.encoding import Encoder
 from pipeline.tokenize import SAVED_TOKENIZERS
 from pipeline.tokenizer import RustTokenizer, _save, load_tokenizer, saved_tokenizer
 from tests import fixtures
-from tests.helpers import ftpipe_process
+from tests.helpers import ftpipe_imports
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,11 +108,7 @@ def test_a_tokenizer_whose_call_does_more_than_its_backend_is_called(tiny_llama,
 
 def _tokenize(cfg: Path, *force: str) -> dict:
     """Run shard + tokenize in a fresh interpreter; report what it imported."""
-    probe = ("import atexit, json, sys\natexit.register(lambda: print(json.dumps({m: m in sys.modules "
-             "for m in ('transformers', 'torch')})))\n")
-    proc = ftpipe_process("run", cfg, "--no-progress", "--stages", "shard,tokenize", *force, script=probe)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return ftpipe_imports("run", cfg, "--no-progress", "--stages", "shard,tokenize", *force)
 
 
 def _rows(run: Path) -> pa.Table:
