@@ -25,7 +25,7 @@ ARRAY_STAGES = {"shard": "pipeline.shard", "tokenize": "pipeline.tokenize"}
 def enter_job(run_dir: Path, cwd: Path) -> RunConfig:
     """What every job function does first: work where `ftpipe submit` ran (config paths are
     relative to it), quiet the libraries, read the run's config."""
-    from launch.cli import quiet_libraries
+    from launch.process import quiet_libraries
 
     os.chdir(cwd)
     quiet_libraries()

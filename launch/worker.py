@@ -58,7 +58,7 @@ def _tracker():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from launch.cli import quiet_libraries
+    from launch.process import quiet_libraries
 
     argv = sys.argv[1:] if argv is None else argv
     run_dir, stage = Path(argv[0]), argv[1]

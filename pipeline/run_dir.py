@@ -1,4 +1,4 @@
-"""Run-directory layout, atomic writes, manifests and fingerprints.
+"""Run-directory layout, atomic writes and stage manifests.
 
 Everything a stage publishes is written under a temporary name and renamed into place, and the
 stage's manifest.json is written last: a folder without a manifest is unfinished work.
@@ -7,7 +7,6 @@ stage's manifest.json is written last: a folder without a manifest is unfinished
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -17,17 +16,47 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-STAGES: tuple[str, ...] = ("shard", "tokenize", "train", "consolidate", "evaluate")
 FINGERPRINT_FILE = ".fingerprint"
 
 
 @dataclass(frozen=True)
 class RunDir:
+    """Names every file and folder of one run directory; stage folders are `<root>/<stage name>`."""
+
     root: Path
 
+    @property
+    def config_file(self) -> Path:
+        """The resolved config every job and rank reads (written once per run or submission)."""
+        return self.root / "config.yaml"
+
+    @property
+    def slurm_dir(self) -> Path:
+        return self.root / "slurm"
+
+    @property
+    def jobs_file(self) -> Path:
+        return self.slurm_dir / "jobs.json"
+
+    @property
+    def mlflow_parent_file(self) -> Path:
+        """The MLflow parent run that a submitted run's jobs attach to."""
+        return self.slurm_dir / "mlflow.json"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.stage("consolidate") / "model"
+
+    @property
+    def metrics_file(self) -> Path:
+        return self.stage("evaluate") / "metrics.json"
+
     def stage(self, name: str) -> Path:
-        assert name in STAGES, name
         return self.root / name
+
+    def write_config(self, text: str) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.config_file, text)
 
     def manifest_path(self, name: str) -> Path:
         return self.stage(name) / "manifest.json"
@@ -106,44 +135,3 @@ def remove_stale_tmp(folder: Path) -> None:
                 shutil.rmtree(child, ignore_errors=True)
             else:
                 child.unlink(missing_ok=True)
-
-
-def fingerprint(obj: Any) -> str:
-    blob = json.dumps(obj, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def file_digest(path: Path, cache: dict[str, Any] | None = None) -> str:
-    """Content hash of a file; `cache` (keyed by path, size, mtime) avoids re-reading big inputs."""
-    stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    if cache is not None and key in cache:
-        return cache[key]
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    value = digest.hexdigest()
-    if cache is not None:
-        cache[key] = value
-    return value
-
-
-class DigestCache:
-    """A small JSON file of content digests shared by all runs under one output_dir."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            self.entries: dict[str, str] = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            self.entries = {}
-
-    def digest(self, path: Path) -> str:
-        return file_digest(path, self.entries)
-
-    def save(self) -> None:
-        if not self.path.parent.is_dir():
-            return  # planning alone (validate, --dry-run) must not create the output folder
-        with contextlib.suppress(OSError):
-            atomic_write_json(self.path, self.entries)

@@ -26,9 +26,10 @@ from pipeline.context import StageContext
 from pipeline.formats import RowValidator, has_surrogates, shard_schema
 from pipeline.errors import UserError
 from pipeline.parallel import run_tasks
-from pipeline.runner import shard_unit_fingerprints
+from pipeline.digests import DigestCache, fingerprint
 from pipeline.run_dir import RunDir, atomic_dir, atomic_write_json, remove_stale_tmp
 from pipeline.sources import SourceFile, source_files
+from pipeline.stages import NOT_SHARD_KEYS, STAGES
 
 FLUSH_ROWS = 2048
 MARKER = "done.json"
@@ -231,6 +232,16 @@ class Sharder:
 
 
 SPLITS = ("train", "eval")
+
+
+def shard_unit_fingerprints(cfg: RunConfig, sources: list[SourceFile]) -> list[str]:
+    """One per source file: what its shard pieces depend on (its content and settings, not the
+    other files)."""
+    cache = DigestCache.of(cfg.output_dir)
+    base = {"data": cfg.data.model_dump(exclude=NOT_SHARD_KEYS | {"train", "eval"}),
+            "num_labels": cfg.model.num_labels, "code": STAGES["shard"].code_version()}
+    return [fingerprint({**base, "file": str(s.path), "digest": cache.digest(s.path), "held_out": s.held_out,
+                         "weight": s.weight, "limit": s.limit}) for s in sources]
 
 
 def piece_dir(out: Path, rank: int) -> Path:

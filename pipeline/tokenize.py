@@ -32,9 +32,10 @@ from pipeline.errors import UserError
 from pipeline.tokenizer import load_tokenizer, rust_tokenizer, saved_tokenizer
 from pipeline.packing import Packer, packed_schema, packing_summary
 from pipeline.parallel import run_tasks
-from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text, fingerprint, remove_stale_tmp
-from pipeline.runner import SPECS, tokenize_unit_fingerprints, tokenizer_digest
+from pipeline.digests import DigestCache, fingerprint, model_digest
+from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text, remove_stale_tmp
 from pipeline.sources import source_files
+from pipeline.stages import STAGES, tokenize_inputs
 
 BATCH_ROWS = 1000
 SPLITS = ("train", "eval")
@@ -113,6 +114,12 @@ def _reject_line(source: Path, rows: dict[str, list], done: int, index: int, rea
     return json.dumps(record, ensure_ascii=False) + "\n"
 
 
+def tokenize_unit_fingerprints(cfg: RunConfig, piece_fingerprints: list[str]) -> list[str]:
+    """One per shard piece: the piece's own fingerprint, the tokenizer, the tokenize keys and code."""
+    base = {"config": tokenize_inputs(cfg, DigestCache.of(cfg.output_dir)), "code": STAGES["tokenize"].code_version()}
+    return [fingerprint({**base, "piece": piece}) for piece in piece_fingerprints]
+
+
 @dataclass(frozen=True)
 class Unit:
     """One piece of one shard (the rows of one source file in it): the unit of work and of caching."""
@@ -171,7 +178,7 @@ TOKENIZER_LIBRARIES = ("transformers", "tokenizers", "sentencepiece", "protobuf"
 
 def _saved_name(cfg: RunConfig) -> str:
     """Names a saved tokenizer by what it is built from: the files' content and the libraries."""
-    return fingerprint({"files": tokenizer_digest(cfg), "code": SPECS["tokenize"].code_version(),
+    return fingerprint({"files": model_digest(cfg.model.name_or_path, DigestCache.of(cfg.output_dir), weights=False), "code": STAGES["tokenize"].code_version(),
                         "libraries": [_installed(name) for name in TOKENIZER_LIBRARIES]})
 
 

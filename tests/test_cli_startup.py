@@ -27,7 +27,7 @@ def test_validate_imports_neither_torch_nor_transformers(write_cfg):
 
 
 def test_deepspeed_gets_its_accelerator_before_its_first_import():
-    seen = _python("import json, os\nfrom launch.cli import quiet_libraries\nquiet_libraries()\n"
+    seen = _python("import json, os\nfrom launch.process import quiet_libraries\nquiet_libraries()\n"
                    "before = os.environ.get('DS_ACCELERATOR')\nimport deepspeed, torch\n"
                    "print(json.dumps({'before': before, 'after': os.environ.get('DS_ACCELERATOR'), "
                    "'cuda': torch.cuda.is_available(), 'device': deepspeed.get_accelerator().device_name()}))")
@@ -38,7 +38,7 @@ def test_deepspeed_gets_its_accelerator_before_its_first_import():
 
 def test_transformers_is_quiet_whether_imported_before_or_after():
     for first in ("", "import transformers\n"):
-        level = _python(first + "import json\nfrom launch.cli import quiet_libraries\nquiet_libraries()\n"
+        level = _python(first + "import json\nfrom launch.process import quiet_libraries\nquiet_libraries()\n"
                         "from transformers.utils import logging\n"
                         "print(json.dumps([logging.get_verbosity(), logging.is_progress_bar_enabled()]))")
         assert level == [40, False], first  # 40: logging.ERROR

@@ -1,0 +1,65 @@
+"""Process set-up shared by every ftpipe entry point (CLI, torchrun ranks, SLURM jobs and array
+tasks): ftpipe's log handler, quiet third-party libraries, DeepSpeed's accelerator chosen just before
+DeepSpeed is first imported."""
+
+from __future__ import annotations
+
+import importlib.abc
+import logging
+import os
+import sys
+import warnings
+from typing import Any
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (tests and notebooks swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+class _BeforeDeepSpeed(importlib.abc.MetaPathFinder):
+    """Picks DeepSpeed's accelerator just before the first `import deepspeed` (ours or transformers'),
+    which would otherwise warn: the choice needs torch, which commands that never train skip (1-2 s)."""
+
+    done = False
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> None:
+        # Stays in sys.meta_path: removing itself here would skip the next finder of this very search.
+        if name == "deepspeed" and not self.done:
+            self.done = True
+            from pipeline.distributed import prepare_accelerator_env
+
+            prepare_accelerator_env()
+        return None  # the usual finders import it
+
+
+def quiet_libraries() -> None:
+    root = logging.getLogger("ftpipe")
+    if not root.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("ftpipe: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+    for name in ("alembic", "mlflow", "urllib3", "httpx", "datasets", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if not any(isinstance(finder, _BeforeDeepSpeed) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _BeforeDeepSpeed())
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    if "transformers" in sys.modules:  # it reads these variables only when imported
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    else:  # importing transformers here would cost commands like `ftpipe status` a second
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"

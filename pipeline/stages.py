@@ -1,0 +1,148 @@
+"""Every stage, declared once: its inputs, entry point, fingerprint, code and traits.
+
+The runner plans and executes from these declarations and launch/ reads their traits; nobody else
+keeps a list of stage names. Import-light on purpose (no torch, no transformers): `ftpipe status`
+and `validate` read it. Entry points are strings, resolved only when a stage runs, so that no stage
+module is imported here and stages may import this module for their own fingerprints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pipeline
+from pipeline.config import RunConfig
+from pipeline.digests import DigestCache, model_digest
+
+PACKAGE_ROOT = Path(pipeline.__file__).parent.parent
+
+# Plumbing every stage uses (config, run directory, errors, context, declarations): what a stage
+# writes does not depend on their code, and a change in the config they read is fingerprinted as
+# config. Every other package module a stage imports must be in its `code`.
+PLUMBING = ("pipeline", "pipeline.config", "pipeline.config_errors", "pipeline.context", "pipeline.errors",
+            "pipeline.run_dir", "pipeline.digests", "pipeline.stages")
+
+# Keys only the tokenize stage reads, and num_workers (the output is the same for any value),
+# stay out of the shard fingerprint, so changing them does not re-shard.
+NOT_SHARD_KEYS = {"max_seq_len", "overlong", "loss_on", "chat_template", "packing", "num_workers"}
+# Settings that change how, not what, the run trains: changing them resumes instead of restarting.
+TRAIN_HOW = {"checkpoint_every", "keep_last", "log_every", "sample_ledger"}
+BATCH_LAYOUT = {"micro_batch_size", "grad_accum"}
+
+ConfigInputs = Callable[[RunConfig, DigestCache], dict[str, Any]]
+
+
+def shard_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
+    from pipeline.sources import source_files
+
+    data = cfg.data.model_dump(exclude=NOT_SHARD_KEYS)
+    return {"data": data, "num_labels": cfg.model.num_labels,
+            "files": {str(s.path): cache.digest(s.path) for s in source_files(cfg)}}
+
+
+def tokenize_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
+    template = cfg.data.chat_template
+    if template and Path(template).is_file():
+        template = cache.digest(Path(template))
+    return {"max_seq_len": cfg.data.max_seq_len, "format": cfg.data.format, "loss_on": cfg.data.loss_on,
+            "overlong": cfg.data.overlong, "packing": cfg.data.packing, "chat_template": template,
+            "tokenizer": model_digest(cfg.model.name_or_path, cache, weights=False)}
+
+
+def train_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
+    exclude = TRAIN_HOW | (BATCH_LAYOUT if cfg.train.global_batch_size is not None else set())
+    return {"model": cfg.model.model_dump(), "labels": cfg.data.labels,
+            "train": cfg.train.model_dump(exclude=exclude),
+            "weights": model_digest(cfg.model.name_or_path, cache, weights=True),
+            "config": model_digest(cfg.model.name_or_path, cache, weights=False)}
+
+
+def consolidate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
+    return {}
+
+
+def evaluate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
+    return {"evaluate": cfg.evaluate.model_dump(), "seed": cfg.train.seed}
+
+
+def _resolve(target: str) -> Any:
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    entry: str  # "module:function", called as function(cfg, ctx) -> manifest
+    inputs: tuple[str, ...]  # upstream stages, whose manifests it reads
+    config_inputs: ConfigInputs  # what of the config (and the files it names) the fingerprint covers
+    code: tuple[str, ...]  # package modules whose code the output depends on (see PLUMBING)
+    units: str | None = None  # "module:OBJECT", a UnitStage: split into units / job-array tasks
+    distributed: bool = False  # runs under torchrun on every node of its job
+    shared_by_sweep: bool = False  # sweep members link to the base run's output instead of redoing it
+    gpu: bool = False  # its SLURM job goes to the GPU partition
+
+    def run(self, cfg: RunConfig, ctx: Any) -> dict[str, Any]:
+        return _resolve(self.entry)(cfg, ctx)
+
+    def unit_stage(self) -> Any:
+        assert self.units is not None, f"{self.name} is not unit-wise"
+        return _resolve(self.units)
+
+    def code_version(self) -> str:
+        digest = hashlib.sha256(pipeline.__version__.encode())
+        for module in sorted(self.code):
+            digest.update(module_path(module).read_bytes())
+        return digest.hexdigest()[:16]
+
+
+def module_path(module: str) -> Path:
+    path = PACKAGE_ROOT.joinpath(*module.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+
+
+_DECLARED = (
+    Stage("shard", "pipeline.shard:run", (), shard_inputs,
+          ("pipeline.shard", "pipeline.formats", "pipeline.sources", "pipeline.parallel"),
+          units="pipeline.shard:UNITS", shared_by_sweep=True),
+    Stage("tokenize", "pipeline.tokenize:run", ("shard",), tokenize_inputs,
+          ("pipeline.tokenize", "pipeline.encoding", "pipeline.packing", "pipeline.tokenizer", "pipeline.parallel",
+           "pipeline.sources"),
+          units="pipeline.tokenize:UNITS", shared_by_sweep=True),
+    Stage("train", "pipeline.train.stage:run", ("tokenize",), train_inputs,
+          ("pipeline.train", "pipeline.train.stage", "pipeline.train.build", "pipeline.train.checkpoint",
+           "pipeline.train.data", "pipeline.train.ds_engine", "pipeline.train.engine", "pipeline.train.fsdp",
+           "pipeline.train.loop", "pipeline.train.objective", "pipeline.train.partial",
+           "pipeline.train.preemption", "pipeline.models", "pipeline.distributed", "pipeline.tokenize"),
+          distributed=True, gpu=True),
+    Stage("consolidate", "pipeline.consolidate:run", ("train",), consolidate_inputs,
+          ("pipeline.consolidate", "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.models",
+           "pipeline.tokenizer", "pipeline.train.engine")),
+    Stage("evaluate", "pipeline.evaluate:run", ("consolidate",), evaluate_inputs,
+          ("pipeline.evaluate", "pipeline.consolidate", "pipeline.checkpoint_readers", "pipeline.hf_writer",
+           "pipeline.models", "pipeline.tokenizer", "pipeline.tokenize", "pipeline.train.data",
+           "pipeline.train.objective", "pipeline.train.stage")),
+)
+
+STAGES: dict[str, Stage] = {stage.name: stage for stage in _DECLARED}
+NAMES: tuple[str, ...] = tuple(STAGES)
+LAST = NAMES[-1]
+
+
+def stage(name: str) -> Stage:
+    try:
+        return STAGES[name]
+    except KeyError:
+        from pipeline.errors import UserError
+
+        raise UserError(f"unknown stage {name!r}; stages are {', '.join(NAMES)}") from None
+
+
+def names(trait: str, value: bool = True) -> tuple[str, ...]:
+    """The stages whose `trait` (distributed, shared_by_sweep, gpu, units) is set (or unset)."""
+    return tuple(s.name for s in _DECLARED if bool(getattr(s, trait)) == value)
