@@ -6,13 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from launch.process import quiet_libraries
+from launch.process import quiet_libraries, reporting_errors
 from pipeline.config import RunConfig, load_config
 from pipeline.sources import check_paths
-from pipeline.errors import StagePreempted, UserError
-from pipeline.run_dir import STAGES, RunDir
-
-STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; running again resumes
+from pipeline.errors import UserError
+from pipeline.run_dir import RunDir
+from pipeline.stages import NAMES, names
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -20,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline (skipping stages that are up to date)")
     _config_args(run)
-    run.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
+    run.add_argument("--stages", help=f"comma-separated subset of {','.join(NAMES)}")
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="redo STAGE (and what depends on it) even if up to date; repeatable")
     run.add_argument("--dry-run", action="store_true", help="print the plan and exit")
@@ -44,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("run_dir", type=Path)
     logs = sub.add_parser("logs", help="print the SLURM job logs (stdout, stderr) of a stage")
     logs.add_argument("run_dir", type=Path)
-    logs.add_argument("stage", choices=STAGES)
+    logs.add_argument("stage", choices=NAMES)
     return parser
 
 
@@ -87,29 +86,30 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_dir(path: Path) -> Path:
-    if not (path / "config.yaml").is_file():
+def _run_dir(path: Path) -> RunDir:
+    run_dir = RunDir(path)
+    if not run_dir.config_file.is_file():
         raise UserError(f"{path}: not a run directory (no config.yaml)")
-    return path
+    return run_dir
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from launch.slurm_jobs import jobs_path, status_lines
-    from launch.sweep import SHARED_STAGES, read_sweep, summary_rows, summary_table
+    from launch.slurm_jobs import status_lines
+    from launch.sweep import read_sweep, summary_rows, summary_table
 
-    run_dir = RunDir(_run_dir(args.run_dir))
-    sweep = read_sweep(args.run_dir)
-    if jobs_path(args.run_dir).is_file():  # a sweep's base run does only the shared stages itself
-        print("\n".join(status_lines(args.run_dir)[:len(SHARED_STAGES) if sweep else None]))
+    run_dir = _run_dir(args.run_dir)
+    sweep = read_sweep(run_dir)
+    if run_dir.jobs_file.is_file():  # a sweep's base run does only the shared stages itself
+        print("\n".join(status_lines(run_dir)[:len(names("shared_by_sweep")) if sweep else None]))
     else:
-        for name in STAGES:
+        for name in NAMES:
             manifest = run_dir.read_manifest(name)
             started = run_dir.stage(name).exists()
             state = "done" if manifest else ("partial" if started else "pending")
             detail = f"{manifest['wall_seconds']:.1f}s" if manifest else ""
             print(f"  {name:<11} {state:<8} {detail}")
     if sweep:
-        print("\nsweep:\n" + summary_table(summary_rows(args.run_dir)), end="")
+        print("\nsweep:\n" + summary_table(summary_rows(run_dir)), end="")
     return 0
 
 
@@ -165,7 +165,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     from launch.slurm_jobs import cancel
     from launch.sweep import cancel_sweep, read_sweep
 
-    jobs = cancel(_run_dir(args.run_dir)) + (cancel_sweep(args.run_dir) if read_sweep(args.run_dir) else [])
+    run_dir = _run_dir(args.run_dir)
+    jobs = cancel(run_dir) + (cancel_sweep(run_dir) if read_sweep(run_dir) else [])
     for job in jobs:
         print(f"cancelled {job.stage:<11} job {job.job_id}")
     if not jobs:
@@ -199,17 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     quiet_libraries()
-    try:
-        return COMMANDS[args.command](args)
-    except UserError as err:
-        print(f"ftpipe: error: {err}", file=sys.stderr)
-        return 2
-    except StagePreempted as stopped:
-        print(f"ftpipe: {stopped}", file=sys.stderr)
-        return STOPPED_EXIT
-    except KeyboardInterrupt:
-        print("ftpipe: interrupted", file=sys.stderr)
-        return 130
+    return reporting_errors(lambda: COMMANDS[args.command](args))
 
 
 if __name__ == "__main__":

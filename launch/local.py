@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -13,33 +12,28 @@ from launch.torchrun import launch_stage
 from pipeline.config import RunConfig, dump_config
 from pipeline.errors import StagePreempted
 from pipeline.runner import PlannedStage, execute
-from pipeline.run_dir import STAGES, RunDir, atomic_write_text
-from pipeline.tracking import Tracker, default_tracking_uri, read_parent
+from pipeline.run_dir import RunDir
+from pipeline.stages import LAST
+from pipeline.tracking import Tracker, build_tracker, read_parent
 
 log = logging.getLogger("ftpipe")
 
 
-def build_tracker(cfg: RunConfig, environ: dict[str, str] | None = None) -> Tracker | None:
-    if not cfg.tracking.enabled:
-        return None
-    environ = os.environ if environ is None else environ
-    output_dir = Path(cfg.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    uri = cfg.tracking.mlflow_uri or environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(output_dir)
-    artifacts = output_dir / "mlartifacts" if uri.startswith("sqlite:") else None
-    return Tracker(uri, cfg.tracking.experiment or cfg.name, cfg.name, artifacts)
+def write_run_config(cfg: RunConfig) -> RunDir:
+    """The resolved config, which every later process (torchrun ranks, SLURM jobs) reads."""
+    run_dir = RunDir(cfg.run_dir.resolve())
+    run_dir.write_config(dump_config(cfg))
+    return run_dir
 
 
 def run_pipeline(cfg: RunConfig, planned: list[PlannedStage], progress: bool = True) -> dict[str, dict]:
     """Execute the plan with MLflow tracking; the parent run ends FAILED if a stage raises. A parent
     that `ftpipe submit` created stays open until the run's last stage is done."""
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    config_file = cfg.run_dir / "config.yaml"
-    atomic_write_text(config_file, dump_config(cfg))
+    run_dir = write_run_config(cfg)
     tracker = build_tracker(cfg)
-    attached = read_parent(cfg.run_dir, tracker.uri) if tracker else None
+    attached = read_parent(run_dir, tracker.uri) if tracker else None
     if tracker:
-        tracker.start(cfg.model_dump(mode="json"), config_file, {"ftpipe.run_dir": str(cfg.run_dir.resolve())},
+        tracker.start(cfg.model_dump(mode="json"), run_dir.config_file, {"ftpipe.run_dir": str(run_dir.root)},
                       attach_to=attached)
     status = "FAILED"
     try:
@@ -51,7 +45,7 @@ def run_pipeline(cfg: RunConfig, planned: list[PlannedStage], progress: bool = T
         status = "KILLED"
         raise
     finally:
-        finished = status != "FINISHED" or not attached or RunDir(cfg.run_dir).read_manifest(STAGES[-1]) is not None
+        finished = status != "FINISHED" or not attached or run_dir.read_manifest(LAST) is not None
         if tracker and not tracker.close(status if finished else None):
             log.warning("tracking incomplete for this run (see warnings above)")
 
@@ -89,15 +83,16 @@ def print_plan(cfg: RunConfig, planned: list[PlannedStage], out=None) -> None:
 
 def print_summary(cfg: RunConfig, out=None) -> None:
     out = out or sys.stdout
-    metrics_file = cfg.run_dir / "evaluate" / "metrics.json"
+    run_dir = RunDir(cfg.run_dir)
+    metrics_file = run_dir.metrics_file
     if not metrics_file.is_file():
         return
     metrics = json.loads(metrics_file.read_text())
     keys = [k for k, v in metrics.items() if isinstance(v, (int, float)) and k != "base"]
     base = metrics.get("base")
-    print(f"\nheld-out metrics ({cfg.run_dir / 'evaluate' / 'metrics.json'}):", file=out)
+    print(f"\nheld-out metrics ({metrics_file}):", file=out)
     print(f"  {'metric':<14}" + (f"{'before':>12}" if base else "") + f"{'after':>12}", file=out)
     for key in keys:
         before = f"{base[key]:>12.4f}" if base and key in base else ""
         print(f"  {key:<14}{before}{metrics[key]:>12.4f}", file=out)
-    print(f"model: {cfg.run_dir / 'consolidate' / 'model'}", file=out)
+    print(f"model: {run_dir.model_dir}", file=out)

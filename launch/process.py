@@ -9,7 +9,12 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from typing import Any
+
+from pipeline.errors import StagePreempted, UserError
+
+STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; running again resumes
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -26,7 +31,7 @@ class _StderrHandler(logging.StreamHandler):
 
 class _BeforeDeepSpeed(importlib.abc.MetaPathFinder):
     """Picks DeepSpeed's accelerator just before the first `import deepspeed` (ours or transformers'),
-    which would otherwise warn: the choice needs torch, which commands that never train skip (1-2 s)."""
+    which would otherwise warn: the choice needs torch, whose import commands that never train skip."""
 
     done = False
 
@@ -63,3 +68,21 @@ def quiet_libraries() -> None:
     else:  # importing transformers here would cost commands like `ftpipe status` a second
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
+def reporting_errors(command: Callable[[], int], on_user_error: Callable[[UserError], None] | None = None) -> int:
+    """Run an entry point's command; a user's mistake is one line on stderr and exit code 2, a stop
+    after a checkpoint is exit code 75 (running again resumes), never a traceback."""
+    try:
+        return command()
+    except UserError as err:
+        if on_user_error is not None:
+            on_user_error(err)
+        print(f"ftpipe: error: {err}", file=sys.stderr)
+        return 2
+    except StagePreempted as stopped:
+        print(f"ftpipe: {stopped}", file=sys.stderr)
+        return STOPPED_EXIT
+    except KeyboardInterrupt:
+        print("ftpipe: interrupted", file=sys.stderr)
+        return 130

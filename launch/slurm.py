@@ -22,14 +22,17 @@ from typing import Any, NoReturn
 
 import submitit
 
-from launch.torchrun import DISTRIBUTED_STAGES, run_torchrun, torchrun_command
-from launch.slurm_arrays import ARRAY_STAGES, ArrayTask, enter_job, pending_ranks, stage_module, task_groups
+from launch.local import write_run_config
+from launch.process import reporting_errors
+from launch.torchrun import run_torchrun, torchrun_command
+from launch.slurm_arrays import ArrayTask, enter_job, pending_ranks, task_count, task_groups
 from launch.slurm_jobs import JobRecord, active_jobs, read_jobs, record_jobs
-from pipeline.config import RunConfig, dump_config, load_config
+from pipeline.config import RunConfig, load_config
 from pipeline.errors import StagePreempted, UserError
-from pipeline.run_dir import atomic_write_text
+from pipeline.run_dir import RunDir, atomic_write_text
 from pipeline.runner import PlannedStage
-from pipeline.tracking import create_parent_run, read_parent, write_parent
+from pipeline.stages import STAGES
+from pipeline.tracking import build_tracker, create_parent_run, read_parent, write_parent
 
 RDZV_HOST_ENV = "FTPIPE_RDZV_HOST"
 RDZV_BASE_PORT = 29400
@@ -49,7 +52,8 @@ class StageJob(submitit.helpers.Checkpointable):
         try:
             run_stage_job(Path(self.run_dir), self.stage, Path(self.cwd))
         except StagePreempted as stopped:
-            requeue_this_job(str(stopped), load_config(Path(self.run_dir) / "config.yaml").launch.slurm.max_requeues)
+            cfg = load_config(RunDir(Path(self.run_dir)).config_file)
+            requeue_this_job(str(stopped), cfg.launch.slurm.max_requeues)
         return self.stage
 
 
@@ -73,7 +77,7 @@ def run_stage_job(run_dir: Path, stage: str, cwd: Path) -> None:
 
     cfg = enter_job(run_dir, cwd)
     node = int(os.environ.get("SLURM_NODEID", "0"))
-    if stage in DISTRIBUTED_STAGES and cfg.launch.backend == "slurm":
+    if STAGES[stage].distributed and cfg.launch.backend == "slurm":
         cfg = cfg.model_copy(update={"launch": slurm_rendezvous(cfg, node)})
     if node != 0:
         _torchrun_only(cfg, run_dir, stage)
@@ -131,11 +135,11 @@ def _torchrun_only(cfg: RunConfig, run_dir: Path, stage: str) -> None:
 
 def job_parameters(cfg: RunConfig, stage: str) -> dict[str, Any]:
     """submitit SlurmExecutor parameters of STAGE's job (submitit shlex-quotes every value)."""
-    slurm, train = cfg.launch.slurm, stage in DISTRIBUTED_STAGES
+    slurm, train, gpu = cfg.launch.slurm, STAGES[stage].distributed, STAGES[stage].gpu
     params: dict[str, Any] = {
         "job_name": f"ftpipe-{cfg.name}-{stage}", "time": slurm.time, "nodes": cfg.launch.nnodes if train else 1,
         "ntasks_per_node": 1, "signal_delay_s": slurm.signal_lead_seconds, "setup": list(slurm.setup),
-        "partition": slurm.partition if train else (slurm.cpu_partition or slurm.partition),
+        "partition": slurm.partition if gpu else (slurm.cpu_partition or slurm.partition),
         "account": slurm.account, "qos": slurm.qos, "cpus_per_task": slurm.cpus_per_task, "mem": slurm.mem,
         "constraint": slurm.constraint,
     }
@@ -143,7 +147,7 @@ def job_parameters(cfg: RunConfig, stage: str) -> dict[str, Any]:
         params["exclusive"] = True
     if train:
         params["additional_parameters"] = {"requeue": True}  # preempted/time-limited jobs go back in the queue
-    if train and slurm.gpus_per_node:
+    if gpu and slurm.gpus_per_node:
         params["gpus_per_node"] = slurm.gpus_per_node
     if slurm.extra_directives:
         params.setdefault("additional_parameters", {}).update(_directive(item) for item in slurm.extra_directives)
@@ -162,13 +166,13 @@ def stage_command(run_dir: Path, stage: str, cwd: Path, array: bool = False) -> 
     return shlex.join(args)
 
 
-def render_script(cfg: RunConfig, stage: str, run_dir: Path, cwd: Path, array_tasks: int | None = None) -> str:
+def render_script(cfg: RunConfig, stage: str, run_dir: RunDir, cwd: Path, array_tasks: int | None = None) -> str:
     """The sbatch script of STAGE's job (or its job array), as submitit renders it, runnable without
     submitit's pickle."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    return _make_sbatch_string(command=stage_command(run_dir, stage, cwd, array=array_tasks is not None),
-                               folder=str(run_dir / "slurm" / "%j"), map_count=array_tasks,
+    return _make_sbatch_string(command=stage_command(run_dir.root, stage, cwd, array=array_tasks is not None),
+                               folder=str(run_dir.slurm_dir / "%j"), map_count=array_tasks,
                                **job_parameters(cfg, stage))
 
 
@@ -179,22 +183,15 @@ def to_submit(planned: list[PlannedStage]) -> list[str]:
     return [s.name for s in planned if s.action in ("run", "resume")]
 
 
-def write_run_config(cfg: RunConfig) -> Path:
-    run_dir = cfg.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    return run_dir
-
-
 def dry_run(cfg: RunConfig, stages: list[str], cwd: Path) -> list[Path]:
     """Write the scripts `submit` would send, each saying what it depends on; submit nothing."""
     run_dir = write_run_config(cfg)
-    folder = run_dir / "slurm" / "dry-run"
+    folder = run_dir.slurm_dir / "dry-run"
     folder.mkdir(parents=True, exist_ok=True)
     scripts = []
     for stage in stages:
-        if stage in ARRAY_STAGES:
-            tasks = len(task_groups(list(range(stage_module(stage).task_count(cfg, run_dir))),
+        if STAGES[stage].units is not None:
+            tasks = len(task_groups(list(range(task_count(cfg, run_dir.root, stage))),
                                     cfg.launch.slurm.max_array_tasks))
             scripts.append((f"{stage}-array", render_script(cfg, stage, run_dir, cwd, tasks)))
         scripts.append((stage, render_script(cfg, stage, run_dir, cwd)))
@@ -226,10 +223,10 @@ def submit(cfg: RunConfig, stages: list[str], cwd: Path, after: str | None = Non
     previous: str | None = after
     for index, stage in enumerate(stages):
         array_id = None
-        if stage in ARRAY_STAGES:
-            ranks = pending_ranks(cfg, run_dir, stage, upstream_redone=index > 0)
+        if STAGES[stage].units is not None:
+            ranks = pending_ranks(cfg, run_dir.root, stage, upstream_redone=index > 0)
             array_id = _submit_array(cfg, run_dir, stage, cwd, ranks, previous) if ranks else None
-        job = submit_job(cfg, stage, StageJob(str(run_dir), stage, str(cwd)), array_id or previous,
+        job = submit_job(cfg, stage, StageJob(str(run_dir.root), stage, str(cwd)), array_id or previous,
                           lambda executor, fn: executor.submit(fn))
         previous = job.job_id
         records.append(JobRecord(stage, job.job_id, str(job.paths.stdout), str(job.paths.stderr), array_id or ""))
@@ -239,18 +236,17 @@ def submit(cfg: RunConfig, stages: list[str], cwd: Path, after: str | None = Non
 
 def parent_run(cfg: RunConfig, parent_of: str | None = None) -> str | None:
     """The MLflow parent run the jobs of this run directory attach to: the recorded one, else a new one."""
-    from launch.local import build_tracker
-
     tracker = build_tracker(cfg)
     if tracker is None:
         return None
-    found = read_parent(cfg.run_dir, tracker.uri)
+    run_dir = RunDir(cfg.run_dir.resolve())
+    found = read_parent(run_dir, tracker.uri)
     if found:
         return found
-    tags = {"ftpipe.run_dir": str(cfg.run_dir.resolve()), **({"mlflow.parentRunId": parent_of} if parent_of else {})}
-    run_id = create_parent_run(tracker, cfg.model_dump(mode="json"), cfg.run_dir / "config.yaml", tags)
+    tags = {"ftpipe.run_dir": str(run_dir.root), **({"mlflow.parentRunId": parent_of} if parent_of else {})}
+    run_id = create_parent_run(tracker, cfg.model_dump(mode="json"), run_dir.config_file, tags)
     if run_id:
-        write_parent(cfg.run_dir, tracker.uri, run_id)
+        write_parent(run_dir, tracker.uri, run_id)
     return run_id
 
 
@@ -265,11 +261,11 @@ def submit_job(cfg: RunConfig, stage: str, fn: Any, after: str | None, how: Any,
         raise UserError(f"sbatch refused the {stage} job: {_last_line(str(err))}") from None
 
 
-def _submit_array(cfg: RunConfig, run_dir: Path, stage: str, cwd: Path, ranks: list[int],
+def _submit_array(cfg: RunConfig, run_dir: RunDir, stage: str, cwd: Path, ranks: list[int],
                   after: str | None) -> str:
     """The stage's pending ranks as one job array; its job id (every task shares it)."""
     groups = task_groups(ranks, cfg.launch.slurm.max_array_tasks)
-    jobs = submit_job(cfg, stage, ArrayTask(str(run_dir), stage, str(cwd)), after,
+    jobs = submit_job(cfg, stage, ArrayTask(str(run_dir.root), stage, str(cwd)), after,
                        lambda executor, fn: executor.map_array(fn, groups))
     return jobs[0].job_id.split("_")[0]
 
@@ -282,24 +278,19 @@ def _last_line(text: str) -> str:
 # --- the command line for hand-written batch scripts -----------------------------------------
 
 
+def _prepare(config: str, overrides: list[str]) -> int:
+    print(write_run_config(load_config(config, overrides)).root)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        if argv[:1] == ["prepare"] and len(argv) >= 2:
-            cfg = load_config(argv[1], argv[2:])
-            print(write_run_config(cfg))
-            return 0
-        if argv[:1] in (["run-stage"], ["run-array-task"]) and len(argv) >= 3:
-            cwd = Path(argv[argv.index("--cwd") + 1]) if "--cwd" in argv else Path.cwd()
-            run_dir = str(Path(argv[1]).resolve())
-            if argv[0] == "run-stage":
-                StageJob(run_dir, argv[2], str(cwd))()
-            else:
-                ArrayTask(run_dir, argv[2], str(cwd))()
-            return 0
-    except UserError as err:
-        print(f"ftpipe: error: {err}", file=sys.stderr)
-        return 2
+    if argv[:1] == ["prepare"] and len(argv) >= 2:
+        return reporting_errors(lambda: _prepare(argv[1], argv[2:]))
+    if argv[:1] in (["run-stage"], ["run-array-task"]) and len(argv) >= 3:
+        cwd = Path(argv[argv.index("--cwd") + 1]) if "--cwd" in argv else Path.cwd()
+        job = (StageJob if argv[0] == "run-stage" else ArrayTask)(str(Path(argv[1]).resolve()), argv[2], str(cwd))
+        return reporting_errors(lambda: job() and 0)
     print("usage: python -m launch.slurm prepare CONFIG [KEY=VALUE ...] | run-stage RUN_DIR STAGE [--cwd DIR]"
           " | run-array-task RUN_DIR STAGE [--cwd DIR]", file=sys.stderr)
     return 2

@@ -1,25 +1,23 @@
 """shard and tokenize on SLURM as job arrays, datatrove style.
 
-Each stage's work is a list of tasks `run_shard(cfg, run_dir, rank, world_size)` (shard: one per
-source file; tokenize: one per shard piece), the same function the local process pool runs. An
-array task takes every k-th pending rank; each rank leaves its own completion marker, so a killed
-array task costs only its ranks, and a resubmitted array holds only the ranks without a current
-marker. The stage's own job (afterok on its array) then finds every marker current, merges, and
-writes the manifest, exactly as `ftpipe run` would.
+Each unit-wise stage's work is a list of units (shard: one per source file; tokenize: one per shard
+piece), run by `pipeline.units.run_task(unit_stage, cfg, run_dir, rank, world_size)`, the function
+the local process pool runs too. An array task takes every k-th pending rank; each rank leaves its
+own completion marker, so a killed array task costs only its ranks, and a resubmitted array holds
+only the ranks without a current marker. The stage's own job (afterok on its array) then finds every
+marker current, merges, and writes the manifest, exactly as `ftpipe run` would.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
-from types import ModuleType
 
 import submitit
 
+from pipeline import units
 from pipeline.config import RunConfig, load_config
-
-ARRAY_STAGES = {"shard": "pipeline.shard", "tokenize": "pipeline.tokenize"}
+from pipeline.stages import STAGES
 
 
 def enter_job(run_dir: Path, cwd: Path) -> RunConfig:
@@ -32,17 +30,17 @@ def enter_job(run_dir: Path, cwd: Path) -> RunConfig:
     return load_config(Path(run_dir) / "config.yaml")
 
 
-def stage_module(stage: str) -> ModuleType:
-    return importlib.import_module(ARRAY_STAGES[stage])
+def task_count(cfg: RunConfig, run_dir: Path, stage: str) -> int:
+    """How many ranks (units) the unit-wise `stage` has, known before the stages upstream ran."""
+    return STAGES[stage].unit_stage().task_count(cfg, run_dir)
 
 
 def pending_ranks(cfg: RunConfig, run_dir: Path, stage: str, upstream_redone: bool) -> list[int]:
     """Ranks an array must run: those without a current marker; all when the stage before it is
     redone too (its output, which the markers are checked against, will change)."""
-    module = stage_module(stage)
     if upstream_redone:
-        return list(range(module.task_count(cfg, run_dir)))
-    return module.pending_tasks(cfg, run_dir)
+        return list(range(task_count(cfg, run_dir, stage)))
+    return units.pending(STAGES[stage].unit_stage(), cfg, run_dir)
 
 
 def task_groups(ranks: list[int], max_tasks: int) -> list[list[int]]:
@@ -61,11 +59,11 @@ class ArrayTask(submitit.helpers.Checkpointable):
         """Run `ranks` (None: this task's share of all ranks, from SLURM_ARRAY_TASK_ID/COUNT)."""
         run_dir = Path(self.run_dir)
         cfg = enter_job(run_dir, Path(self.cwd))
-        module = stage_module(self.stage)
-        world_size = module.task_count(cfg, run_dir)
+        unit_stage = STAGES[self.stage].unit_stage()
+        world_size = unit_stage.task_count(cfg, run_dir)
         if ranks is None:  # a script written by hand or by --dry-run: ranks done already skip on their markers
             task, count = int(os.environ["SLURM_ARRAY_TASK_ID"]), int(os.environ["SLURM_ARRAY_TASK_COUNT"])
             ranks = list(range(world_size))[task::count]
         for rank in ranks:
-            module.run_shard(cfg, run_dir, rank, world_size)
+            units.run_task(unit_stage, cfg, run_dir, rank, world_size)
         return ranks

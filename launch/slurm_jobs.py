@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pipeline.errors import UserError
-from pipeline.run_dir import STAGES, RunDir, atomic_write_json
+from pipeline.run_dir import RunDir, atomic_write_json
+from pipeline.stages import NAMES, stage as declared_stage
 
-JOBS_FILE = "jobs.json"
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "SUSPENDED"}
 RUNNING = {"RUNNING", "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
 
@@ -34,12 +34,8 @@ class JobRecord:
         return [i for i in (self.array_job_id, self.job_id) if i]
 
 
-def jobs_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "slurm" / JOBS_FILE
-
-
-def read_jobs(run_dir: Path) -> list[JobRecord]:
-    path = jobs_path(run_dir)
+def read_jobs(run_dir: RunDir) -> list[JobRecord]:
+    path = run_dir.jobs_file
     if not path.is_file():
         return []
     try:
@@ -48,11 +44,11 @@ def read_jobs(run_dir: Path) -> list[JobRecord]:
         raise UserError(f"{path}: unreadable ({err})") from None
 
 
-def record_jobs(run_dir: Path, new: list[JobRecord]) -> None:
+def record_jobs(run_dir: RunDir, new: list[JobRecord]) -> None:
     """A stage's newest job replaces its older one; stages not resubmitted keep theirs."""
     by_stage = {j.stage: j for j in read_jobs(run_dir)} | {j.stage: j for j in new}
-    jobs = [asdict(by_stage[s]) for s in STAGES if s in by_stage]
-    atomic_write_json(jobs_path(run_dir), {"jobs": jobs})
+    jobs = [asdict(by_stage[s]) for s in NAMES if s in by_stage]
+    atomic_write_json(run_dir.jobs_file, {"jobs": jobs})
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -130,14 +126,14 @@ def stage_state(run_dir: RunDir, stage: str, job: JobRecord | None, slurm: tuple
     return "failed" if _result(job) == "error" or state == "COMPLETED" else "unknown (job gone from squeue)"
 
 
-def status_lines(run_dir: Path) -> list[str]:
-    rd, jobs = RunDir(Path(run_dir)), {j.stage: j for j in read_jobs(run_dir)}
+def status_lines(run_dir: RunDir) -> list[str]:
+    jobs = {j.stage: j for j in read_jobs(run_dir)}
     states = slurm_states([i for j in jobs.values() for i in j.job_ids])
     lines, broken = [], None
-    for stage in STAGES:
+    for stage in NAMES:
         job = jobs.get(stage)
         array = states.get(job.array_job_id) if job and job.array_job_id else None
-        state = stage_state(rd, stage, job, states.get(job.job_id) if job else None, array)
+        state = stage_state(run_dir, stage, job, states.get(job.job_id) if job else None, array)
         if broken and state.startswith("queued"):
             # afterok on a failed job: SLURM keeps it pending forever (reason DependencyNeverSatisfied).
             state = f"blocked ({broken} did not finish)"
@@ -148,7 +144,7 @@ def status_lines(run_dir: Path) -> list[str]:
     return lines
 
 
-def cancel(run_dir: Path) -> list[JobRecord]:
+def cancel(run_dir: RunDir) -> list[JobRecord]:
     return cancel_jobs(read_jobs(run_dir))
 
 
@@ -162,14 +158,13 @@ def cancel_jobs(jobs: list[JobRecord]) -> list[JobRecord]:
     return jobs
 
 
-def log_files(run_dir: Path, stage: str) -> list[Path]:
-    """The stage's job logs: its array tasks' (shard, tokenize), task 0's stdout and stderr, then the
-    other nodes' tasks."""
+def log_files(run_dir: RunDir, stage: str) -> list[Path]:
+    """The stage's job logs: its array tasks' (unit-wise stages), task 0's stdout and stderr, then
+    the other nodes' tasks."""
+    declared_stage(stage)  # an unknown name is a one-line error
     job = {j.stage: j for j in read_jobs(run_dir)}.get(stage)
-    if stage not in STAGES:
-        raise UserError(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
     if job is None:
-        raise UserError(f"{run_dir}: no SLURM job recorded for stage {stage} (see {jobs_path(run_dir)})")
+        raise UserError(f"{run_dir.root}: no SLURM job recorded for stage {stage} (see {run_dir.jobs_file})")
     folder = Path(job.stdout).parent
     main = [Path(job.stdout), Path(job.stderr)]
     others = sorted(p for p in folder.glob(f"{job.job_id}_*_log.*") if p not in main)

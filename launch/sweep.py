@@ -28,10 +28,11 @@ from pipeline.config import RunConfig, load_config
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text
 from pipeline.runner import plan
+from pipeline.stages import LAST, names
+from pipeline.tracking import build_tracker, read_parent
 
-SWEEP_FILE = "sweep.json"
-SHARED_STAGES = ("shard", "tokenize")
-MEMBER_STAGES = ("train", "consolidate", "evaluate")
+SHARED_STAGES = names("shared_by_sweep")
+MEMBER_STAGES = names("shared_by_sweep", False)
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,15 @@ def _data_fingerprints(cfg: RunConfig) -> dict[str, str]:
     return {s.name: s.fingerprint for s in plan(cfg) if s.name in SHARED_STAGES}
 
 
-def link_shared_data(base_dir: Path, member_dir: Path) -> None:
+def link_shared_data(base: RunDir, member: RunDir) -> None:
     """member/shard and member/tokenize -> the base run's (relative links: the output dir may move)."""
-    member_dir.mkdir(parents=True, exist_ok=True)
+    member.root.mkdir(parents=True, exist_ok=True)
     for stage in SHARED_STAGES:
-        link, target = member_dir / stage, base_dir / stage
+        link, target = member.stage(stage), base.stage(stage)
         if link.exists() and not link.is_symlink():
             raise UserError(f"{link} exists and is not a link to {target}: remove it or name the sweep differently")
         link.unlink(missing_ok=True)
-        link.symlink_to(os.path.relpath(target, member_dir), target_is_directory=True)
+        link.symlink_to(os.path.relpath(target, member.root), target_is_directory=True)
 
 
 def submit_sweep(base: RunConfig, found: list[tuple[Member, RunConfig]], cwd: Path,
@@ -96,14 +97,15 @@ def submit_sweep(base: RunConfig, found: list[tuple[Member, RunConfig]], cwd: Pa
     after = data_jobs[-1].job_id if data_jobs else None
     chains: dict[str, list[JobRecord]] = {}
     for member, cfg in found:
-        link_shared_data(base.run_dir.resolve(), cfg.run_dir.resolve())
+        link_shared_data(RunDir(base.run_dir.resolve()), RunDir(cfg.run_dir.resolve()))
         stages = [s for s in to_submit(plan(cfg, None, force)) if s in MEMBER_STAGES]
         chains[member.name] = submit(cfg, stages, cwd, after=after, parent_of=parent) if stages else []
     ends = [jobs[-1].job_id for jobs in chains.values() if jobs]
-    summary = submit_job(base, "evaluate", SweepSummary(str(base.run_dir.resolve()), str(cwd)),
+    # The summary job asks for what the last stage's job gets (no GPU, one node).
+    summary = submit_job(base, LAST, SweepSummary(str(base.run_dir.resolve()), str(cwd)),
                           ":".join(ends) or None, lambda executor, fn: executor.submit(fn), kind="afterany")
     record = {"members": [asdict(m) for m, _ in found], "summary_job": summary.job_id}
-    atomic_write_json(base.run_dir / SWEEP_FILE, record)
+    atomic_write_json(RunDir(base.run_dir).sweep_file, record)
     return {"data_jobs": data_jobs, "chains": chains, "summary_job": summary.job_id}
 
 
@@ -115,17 +117,16 @@ class SweepSummary(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         base_dir = Path(self.base_dir)
-        return write_summary(base_dir, enter_job(base_dir, Path(self.cwd)))
+        return write_summary(RunDir(base_dir), enter_job(base_dir, Path(self.cwd)))
 
 
-def read_sweep(base_dir: Path) -> list[Member]:
-    path = Path(base_dir) / SWEEP_FILE
-    if not path.is_file():
+def read_sweep(base_dir: RunDir) -> list[Member]:
+    if not base_dir.sweep_file.is_file():
         return []
-    return [Member(**m) for m in json.loads(path.read_text())["members"]]
+    return [Member(**m) for m in json.loads(base_dir.sweep_file.read_text())["members"]]
 
 
-def summary_rows(base_dir: Path) -> list[dict[str, Any]]:
+def summary_rows(base_dir: RunDir) -> list[dict[str, Any]]:
     """Per member: its overrides, how far it got, its scalar eval metrics."""
     from pipeline.evaluate import scalar_metrics
 
@@ -133,7 +134,7 @@ def summary_rows(base_dir: Path) -> list[dict[str, Any]]:
     for member in read_sweep(base_dir):
         run = RunDir(Path(member.run_dir))
         done = [s for s in MEMBER_STAGES if run.read_manifest(s) is not None]
-        metrics_file = run.stage("evaluate") / "metrics.json"
+        metrics_file = run.metrics_file
         metrics = scalar_metrics(json.loads(metrics_file.read_text())) if metrics_file.is_file() else {}
         state = "done" if len(done) == len(MEMBER_STAGES) else f"{done[-1]} done" if done else "not done"
         rows.append({"name": member.name, "overrides": " ".join(member.overrides), "state": state,
@@ -150,19 +151,16 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(base_dir: Path, cfg: RunConfig) -> str:
+def write_summary(base_dir: RunDir, cfg: RunConfig) -> str:
     """summary.md into the sweep's MLflow parent (then ended), and summary.{json,md} written last."""
-    from launch.local import build_tracker
-    from pipeline.tracking import read_parent
-
     rows = summary_rows(base_dir)
     table = summary_table(rows)
-    folder = base_dir / "sweep"
+    folder = base_dir.sweep_dir
     atomic_write_text(folder / "summary.md", table)
     tracker = build_tracker(cfg)
     parent = read_parent(base_dir, tracker.uri) if tracker else None
     if tracker and parent:
-        tracker.start({}, base_dir / "config.yaml", {}, attach_to=parent)
+        tracker.start({}, base_dir.config_file, {}, attach_to=parent)
         tracker.submit(lambda: tracker.client.log_artifact(parent, str(folder / "summary.md"), "sweep"))
         tracker.close("FINISHED" if all(r["state"] == "done" for r in rows) else "FAILED")
     atomic_write_json(folder / "summary.json", rows)
@@ -170,8 +168,8 @@ def write_summary(base_dir: Path, cfg: RunConfig) -> str:
     return table
 
 
-def cancel_sweep(base_dir: Path) -> list[JobRecord]:
+def cancel_sweep(base_dir: RunDir) -> list[JobRecord]:
     """Cancel every member's queued and running jobs and the summary job."""
-    jobs = [job for member in read_sweep(base_dir) for job in cancel(Path(member.run_dir))]
-    summary = JobRecord("summary", str(json.loads((Path(base_dir) / SWEEP_FILE).read_text())["summary_job"]), "", "")
+    jobs = [job for member in read_sweep(base_dir) for job in cancel(RunDir(Path(member.run_dir)))]
+    summary = JobRecord("summary", str(json.loads(base_dir.sweep_file.read_text())["summary_job"]), "", "")
     return jobs + cancel_jobs([summary])

@@ -21,9 +21,9 @@ from launch.worker import ERROR_FILE, RESULT_FILE, RUN_ID_ENV, STOPPED_FILE, URI
 from pipeline.config import LaunchConfig, RunConfig
 from pipeline.context import StageContext
 from pipeline.errors import StagePreempted, UserError
-from pipeline.train.preemption import StopRequest, ignore_stop_signals
+from pipeline.preemption import StopRequest, ignore_stop_signals
+from pipeline.stages import Stage
 
-DISTRIBUTED_STAGES = ("train",)
 FORWARD_AGAIN_SECONDS = 5.0  # ranks still starting up have no handler yet and ignore the signal
 log = logging.getLogger("ftpipe")
 
@@ -47,10 +47,10 @@ def torchrun_command(launch: LaunchConfig, run_name: str, worker_args: list[str]
     return cmd + ["-m", "launch.worker", *worker_args]
 
 
-def launch_stage(spec: Any, cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
-    """Run `spec` here, or for the train stage under torchrun, and return its result."""
+def launch_stage(spec: Stage, cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    """Run `spec` here, or a distributed stage under torchrun, and return its result."""
     # backend slurm trains under torchrun too (one per node; `ftpipe run` starts it on this machine).
-    if cfg.launch.backend == "local" or spec.name not in DISTRIBUTED_STAGES:
+    if cfg.launch.backend == "local" or not spec.distributed:
         return spec.run(cfg, ctx)
     folder = ctx.run_dir.stage(spec.name)
     for stale in (RESULT_FILE, ERROR_FILE, STOPPED_FILE):

@@ -10,7 +10,9 @@ import os
 import sys
 from pathlib import Path
 
+from launch.process import quiet_libraries, reporting_errors
 from pipeline.errors import StagePreempted, UserError
+from pipeline.run_dir import RunDir, atomic_write_text
 
 RESULT_FILE = ".result.json"
 ERROR_FILE = ".error.txt"
@@ -19,22 +21,21 @@ RUN_ID_ENV = "FTPIPE_MLFLOW_RUN_ID"
 URI_ENV = "FTPIPE_MLFLOW_URI"
 
 
-def run_rank(run_dir: Path, stage: str, progress: bool = True) -> dict | None:
+def run_rank(run_dir: RunDir, stage: str, progress: bool = True) -> dict | None:
     """Run `stage` as this rank; rank 0 leaves the result (or why it stopped) for the launcher."""
     from pipeline import distributed
     from pipeline.config import load_config
     from pipeline.context import NullStageTracker, StageContext
-    from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text
-    from pipeline.runner import SPECS
+    from pipeline.run_dir import atomic_write_json
+    from pipeline.stages import STAGES
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = load_config(run_dir.config_file)
     rank = int(os.environ.get("RANK", "0"))
     tracker = _tracker() if rank == 0 else None
-    ctx = StageContext(RunDir(run_dir), rank, int(os.environ.get("WORLD_SIZE", "1")),
-                       tracker or NullStageTracker(), progress)
+    ctx = StageContext(run_dir, rank, int(os.environ.get("WORLD_SIZE", "1")), tracker or NullStageTracker(), progress)
     result, stopped = None, None
     try:
-        result = SPECS[stage].run(cfg, ctx)
+        result = STAGES[stage].run(cfg, ctx)
     except StagePreempted as err:
         stopped = str(err)
     finally:
@@ -42,9 +43,9 @@ def run_rank(run_dir: Path, stage: str, progress: bool = True) -> dict | None:
             tracker.close()
     distributed.shutdown()
     if rank == 0 and stopped is not None:
-        atomic_write_text(RunDir(run_dir).stage(stage) / STOPPED_FILE, stopped)
+        atomic_write_text(run_dir.stage(stage) / STOPPED_FILE, stopped)
     elif rank == 0:
-        atomic_write_json(RunDir(run_dir).stage(stage) / RESULT_FILE, result)
+        atomic_write_json(run_dir.stage(stage) / RESULT_FILE, result)
     return result
 
 
@@ -58,20 +59,18 @@ def _tracker():
 
 
 def main(argv: list[str] | None = None) -> int:
-    from launch.process import quiet_libraries
-
     argv = sys.argv[1:] if argv is None else argv
-    run_dir, stage = Path(argv[0]), argv[1]
+    run_dir, stage = RunDir(Path(argv[0])), argv[1]
     quiet_libraries()
-    try:
-        run_rank(run_dir, stage, progress="--no-progress" not in argv)
-    except UserError as err:
-        from pipeline.run_dir import RunDir, atomic_write_text
 
-        atomic_write_text(RunDir(run_dir).stage(stage) / ERROR_FILE, str(err))
-        print(f"ftpipe: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    def leave_error(err: UserError) -> None:  # the launcher reports it as the stage's error
+        atomic_write_text(run_dir.stage(stage) / ERROR_FILE, str(err))
+
+    def command() -> int:
+        run_rank(run_dir, stage, progress="--no-progress" not in argv)
+        return 0
+
+    return reporting_errors(command, leave_error)
 
 
 if __name__ == "__main__":

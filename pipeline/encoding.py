@@ -20,18 +20,10 @@ import pyarrow.compute as pc
 
 from pipeline.config import DataConfig
 from pipeline.errors import UserError
+from pipeline.tokenized import output_schema
 from pipeline.tokenizer import rust_tokenizer
 
 Span = tuple[str, bool]  # (text, counted by the loss)
-
-
-def output_schema(classification: bool, masked: bool = False) -> pa.Schema:
-    fields = [pa.field("input_ids", pa.list_(pa.int32())), pa.field("num_targets", pa.int32())]
-    if masked:
-        fields.append(pa.field("loss_mask", pa.list_(pa.int8())))
-    if classification:
-        fields.append(pa.field("label", pa.int64()))
-    return pa.schema(fields)
 
 
 def id_lists(encoded: list[list[int]], eos: int | None) -> pa.ListArray:

@@ -2,8 +2,8 @@
 
 A task is `fn(cfg, run_dir, rank, world_size)`: everything it needs is derived from the config and
 the run directory, so the same call works in a local process pool, in this process, or later as
-one SLURM array task (rank = SLURM_ARRAY_TASK_ID). Each task writes its own outputs and completion
-marker; a killed run redoes only the tasks without one.
+one SLURM array task (rank = SLURM_ARRAY_TASK_ID). The data stages' task is pipeline.units.run_task:
+each writes its own outputs and completion marker; a killed run redoes only the tasks without one.
 """
 
 from __future__ import annotations

@@ -44,6 +44,15 @@ class RunDir:
         return self.slurm_dir / "mlflow.json"
 
     @property
+    def sweep_file(self) -> Path:
+        """A sweep's base run: its members and summary job (`ftpipe submit --sweep`)."""
+        return self.root / "sweep.json"
+
+    @property
+    def sweep_dir(self) -> Path:
+        return self.root / "sweep"
+
+    @property
     def model_dir(self) -> Path:
         return self.stage("consolidate") / "model"
 

@@ -12,7 +12,6 @@ import csv
 import hashlib
 import io
 import json
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +23,11 @@ import pyarrow.parquet as pq
 from pipeline.config import RunConfig
 from pipeline.context import StageContext
 from pipeline.formats import RowValidator, has_surrogates, shard_schema
-from pipeline.errors import UserError
-from pipeline.parallel import run_tasks
 from pipeline.digests import DigestCache, fingerprint
-from pipeline.run_dir import RunDir, atomic_dir, atomic_write_json, remove_stale_tmp
+from pipeline.run_dir import RunDir, atomic_dir
 from pipeline.sources import SourceFile, source_files
 from pipeline.stages import NOT_SHARD_KEYS, STAGES
+from pipeline.units import check_rejects, merge_rejects, run_units
 
 FLUSH_ROWS = 2048
 MARKER = "done.json"
@@ -248,29 +246,55 @@ def piece_dir(out: Path, rank: int) -> Path:
     return out / "parts" / f"{rank:05d}"
 
 
-def run_shard(cfg: RunConfig, run_dir: Path, rank: int, world_size: int) -> dict[str, Any]:
-    """Task `rank` of `world_size` (one per source file): that file's piece of every shard of both
-    splits, its rejects and, last, its marker. A marker with the same fingerprint means done."""
-    listed = source_files(cfg)
-    assert len(listed) == world_size, (len(listed), world_size)
-    expected = shard_unit_fingerprints(cfg, [listed[rank]])[0]
-    folder = piece_dir(RunDir(run_dir).stage("shard"), rank)
-    cached = _read_marker(folder / MARKER)
-    if cached is not None and cached["fingerprint"] == expected:
-        return cached
-    with atomic_dir(folder) as tmp, open(tmp / "rejects.jsonl", "w", encoding="utf-8") as rejects:
-        sharder = Sharder(cfg, tmp, rejects)
-        sharder.add_file(listed[rank])
-        result = {"fingerprint": expected, "source": sharder.sources[0], "splits": sharder.finish()}
-    atomic_write_json(folder / MARKER, result)
-    return result
+@dataclass(frozen=True)
+class Piece:
+    """The unit: one source file's piece of every shard of both splits, in `parts/NNNNN/`."""
+
+    index: int
+    folder: Path  # parts/
+    source: SourceFile
+    fingerprint: str
+
+    @property
+    def home(self) -> Path:
+        return self.folder / f"{self.index:05d}"
+
+    @property
+    def marker(self) -> Path:
+        return self.home / MARKER
+
+    @property
+    def rejects(self) -> Path:
+        return self.home / "rejects.jsonl"
 
 
-def _read_marker(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+class ShardUnits:
+    """The stage's units (a pipeline.units.UnitStage), one per source file."""
+
+    name = "shard"
+
+    def task_count(self, cfg: RunConfig, run_dir: Path) -> int:
+        return len(source_files(cfg))
+
+    def ready(self, cfg: RunConfig, run_dir: Path) -> bool:
+        return True
+
+    def units(self, cfg: RunConfig, run_dir: Path) -> list[Piece]:
+        listed = source_files(cfg)
+        parts = RunDir(run_dir).stage(self.name) / "parts"
+        prints = shard_unit_fingerprints(cfg, listed)
+        return [Piece(rank, parts, source, fp) for rank, (source, fp) in enumerate(zip(listed, prints))]
+
+    def work(self, cfg: RunConfig, run_dir: Path, unit: Piece) -> dict[str, Any]:
+        """That file's piece of every shard of both splits and its rejects."""
+        with atomic_dir(unit.home) as tmp, open(tmp / unit.rejects.name, "w", encoding="utf-8") as rejects:
+            sharder = Sharder(cfg, tmp, rejects)
+            sharder.add_file(unit.source)
+            result = {"source": sharder.sources[0], "splits": sharder.finish()}
+        return result
+
+
+UNITS = ShardUnits()
 
 
 def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
@@ -281,48 +305,19 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     Merge: each shard file is its pieces in source order, i.e. the rows a single pass would write.
     """
     out = ctx.run_dir.stage("shard")
-    listed = source_files(cfg)
-    ranks = list(range(len(listed)))
-    reused = _current(out, shard_unit_fingerprints(cfg, listed))
-    results = {d.rank: d.result for d in run_tasks(run_shard, cfg, ctx.run_dir.root, ranks, len(listed),
-                                                  cfg.data.num_workers)}
-    pieces = [results[r] for r in ranks]
-    _remove_stale_pieces(out, len(listed))
+    done = run_units(UNITS, cfg, ctx.run_dir.root, cfg.data.num_workers)
+    pieces = done.records
     with atomic_dir(out / "data") as tmp:
         splits = {split: _merge_split(cfg, out, tmp, split, pieces) for split in SPLITS}
-        _merge_rejects(out, tmp / "rejects.jsonl", len(listed))
+        merge_rejects(done.units, tmp / "rejects.jsonl")
     manifest = {"splits": splits, "sources": [p["source"] for p in pieces],
                 "rejected": sum(p["source"]["rejected"] for p in pieces), "rejects_file": "data/rejects.jsonl",
                 "pieces": {split: _piece_list(cfg, pieces, split) for split in SPLITS},
-                "reused_sources": len(reused), "ran_sources": len(ranks) - len(reused)}
-    _check_outcome(cfg, manifest, out)
+                "reused_sources": len(pieces) - done.ran, "ran_sources": done.ran}
+    kept = sum(s["rows"] for s in manifest["sources"])
+    check_rejects(cfg, splits["train"]["rows"], kept + manifest["rejected"], [manifest["rejected"]],
+                  [out / "data" / "rejects.jsonl"], "no valid training rows")
     return manifest
-
-
-def task_count(cfg: RunConfig, run_dir: Path) -> int:
-    """Tasks of this stage (one per source file): the world size of run_shard."""
-    return len(source_files(cfg))
-
-
-def pending_tasks(cfg: RunConfig, run_dir: Path) -> list[int]:
-    """Tasks without a current marker: what a rerun (or a resubmitted job array) has to do."""
-    listed = source_files(cfg)
-    done = set(_current(RunDir(run_dir).stage("shard"), shard_unit_fingerprints(cfg, listed)))
-    return [rank for rank in range(len(listed)) if rank not in done]
-
-
-def _current(out: Path, expected: list[str]) -> list[int]:
-    """Sources whose pieces are done with the fingerprint they would have now."""
-    markers = [_read_marker(piece_dir(out, rank) / MARKER) for rank in range(len(expected))]
-    return [rank for rank, (m, fp) in enumerate(zip(markers, expected)) if m and m["fingerprint"] == fp]
-
-
-def _remove_stale_pieces(out: Path, count: int) -> None:
-    """Pieces of sources no longer configured (the list got shorter)."""
-    for folder in (out / "parts").glob("[0-9]*"):
-        if int(folder.name) >= count:
-            shutil.rmtree(folder)
-    remove_stale_tmp(out / "parts")
 
 
 def _piece_name(split: str, shard: int, num_shards: int) -> str:
@@ -348,23 +343,3 @@ def _merge_split(cfg: RunConfig, out: Path, target: Path, split: str, pieces: li
                 for index in range(source.num_row_groups):  # one row group in memory at a time
                     writer.write_table(source.read_row_group(index))
     return {"rows": sum(counts), "files": [_piece_name(split, s, n) for s in range(n)], "rows_per_shard": counts}
-
-
-def _merge_rejects(out: Path, target: Path, count: int) -> None:
-    with open(target, "wb") as merged:
-        for rank in range(count):
-            with open(piece_dir(out, rank) / "rejects.jsonl", "rb") as part:
-                shutil.copyfileobj(part, merged)
-
-
-def _check_outcome(cfg: RunConfig, manifest: dict[str, Any], out: Path) -> None:
-    kept = sum(s["rows"] for s in manifest["sources"])
-    rejected = manifest["rejected"]
-    where = out / "data" / "rejects.jsonl"
-    if manifest["splits"]["train"]["rows"] == 0:
-        raise UserError(f"data.train: no valid training rows ({rejected} rejected, see {where})")
-    share = rejected / max(1, kept + rejected)
-    if share > cfg.data.max_reject_fraction:
-        raise UserError(
-            f"data: {rejected} of {kept + rejected} rows rejected ({share:.1%} > "
-            f"data.max_reject_fraction {cfg.data.max_reject_fraction:.1%}); see {where}")

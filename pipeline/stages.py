@@ -108,25 +108,25 @@ def module_path(module: str) -> Path:
 
 _DECLARED = (
     Stage("shard", "pipeline.shard:run", (), shard_inputs,
-          ("pipeline.shard", "pipeline.formats", "pipeline.sources", "pipeline.parallel"),
+          ("pipeline.shard", "pipeline.formats", "pipeline.sources", "pipeline.parallel", "pipeline.units"),
           units="pipeline.shard:UNITS", shared_by_sweep=True),
     Stage("tokenize", "pipeline.tokenize:run", ("shard",), tokenize_inputs,
           ("pipeline.tokenize", "pipeline.encoding", "pipeline.packing", "pipeline.tokenizer", "pipeline.parallel",
-           "pipeline.sources"),
+           "pipeline.sources", "pipeline.units", "pipeline.tokenized"),
           units="pipeline.tokenize:UNITS", shared_by_sweep=True),
     Stage("train", "pipeline.train.stage:run", ("tokenize",), train_inputs,
           ("pipeline.train", "pipeline.train.stage", "pipeline.train.build", "pipeline.train.checkpoint",
            "pipeline.train.data", "pipeline.train.ds_engine", "pipeline.train.engine", "pipeline.train.fsdp",
            "pipeline.train.loop", "pipeline.train.objective", "pipeline.train.partial",
-           "pipeline.train.preemption", "pipeline.models", "pipeline.distributed", "pipeline.tokenize"),
+           "pipeline.preemption", "pipeline.models", "pipeline.distributed", "pipeline.tokenized"),
           distributed=True, gpu=True),
     Stage("consolidate", "pipeline.consolidate:run", ("train",), consolidate_inputs,
           ("pipeline.consolidate", "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.models",
-           "pipeline.tokenizer", "pipeline.train.engine")),
+           "pipeline.tokenizer")),
     Stage("evaluate", "pipeline.evaluate:run", ("consolidate",), evaluate_inputs,
           ("pipeline.evaluate", "pipeline.consolidate", "pipeline.checkpoint_readers", "pipeline.hf_writer",
-           "pipeline.models", "pipeline.tokenizer", "pipeline.tokenize", "pipeline.train.data",
-           "pipeline.train.objective", "pipeline.train.stage")),
+           "pipeline.models", "pipeline.tokenizer", "pipeline.tokenized", "pipeline.distributed", "pipeline.train",
+           "pipeline.train.data", "pipeline.train.objective")),
 )
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in _DECLARED}

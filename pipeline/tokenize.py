@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -27,15 +27,15 @@ import pyarrow.parquet as pq
 
 from pipeline.config import RunConfig
 from pipeline.context import StageContext
-from pipeline.encoding import EncodedBatch, Encoder, output_schema
+from pipeline.encoding import EncodedBatch, Encoder
 from pipeline.errors import UserError
 from pipeline.tokenizer import load_tokenizer, rust_tokenizer, saved_tokenizer
 from pipeline.packing import Packer, packed_schema, packing_summary
-from pipeline.parallel import run_tasks
 from pipeline.digests import DigestCache, fingerprint, model_digest
-from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text, remove_stale_tmp
+from pipeline.run_dir import RunDir, atomic_write_text
 from pipeline.sources import source_files
 from pipeline.stages import STAGES, tokenize_inputs
+from pipeline.units import check_rejects, merge_rejects, run_units
 
 BATCH_ROWS = 1000
 SPLITS = ("train", "eval")
@@ -128,6 +128,16 @@ class Unit:
     index: int  # NNNNN of its output files; shard-major, source-minor, so sorted files keep row order
     source: Path
     fingerprint: str
+    folder: Path  # tokenize/<split>/
+
+    @property
+    def marker(self) -> Path:
+        """Its stats, with the fingerprint."""
+        return self.folder / f"{self.index:05d}.json"
+
+    @property
+    def rejects(self) -> Path:
+        return self.folder / f"{self.index:05d}.rejects.jsonl"
 
 
 def units(cfg: RunConfig, run_dir: Path) -> list[Unit]:
@@ -136,20 +146,9 @@ def units(cfg: RunConfig, run_dir: Path) -> list[Unit]:
     pieces = shard.read_manifest("shard")["pieces"]
     listed = [(split, i, piece) for split in SPLITS for i, piece in enumerate(pieces[split])]
     prints = tokenize_unit_fingerprints(cfg, [piece["fingerprint"] for _, _, piece in listed])
-    return [Unit(split, i, shard.stage("shard") / piece["file"], fp) for (split, i, piece), fp in zip(listed, prints)]
-
-
-_UNITS: dict[tuple[str, str], list[Unit]] = {}
-
-
-def _units_once(cfg: RunConfig, run_dir: Path, refresh: bool = False) -> list[Unit]:
-    """units(), computed once per stage run in each process rather than once per task (every unit's
-    fingerprint each time: quadratic in thousands of units). run() refreshes it before any task starts;
-    a worker process or SLURM array task computes it at its first task."""
-    key = (cfg.model_dump_json(), str(run_dir))
-    if refresh or key not in _UNITS:
-        _UNITS[key] = units(cfg, run_dir)
-    return _UNITS[key]
+    out = shard.stage("tokenize")
+    return [Unit(split, i, shard.stage("shard") / piece["file"], fp, out / split)
+            for (split, i, piece), fp in zip(listed, prints)]
 
 
 _ENCODERS: dict[tuple, Encoder] = {}
@@ -200,30 +199,29 @@ def _encoder(cfg: RunConfig) -> Encoder:
     return _ENCODERS[worker_key]
 
 
-def run_shard(cfg: RunConfig, run_dir: Path, rank: int, world_size: int) -> dict[str, Any]:
-    """Task `rank` of `world_size`: tokenize unit number `rank` unless its marker is current."""
-    todo = _units_once(cfg, run_dir)
-    assert len(todo) == world_size, (len(todo), world_size)
-    unit = todo[rank]
-    folder = RunDir(run_dir).stage("tokenize") / unit.split
-    folder.mkdir(parents=True, exist_ok=True)  # a SLURM array task may run before the stage's own job
-    return _tokenize_once(unit.source, folder, unit.index, unit.fingerprint, lambda: _encoder(cfg))[0]
+class TokenizeUnits:
+    """The stage's units (a pipeline.units.UnitStage), one per shard piece."""
+
+    name = "tokenize"
+
+    def task_count(self, cfg: RunConfig, run_dir: Path) -> int:
+        """One per shard piece (split x shard x source file), known before shard ran."""
+        return len(SPLITS) * cfg.data.num_shards * len(source_files(cfg))
+
+    def ready(self, cfg: RunConfig, run_dir: Path) -> bool:
+        return RunDir(run_dir).read_manifest("shard") is not None
+
+    def units(self, cfg: RunConfig, run_dir: Path) -> list[Unit]:
+        return units(cfg, run_dir)
+
+    def work(self, cfg: RunConfig, run_dir: Path, unit: Unit) -> dict[str, Any]:
+        # A SLURM array task may run before the stage's own job has made the folder.
+        unit.folder.mkdir(parents=True, exist_ok=True)
+        stats = tokenize_shard(unit.source, unit.folder / f"{unit.index:05d}.arrow", _encoder(cfg))
+        return {**stats, "file": f"{unit.index:05d}.arrow"}
 
 
-def task_count(cfg: RunConfig, run_dir: Path) -> int:
-    """Tasks of this stage, one per shard piece (split x shard x source file), known before shard ran."""
-    return len(SPLITS) * cfg.data.num_shards * len(source_files(cfg))
-
-
-def pending_tasks(cfg: RunConfig, run_dir: Path) -> list[int]:
-    """Pieces without a current marker; all of them while the shard stage is not done."""
-    if RunDir(run_dir).read_manifest("shard") is None:
-        return list(range(task_count(cfg, run_dir)))
-    return _stale(units(cfg, run_dir), RunDir(run_dir).stage("tokenize"))
-
-
-def _stale(todo: list[Unit], out: Path) -> list[int]:
-    return [rank for rank, u in enumerate(todo) if _current(out / u.split, u.index, u.fingerprint) is None]
+UNITS = TokenizeUnits()
 
 
 def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
@@ -233,24 +231,25 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     out = ctx.run_dir.stage("tokenize")
     tokenizer = shared_tokenizer(cfg)[1]
     chat_template(cfg, tokenizer)  # a missing template is a config error: raise it before any worker starts
-    todo = _units_once(cfg, ctx.run_dir.root, refresh=True)
-    for split in SPLITS:
-        _prepare(out / split, sum(u.split == split for u in todo))
-    stale = _stale(todo, out)
     # A Rust tokenizer releases the GIL: threads then beat processes (no start-up, no copies, and
     # one thread's Python work overlaps another's Rust). Chat templates render in Python: processes.
     threads = cfg.data.format != "chat" and rust_tokenizer(tokenizer) is not None
-    for _ in run_tasks(run_shard, cfg, ctx.run_dir.root, stale, len(todo), cfg.data.num_workers, threads):
-        pass  # each task wrote its marker; the stats are read back from them below
-    manifest: dict[str, Any] = {"splits": {}, "reused_shards": len(todo) - len(stale), "ran_shards": len(stale),
-                                "pad_token_id": pad_token_id(tokenizer), "loss_on": cfg.data.loss_on}
+    done = run_units(UNITS, cfg, ctx.run_dir.root, cfg.data.num_workers, threads)
+    manifest: dict[str, Any] = {"splits": {}, "reused_shards": len(done.units) - done.ran,
+                                "ran_shards": done.ran, "pad_token_id": pad_token_id(tokenizer),
+                                "loss_on": cfg.data.loss_on}
     for split in SPLITS:
-        shards = [_current(out / split, u.index, u.fingerprint) for u in todo if u.split == split]
+        shards = [record for unit, record in zip(done.units, done.records) if unit.split == split]
         manifest["splits"][split] = _summarize(shards)
         manifest["splits"][split].update(packing_summary(shards, cfg.data))
-    manifest["rejected"] = _merge_rejects(out)
+    manifest["rejected"] = merge_rejects(done.units, out / "rejects.jsonl")
     manifest["rejects_file"] = "rejects.jsonl"
-    _check_rejects(cfg, shard_manifest, manifest, out)
+    # Over shard and tokenize rejects together, of every row the sources held.
+    total = sum(s["rows"] + s["rejected"] for s in shard_manifest["sources"])
+    check_rejects(cfg, manifest["splits"]["train"]["rows"], total,
+                  [manifest["rejected"], shard_manifest["rejected"]],
+                  [out / "rejects.jsonl", ctx.run_dir.stage("shard") / shard_manifest["rejects_file"]],
+                  "no training rows left after tokenize")
     return manifest
 
 
@@ -269,61 +268,6 @@ def chat_template(cfg: RunConfig, tokenizer) -> str | None:
         raise UserError(f"data.chat_template: cannot read {cfg.data.chat_template!r}: {err}") from None
 
 
-def _merge_rejects(out: Path) -> int:
-    """One rejects.jsonl for the stage, from the per-shard files (which survive a resumed run)."""
-    lines = [line for split in SPLITS for path in sorted((out / split).glob("[0-9]*.rejects.jsonl"))
-             for line in path.read_text(encoding="utf-8").splitlines(keepends=True)]
-    atomic_write_text(out / "rejects.jsonl", "".join(lines))
-    return len(lines)
-
-
-def _check_rejects(cfg: RunConfig, shard_manifest: dict, manifest: dict, out: Path) -> None:
-    """data.max_reject_fraction over shard and tokenize rejects together, before training starts."""
-    where = out / "rejects.jsonl"
-    if manifest["splits"]["train"]["rows"] == 0:
-        raise UserError(f"data.train: no training rows left after tokenize ({manifest['rejected']} rejected, "
-                        f"see {where})")
-    total = sum(s["rows"] + s["rejected"] for s in shard_manifest["sources"])
-    rejected = shard_manifest["rejected"] + manifest["rejected"]
-    share = rejected / max(1, total)
-    if share > cfg.data.max_reject_fraction:
-        raise UserError(
-            f"data: {rejected} of {total} rows rejected ({share:.1%} > data.max_reject_fraction "
-            f"{cfg.data.max_reject_fraction:.1%}); see {where} and {out.parent / 'shard' / 'data' / 'rejects.jsonl'}")
-
-
-def _prepare(folder: Path, count: int) -> None:
-    """Drop temporaries of killed tasks and the outputs of units that no longer exist (fewer shards
-    or sources): training reads every NNNNN.arrow in the folder."""
-    folder.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp(folder)
-    for path in folder.glob("[0-9]*"):
-        if int(path.name[:5]) >= count:
-            path.unlink()
-
-
-def _current(folder: Path, index: int, fingerprint: str) -> dict[str, Any] | None:
-    """Unit `index`'s stats when its marker exists and has `fingerprint`."""
-    try:
-        stats = json.loads((folder / f"{index:05d}.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return stats if stats.get("fingerprint") == fingerprint else None
-
-
-def _tokenize_once(source: Path, folder: Path, index: int, fingerprint: str,
-                   encoder: Callable[[], Encoder]) -> tuple[dict, bool]:
-    """Tokenize one unit unless its marker (written last, so it means done) has `fingerprint`."""
-    marker = folder / f"{index:05d}.json"
-    done = _current(folder, index, fingerprint)
-    if done is not None:
-        return done, True
-    stats = tokenize_shard(source, folder / f"{index:05d}.arrow", encoder())
-    stats.update(file=f"{index:05d}.arrow", fingerprint=fingerprint)
-    atomic_write_json(marker, stats)
-    return stats, False
-
-
 def _summarize(shards: list[dict[str, Any]]) -> dict[str, Any]:
     rows = sum(s["rows"] for s in shards)
     tokens = sum(s["tokens"] for s in shards)
@@ -331,14 +275,3 @@ def _summarize(shards: list[dict[str, Any]]) -> dict[str, Any]:
     return {"rows": rows, "tokens": tokens, **counts,
             "max_len": max((s["max_len"] for s in shards), default=0),
             "mean_len": tokens / rows if rows else 0.0, "files": [s["file"] for s in shards]}
-
-
-def open_split(folder: Path) -> pa.Table:
-    """Memory-map a tokenized split: the rows stay on disk until a batch touches them."""
-    tables = []
-    for path in sorted(folder.glob("[0-9]*.arrow")):
-        with pa.ipc.open_stream(pa.memory_map(str(path))) as reader:
-            tables.append(reader.read_all())
-    if not tables:
-        return output_schema(False).empty_table()
-    return pa.concat_tables(tables)

@@ -1,9 +1,9 @@
 """Tokenizers: transformers' AutoTokenizer, and for the tokenize stage the same Rust tokenizer saved
 once and loaded without transformers.
 
-Loading any tokenizer through transformers imports transformers and torch: 3-5 s in every process
-that does it, longer than tokenizing a shard of 50k rows (every SLURM array task of the tokenize
-stage is such a process). Outside chat templates the stage calls only the Rust backend that
+Loading any tokenizer through transformers imports transformers and torch in every process that
+does it, which costs more than tokenizing a typical shard (every SLURM array task of the tokenize
+stage is such a process; docs/benchmarks.md has the numbers). Outside chat templates the stage calls only the Rust backend that
 transformers builds for a fast tokenizer, so that backend is saved once per tokenizer (its files'
 digests, the library versions and this file's code in the name) and loaded from there with the
 `tokenizers` library alone. A copy is saved only if it encodes as transformers' own call does.

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from pipeline.config import RunConfig
+from pipeline.run_dir import RunDir, atomic_write_json
 
 log = logging.getLogger("ftpipe.tracking")
 FLUSH_TIMEOUT_S = 60.0
@@ -179,9 +183,6 @@ class Tracker:
         return self.worker.failed
 
 
-PARENT_FILE = "mlflow.json"  # under RUN_DIR/slurm/: the parent run a submitted run's jobs attach to
-
-
 def create_parent_run(tracker: Tracker, params: dict[str, Any], config_file: Path, tags: dict[str, str]) -> str | None:
     """Create the parent run now and leave it running; None (after one warning) if MLflow fails."""
     tracker.start(params, config_file, tags)
@@ -189,16 +190,14 @@ def create_parent_run(tracker: Tracker, params: dict[str, Any], config_file: Pat
     return tracker.parent_id if done else None
 
 
-def write_parent(run_dir: Path, uri: str, run_id: str) -> None:
-    folder = run_dir / "slurm"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / PARENT_FILE).write_text(json.dumps({"uri": uri, "run_id": run_id}) + "\n")
+def write_parent(run_dir: RunDir, uri: str, run_id: str) -> None:
+    atomic_write_json(run_dir.mlflow_parent_file, {"uri": uri, "run_id": run_id})
 
 
-def read_parent(run_dir: Path, uri: str) -> str | None:
+def read_parent(run_dir: RunDir, uri: str) -> str | None:
     """The parent run recorded for this run directory on the same tracking store, if any."""
     try:
-        found = json.loads((run_dir / "slurm" / PARENT_FILE).read_text())
+        found = json.loads(run_dir.mlflow_parent_file.read_text())
     except (OSError, ValueError):
         return None
     return found.get("run_id") if found.get("uri") == uri else None
@@ -229,3 +228,15 @@ class AttachedStageRun:
     def close(self) -> bool:
         done = self.worker.close(FLUSH_TIMEOUT_S)
         return done and not self.worker.failed
+
+
+def build_tracker(cfg: RunConfig, environ: dict[str, str] | None = None) -> Tracker | None:
+    """The run's tracker: tracking.mlflow_uri, else MLFLOW_TRACKING_URI, else sqlite in output_dir."""
+    if not cfg.tracking.enabled:
+        return None
+    environ = os.environ if environ is None else environ
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    uri = cfg.tracking.mlflow_uri or environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri(output_dir)
+    artifacts = output_dir / "mlartifacts" if uri.startswith("sqlite:") else None
+    return Tracker(uri, cfg.tracking.experiment or cfg.name, cfg.name, artifacts)

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from launch.cli import main
+from pipeline.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,8 +45,9 @@ def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines if line.strip()]
 
 
-def manifest(run_dir: Path, stage: str) -> dict:
-    return json.loads((run_dir / stage / "manifest.json").read_text())
+def manifest(run_dir: Path | RunDir, stage: str) -> dict:
+    root = run_dir.root if isinstance(run_dir, RunDir) else run_dir
+    return json.loads((root / stage / "manifest.json").read_text())
 
 
 def weights(run_dir: Path) -> dict[str, torch.Tensor]:

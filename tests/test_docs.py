@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import docgen
+from docs import docgen
 from pipeline.config import RunConfig, validate_config
 
-REGENERATE = "python -m pipeline.docgen"
+REGENERATE = "python docs/docgen.py"
 
 
 def doc_text() -> str:
@@ -80,7 +80,7 @@ def _paths(node: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
 
 
 def test_check_passes_on_the_repo_copy():
-    result = subprocess.run([sys.executable, "-m", "pipeline.docgen", "--check"],
+    result = subprocess.run([sys.executable, "docs/docgen.py", "--check"],
                             cwd=docgen.REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

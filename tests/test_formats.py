@@ -16,7 +16,7 @@ import torch
 from pipeline.config import validate_config
 from pipeline.errors import UserError
 from pipeline.formats import render_instruction
-from pipeline.tokenize import open_split
+from pipeline.tokenized import open_split
 from pipeline.train.data import BatchLayout, TrainBatches, collate
 from tests import fixtures
 from tests.helpers import ftpipe, manifest

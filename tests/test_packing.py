@@ -17,7 +17,7 @@ from pipeline.evaluate import language_model_metrics
 from pipeline.formats import render_instruction
 from pipeline.packing import Packer
 from pipeline.runner import plan
-from pipeline.tokenize import open_split
+from pipeline.tokenized import open_split
 from pipeline.train.data import BatchLayout, TrainBatches, collate
 from pipeline.train.objective import model_inputs, summed_loss
 from tests import fixtures

@@ -17,14 +17,14 @@ from tests.helpers import ftpipe, ftpipe_process, manifest
 # the whole process, as a lost node would. Units finished so far keep their markers.
 KILL_AFTER_FIRST_TASK = """
 import os, signal
-import pipeline.{stage} as stage
-_run_tasks = stage.run_tasks
-def run_and_kill(*args, **kwargs):
-    for number, done in enumerate(_run_tasks(*args, **kwargs)):
-        if number == 0:
+import pipeline.units as units
+_run_tasks = units.run_tasks
+def run_and_kill(task, *args, **kwargs):
+    for number, done in enumerate(_run_tasks(task, *args, **kwargs)):
+        if number == 0 and task.args[0].name == "{stage}":  # task: run_task bound to the unit stage
             os.kill(done.pid, signal.SIGKILL)
         yield done
-stage.run_tasks = run_and_kill
+units.run_tasks = run_and_kill
 """
 DATA_STAGES = ("--no-progress", "--stages", "shard,tokenize")
 

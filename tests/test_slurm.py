@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from launch.slurm_jobs import log_files, read_jobs, status_lines
+from pipeline.run_dir import RunDir
 from tests import fixtures
 from tests.helpers import REPO, assert_same_weights, ftpipe, losses, manifest, weights
 
@@ -29,7 +30,7 @@ def _config(tmp_path: Path, tiny_llama: Path, text_data: Path, name: str, **laun
     return fixtures.write_config(tmp_path / f"{name}.yaml", cfg)
 
 
-def wait_for(run_dir: Path, timeout: float = 180.0) -> list[str]:
+def wait_for(run_dir: RunDir, timeout: float = 180.0) -> list[str]:
     """Poll until no stage is queued or running; the final status lines."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -54,7 +55,7 @@ def test_submit_runs_the_pipeline_like_run(slurm_cluster, tmp_path, tiny_llama, 
     capsys.readouterr()
     assert ftpipe("submit", config) == 0
     out = capsys.readouterr().out
-    run = tmp_path / "runs" / "sub"
+    run = RunDir(tmp_path / "runs" / "sub")
     jobs = read_jobs(run)
     assert [j.stage for j in jobs] == list(STAGES) and out.count("submitted ") == 5
     assert all(j.job_id in out and j.stdout in out for j in jobs)
@@ -90,7 +91,7 @@ def test_dry_run_writes_scripts_and_quotes_values(slurm_cluster, tmp_path, tiny_
     assert f"#SBATCH --partition='{evil}'" in train and f"#SBATCH --account='$(touch {pwned})'" in train
     assert "sbatch --dependency=afterok:<job id of 03-tokenize> 04-train.sbatch" in train
     assert "echo from-setup" in train and "launch.slurm run-stage" in train
-    assert squeue_ids(slurm_cluster) == before and not read_jobs(tmp_path / "runs" / "dry")
+    assert squeue_ids(slurm_cluster) == before and not read_jobs(RunDir(tmp_path / "runs" / "dry"))
     capsys.readouterr()
     assert ftpipe("submit", config) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -101,7 +102,7 @@ def test_dry_run_writes_scripts_and_quotes_values(slurm_cluster, tmp_path, tiny_
 def test_status_logs_cancel_on_a_real_job(slurm_cluster, tmp_path, tiny_llama, text_data, capsys):
     config = _config(tmp_path, tiny_llama, text_data, "held", slurm={"setup": ["echo setup-ran", "sleep 120"]})
     assert ftpipe("submit", config) == 0
-    run = tmp_path / "runs" / "held"
+    run = RunDir(tmp_path / "runs" / "held")
     jobs = {j.stage: j for j in read_jobs(run)}
     deadline = time.monotonic() + 30
     while "running" not in status_lines(run)[0] and time.monotonic() < deadline:
@@ -114,7 +115,7 @@ def test_status_logs_cancel_on_a_real_job(slurm_cluster, tmp_path, tiny_llama, t
     deadline = time.monotonic() + 10
     while not any("setup-ran" in p.read_text() for p in log_files(run, "shard")) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert ftpipe("logs", run, "shard") == 0
+    assert ftpipe("logs", run.root, "shard") == 0
     assert "setup-ran" in capsys.readouterr().out
     assert ftpipe("submit", config) == 2  # a second submit while jobs wait would run stages twice
     assert "still queued or running" in capsys.readouterr().err
@@ -137,10 +138,10 @@ def test_hand_written_sbatch_templates(slurm_cluster, tmp_path, tiny_llama, text
     deadline = time.monotonic() + 150
     while job in squeue_ids_active(slurm_cluster) and time.monotonic() < deadline:
         time.sleep(1)
-    run = tmp_path / "runs" / "hand"
+    run = RunDir(tmp_path / "runs" / "hand")
     log = (tmp_path / "train.out").read_text() if (tmp_path / "train.out").exists() else ""
     assert manifest(run, "train")["steps"] == 6, log + (tmp_path / "cpu.out").read_text()
-    assert json.loads((run / "train" / "metrics.jsonl").read_text().splitlines()[0])["loss"] > 0
+    assert json.loads((run.root / "train" / "metrics.jsonl").read_text().splitlines()[0])["loss"] > 0
 
 
 def squeue_ids_active(slurm_cluster) -> set[str]:
@@ -176,14 +177,14 @@ def test_status_shows_a_failed_stage_and_its_waiting_dependents(slurm_cluster, t
     config = _config(tmp_path, tiny_llama, text_data, "broken", slurm={"setup": ["sleep 3"]})
     assert ftpipe("submit", config) == 0
     text_data.unlink()  # after submit checked the paths: the shard job itself fails
-    run = tmp_path / "runs" / "broken"
+    run = RunDir(tmp_path / "runs" / "broken")
     deadline = time.monotonic() + 60
     while "failed" not in status_lines(run)[0] and time.monotonic() < deadline:
         time.sleep(1)
     lines = status_lines(run)
     assert "failed" in lines[0] and all("blocked (shard did not finish)" in line for line in lines[1:]), lines
     capsys.readouterr()
-    assert ftpipe("logs", run, "shard") == 0
+    assert ftpipe("logs", run.root, "shard") == 0
     assert "text.jsonl" in capsys.readouterr().out  # the job's error names the missing file
     # shard's own job waits on its failed array too: all five are still queued
     assert ftpipe("cancel", run) == 0 and capsys.readouterr().out.count("cancelled ") == 5
@@ -193,7 +194,7 @@ def test_a_signalled_train_job_saves_every_rank_requeues_and_resumes(slurm_clust
     """`scancel --signal=USR2` signals every process of the job's steps, as `--signal=USR2@lead` does
     before the time limit: the two FSDP ranks save one step together, the job requeues itself, and
     the requeued run resumes there with no sample lost or trained twice."""
-    from pipeline.tokenize import open_split
+    from pipeline.tokenized import open_split
     from pipeline.train.data import SampleOrder
 
     train = {"strategy": "fsdp", "max_steps": 60, "micro_batch_size": 2, "global_batch_size": 8,
@@ -202,9 +203,9 @@ def test_a_signalled_train_job_saves_every_rank_requeues_and_resumes(slurm_clust
                                  launch={"backend": "slurm", "nproc_per_node": 2, "slurm": {"max_requeues": 2}})
     config = fixtures.write_config(tmp_path / "pre.yaml", cfg)
     assert ftpipe("submit", config) == 0
-    run = tmp_path / "runs" / "pre"
+    run = RunDir(tmp_path / "runs" / "pre")
     job = next(j for j in read_jobs(run) if j.stage == "train")
-    metrics = run / "train" / "metrics.jsonl"
+    metrics = run.root / "train" / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):
         assert time.monotonic() < deadline, status_lines(run)
@@ -217,9 +218,9 @@ def test_a_signalled_train_job_saves_every_rank_requeues_and_resumes(slurm_clust
     assert "stopped on SIGUSR2 at step" in log and "requeued job" in log
     stopped_at = manifest(run, "train")["resumed_from_step"]
     assert stopped_at is not None and 5 <= stopped_at < 60
-    table = open_split(run / "tokenize" / "train")
+    table = open_split(run.root / "tokenize" / "train")
     expected = [int(r) for r in SampleOrder(table.num_rows, seed=0).rows(0, 60 * 8)]
-    trained = [r for path in sorted((run / "train" / "ledger").glob("rank-*.jsonl"))
+    trained = [r for path in sorted((run.root / "train" / "ledger").glob("rank-*.jsonl"))
                for line in path.read_text().splitlines() for r in json.loads(line)["rows"]]
     assert sorted(trained) == sorted(expected), "a sample was lost or trained twice"
 
@@ -253,9 +254,9 @@ def test_a_killed_shard_array_task_is_resubmitted_alone(slurm_cluster, tmp_path,
                                  launch={"backend": "slurm", "slurm": {"setup": [stall]}})
     config = fixtures.write_config(tmp_path / "arr.yaml", cfg)
     assert ftpipe("submit", config) == 0
-    run = tmp_path / "runs" / "arr"
+    run = RunDir(tmp_path / "runs" / "arr")
     shard = next(j for j in read_jobs(run) if j.stage == "shard")
-    markers = [run / "shard" / "parts" / f"{i:05d}" / "done.json" for i in (0, 1, 3)]
+    markers = [run.stage("shard") / "parts" / f"{i:05d}" / "done.json" for i in (0, 1, 3)]
     deadline = time.monotonic() + 120
     while not all(m.is_file() for m in markers):
         assert time.monotonic() < deadline, status_lines(run)
@@ -266,7 +267,7 @@ def test_a_killed_shard_array_task_is_resubmitted_alone(slurm_cluster, tmp_path,
         assert time.monotonic() < deadline, status_lines(run)
         time.sleep(0.5)
     assert all("blocked (shard did not finish)" in line for line in status_lines(run)[1:]), status_lines(run)
-    assert not (run / "shard" / "parts" / "00002" / "done.json").exists()
+    assert not (run.root / "shard" / "parts" / "00002" / "done.json").exists()
     before = [m.stat().st_mtime_ns for m in markers]
 
     hold.unlink()
@@ -291,21 +292,21 @@ def test_a_sweep_shares_one_dataset_and_one_mlflow_parent(slurm_cluster, tmp_pat
     assert ftpipe("submit", config, "--sweep", "data.max_seq_len=16,32") == 2
     assert "changes the data" in capsys.readouterr().err
     assert ftpipe("submit", config, "--sweep", "train.lr=1e-3,3e-3") == 0
-    base, names = tmp_path / "runs" / "sw", ["sw-lr1e-3", "sw-lr3e-3"]
+    base, names = RunDir(tmp_path / "runs" / "sw"), ["sw-lr1e-3", "sw-lr3e-3"]
     out = capsys.readouterr().out
     assert all(f"member {n}: train.lr=" in out for n in names) and "sweep summary job" in out
     deadline = time.monotonic() + 400
-    while not (base / "sweep" / "summary.json").is_file():
-        assert time.monotonic() < deadline, [status_lines(tmp_path / "runs" / n) for n in names]
+    while not (base.sweep_dir / "summary.json").is_file():
+        assert time.monotonic() < deadline, [status_lines(RunDir(tmp_path / "runs" / n)) for n in names]
         time.sleep(1)
-    rows = json.loads((base / "sweep" / "summary.json").read_text())
+    rows = json.loads((base.sweep_dir / "summary.json").read_text())
     assert [r["name"] for r in rows] == names and all(r["state"] == "done" and "loss" in r["metrics"] for r in rows)
     assert [j.stage for j in read_jobs(base)] == ["shard", "tokenize"], "the data is prepared once"
     for name, lr in zip(names, (1e-3, 3e-3)):
-        member = tmp_path / "runs" / name
-        assert (member / "shard").is_symlink() and (member / "tokenize").is_symlink()
+        member = RunDir(tmp_path / "runs" / name)
+        assert member.stage("shard").is_symlink() and member.stage("tokenize").is_symlink()
         assert [j.stage for j in read_jobs(member)] == ["train", "consolidate", "evaluate"]
-        assert manifest(member, "train")["steps"] == 6 and f"lr: {lr}" in (member / "config.yaml").read_text()
+        assert manifest(member, "train")["steps"] == 6 and f"lr: {lr}" in member.config_file.read_text()
     assert losses(tmp_path / "runs" / names[0]) != losses(tmp_path / "runs" / names[1])
     assert ftpipe("status", base) == 0
     shown = capsys.readouterr().out

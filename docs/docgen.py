@@ -1,4 +1,6 @@
-"""Render docs/config.md from the pydantic config models: `python -m pipeline.docgen [--check]`."""
+"""Render docs/config.md from the pydantic config models: `python docs/docgen.py [--check]`.
+
+A repository tool, not part of the installed package."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pipeline.config_errors import nested_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOC_PATH = REPO_ROOT / "docs" / "config.md"
-REGENERATE = "python -m pipeline.docgen"
+REGENERATE = "python docs/docgen.py"
 
 INTRO = f"""# Config reference
 

@@ -1,0 +1,129 @@
+"""The completion base of unit-wise stages on a made-up stage: markers last, pending units, stale
+outputs, merged rejects, the reject-fraction check, and the same task in a process pool."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipeline import units
+from pipeline.config import validate_config
+from pipeline.errors import UserError
+from pipeline.parallel import run_tasks
+from tests import fixtures
+
+
+@dataclass(frozen=True)
+class Line:
+    """Unit i copies line i of `<run>/input.txt` to `<run>/out/NNNNN.txt`; "bad" lines are rejected."""
+
+    index: int
+    folder: Path
+    text: str
+    fingerprint: str
+    marker: Path
+    rejects: Path
+
+
+class Lines:
+    name = "lines"
+
+    def task_count(self, cfg, run_dir: Path) -> int:
+        return 3
+
+    def ready(self, cfg, run_dir: Path) -> bool:
+        return (run_dir / "input.txt").exists()
+
+    def units(self, cfg, run_dir: Path) -> list[Line]:
+        texts, out = (run_dir / "input.txt").read_text().splitlines(), run_dir / "out"
+        return [Line(i, out, t, f"fp-{t}", out / f"{i:05d}.json", out / f"{i:05d}.rejects.jsonl")
+                for i, t in enumerate(texts)]
+
+    def work(self, cfg, run_dir: Path, unit: Line) -> dict[str, Any]:
+        unit.folder.mkdir(parents=True, exist_ok=True)
+        if unit.text == "boom":
+            (unit.folder / f"{unit.index:05d}.txt").write_text("half")
+            raise RuntimeError("boom")
+        bad = unit.text.startswith("bad")
+        unit.rejects.write_text(json.dumps({"unit": unit.index}) + "\n" if bad else "")
+        (unit.folder / f"{unit.index:05d}.txt").write_text(unit.text)
+        return {"rows": 0 if bad else 1, "rejected": int(bad)}
+
+
+LINES = Lines()
+
+
+@pytest.fixture
+def cfg(tmp_path, tiny_llama):
+    data = fixtures.write_jsonl(tmp_path / "t.jsonl", [{"text": "x"}])
+    return validate_config(fixtures.causal_config(tmp_path, tiny_llama, data))
+
+
+def _write(run_dir: Path, *lines: str) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "input.txt").write_text("".join(f"{line}\n" for line in lines))
+
+
+def test_a_unit_whose_work_fails_leaves_no_marker_and_stays_pending(tmp_path, cfg):
+    run = tmp_path / "run"
+    _write(run, "a", "boom", "c")
+    with pytest.raises(RuntimeError):
+        units.run_units(LINES, cfg, run, workers=1)
+    assert (run / "out" / "00000.json").exists() and not (run / "out" / "00001.json").exists()
+    assert units.pending(LINES, cfg, run) == [1, 2]  # 2 never ran: the pool stopped at the failure
+
+
+def test_pending_skips_current_markers_and_redoes_changed_ones(tmp_path, cfg):
+    run = tmp_path / "run"
+    assert units.pending(LINES, cfg, run) == [0, 1, 2]  # not ready: every rank
+    _write(run, "a", "b", "c")
+    done = units.run_units(LINES, cfg, run, workers=1)
+    assert done.ran == 3 and [r["fingerprint"] for r in done.records] == ["fp-a", "fp-b", "fp-c"]
+    assert units.pending(LINES, cfg, run) == []
+    before = (run / "out" / "00000.json").stat().st_mtime_ns
+    _write(run, "a", "B", "c")
+    assert units.pending(LINES, cfg, run) == [1]
+    again = units.run_units(LINES, cfg, run, workers=1)
+    assert again.ran == 1 and (run / "out" / "00001.txt").read_text() == "B"
+    assert (run / "out" / "00000.json").stat().st_mtime_ns == before
+
+
+def test_outputs_of_units_that_no_longer_exist_and_temporaries_go(tmp_path, cfg):
+    run = tmp_path / "run"
+    _write(run, "a", "b", "c")
+    units.run_units(LINES, cfg, run, workers=1)
+    (run / "out" / ".00000.txt.tmp-dead").write_text("left by a killed task")
+    _write(run, "a")
+    units.run_units(LINES, cfg, run, workers=1)
+    assert sorted(p.name for p in (run / "out").iterdir()) == ["00000.json", "00000.rejects.jsonl", "00000.txt"]
+
+
+def test_rejects_merge_in_unit_order(tmp_path, cfg):
+    run = tmp_path / "run"
+    _write(run, "bad1", "ok", "bad2")
+    done = units.run_units(LINES, cfg, run, workers=1)
+    rows = units.merge_rejects(done.units, run / "rejects.jsonl")
+    lines = (run / "rejects.jsonl").read_text().splitlines()
+    assert rows == 2 and [json.loads(line)["unit"] for line in lines] == [0, 2]
+
+
+def test_one_reject_fraction_check(cfg):
+    limit = cfg.data.max_reject_fraction
+    files = [Path("here.jsonl"), Path("upstream.jsonl")]
+    units.check_rejects(cfg, 10, 100, [int(limit * 50), int(limit * 50)], files, "none")
+    with pytest.raises(UserError, match=r"no rows left \(3 rejected, see here.jsonl\)"):
+        units.check_rejects(cfg, 0, 100, [3, 0], files, "no rows left")
+    with pytest.raises(UserError, match=r"data: 100 of 100 rows rejected .*see here.jsonl and upstream.jsonl"):
+        units.check_rejects(cfg, 1, 100, [60, 40], files, "none")
+
+
+def test_worker_processes_run_the_same_task(tmp_path, cfg):
+    run = tmp_path / "run"
+    _write(run, "a", "b", "c")
+    done = list(run_tasks(units.task(LINES), cfg, run, [0, 2], 3, workers=2))
+    assert sorted(d.result["fingerprint"] for d in done) == ["fp-a", "fp-c"]
+    assert units.pending(LINES, cfg, run) == [1]
