@@ -1,5 +1,6 @@
 """The one module that owns torch.distributed: process-group set-up from the torchrun
-environment (or a 1-rank group in this process), rank and world size, barriers, reductions.
+environment (or a 1-rank group in this process), rank and world size, barriers, reductions,
+and the seeding every process does alike.
 
 Everything else asks this module; engines may wrap models with DDP / FSDP / DeepSpeed, but
 nothing else initialises, queries or tears down the process group.
@@ -9,10 +10,12 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -35,6 +38,13 @@ class DistEnv:
         if torch.cuda.is_available():
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    """Every process seeds alike: ranks then build identical models before any broadcast."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def launched_by_torchrun(environ: Mapping[str, str] | None = None) -> bool:
@@ -133,5 +143,7 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
 
 
 def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 

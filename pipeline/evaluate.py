@@ -13,14 +13,14 @@ import torch
 from pipeline.config import RunConfig
 from pipeline.consolidate import load_consolidated
 from pipeline.context import StageContext
+from pipeline.distributed import seed_everything
 from pipeline.errors import UserError
 from pipeline.models import load_model
-from pipeline.tokenizer import load_tokenizer
 from pipeline.run_dir import atomic_write_json, atomic_write_text
-from pipeline.tokenize import open_split
+from pipeline.tokenized import open_split
+from pipeline.tokenizer import load_tokenizer
 from pipeline.train.data import collate_table
 from pipeline.train.objective import summed_loss
-from pipeline.train.stage import seed_everything
 
 
 def batches(table: pa.Table, batch_size: int, pad_id: int):

@@ -26,10 +26,6 @@ class StopRequest:
     def requested(self) -> bool:
         return self.signum is not None
 
-    @property
-    def signal_name(self) -> str | None:
-        return signal.Signals(self.signum).name if self.signum is not None else None
-
     @contextmanager
     def listening(self) -> Iterator[StopRequest]:
         """Record stop signals inside the block; the previous handlers come back after it."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.tokenize import open_split
+from pipeline.tokenized import open_split
 from pipeline.train.data import SampleOrder
 from tests import fixtures
 from tests.helpers import assert_close_weights, ftpipe, losses, manifest, weights
@@ -57,7 +57,8 @@ def single_run(workspace, tiny_llama) -> Path:
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_two_ranks_match_the_single_process_run(workspace, tiny_llama, single_run, name):
     tmp, data = workspace
-    assert ftpipe("run", _config(tmp, tiny_llama, data, name, STRATEGIES[name], TWO_RANKS), "--no-progress") == 0
+    config = _config(tmp, tiny_llama, data, name, STRATEGIES[name], TWO_RANKS)
+    assert ftpipe("run", config, "--no-progress") == 0
     run = tmp / "runs" / name
     assert manifest(run, "train")["world_size"] == 2
     assert losses(run)[:5] == pytest.approx(losses(single_run)[:5], rel=1e-4)
@@ -72,7 +73,8 @@ LONG_FSDP = {**STRATEGIES["fsdp"], "max_steps": 40, "checkpoint_every": 4, "keep
 def fsdp_whole(workspace, tiny_llama) -> Path:
     """40 uninterrupted FSDP steps on two ranks: what interrupted runs must end up equal to."""
     tmp, data = workspace
-    assert ftpipe("run", _config(tmp, tiny_llama, data, "fsdp-whole", LONG_FSDP, TWO_RANKS), "--no-progress") == 0
+    config = _config(tmp, tiny_llama, data, "fsdp-whole", LONG_FSDP, TWO_RANKS)
+    assert ftpipe("run", config, "--no-progress") == 0
     return tmp / "runs" / "fsdp-whole"
 
 
@@ -88,7 +90,8 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(workspa
     tmp, data = workspace
     killed = _config(tmp, tiny_llama, data, "fsdp-killed", LONG_FSDP, {**TWO_RANKS, "max_restarts": 1})
     process = start_run(killed)
-    wait_for_file(tmp / "runs" / "fsdp-killed" / "train" / "checkpoints" / "step-000008" / "COMPLETE", process)
+    checkpoints = tmp / "runs" / "fsdp-killed" / "train" / "checkpoints"
+    wait_for_file(checkpoints / "step-000008" / "COMPLETE", process)
     os.kill(rank_pid(process.pid, 1), signal.SIGKILL)
     _finish(process)
     assert process.returncode == 0, output(process)[-3000:]
@@ -122,7 +125,8 @@ def test_a_stop_signal_saves_every_rank_and_the_rerun_resumes_exactly(workspace,
     assert manifest(run, "train")["resumed_from_step"] == stopped_at
     table = open_split(run / "tokenize" / "train")
     expected = SampleOrder(table.num_rows, seed=0).rows(0, 40 * BATCH["global_batch_size"])
-    assert Counter(_ledger_rows(run)) == Counter(int(r) for r in expected), "a sample was lost or trained twice"
+    counts = Counter(int(r) for r in expected)
+    assert Counter(_ledger_rows(run)) == counts, "a sample was lost or trained twice"
     if name == "fsdp":
         assert losses(run) == pytest.approx(losses(fsdp_whole), rel=1e-5)
         assert_close_weights(weights(run), weights(fsdp_whole), rtol=1e-5, atol=1e-6)
@@ -142,7 +146,8 @@ def _ledger_rows(run: Path) -> list[int]:
 ])
 def test_resume_at_another_world_size_loses_and_repeats_no_sample(workspace, tiny_llama, name, before, after):
     tmp, data = workspace
-    train = {**STRATEGIES[name], "max_steps": 12, "checkpoint_every": 3, "sample_ledger": True, "keep_last": 10}
+    train = {**STRATEGIES[name], "max_steps": 12, "checkpoint_every": 3, "sample_ledger": True,
+             "keep_last": 10}
     config = _config(tmp, tiny_llama, data, f"ws-{name}", train, before)
     process = start_run(config)
     run = tmp / "runs" / f"ws-{name}"

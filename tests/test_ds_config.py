@@ -53,8 +53,8 @@ def test_fields_without_file(tmp_path):
     cfg = run_config(tmp_path, {"zero_stage": 3, "offload_optimizer": "cpu", "offload_params": "cpu"},
                      max_grad_norm=None)
     config = build_ds_config(cfg, world_size=2)
-    assert without_buckets(config["zero_optimization"]) == {"stage": 3, "offload_optimizer": {"device": "cpu"},
-                                           "offload_param": {"device": "cpu"}}
+    assert without_buckets(config["zero_optimization"]) == {
+        "stage": 3, "offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
     assert config["gradient_clipping"] == 0.0
     assert config["bf16"]["enabled"] is False
     assert config["zero_force_ds_cpu_optimizer"] is False
@@ -72,7 +72,8 @@ def test_conflicting_batch_size_names_both(tmp_path):
     ({"gradient_accumulation_steps": 4}, ["gradient_accumulation_steps is 4", "train.grad_accum is 2"]),
     ({"train_batch_size": 64}, ["train_batch_size is 64", "2 ranks"]),
     ({"gradient_clipping": 2.0}, ["gradient_clipping is 2.0", "train.max_grad_norm is 1.0"]),
-    ({"bf16": {"enabled": True}}, ["bf16.enabled is true but train.precision 'fp32', so bf16.enabled is false"]),
+    ({"bf16": {"enabled": True}},
+     ["bf16.enabled is true but train.precision 'fp32', so bf16.enabled is false"]),
     ({"fp16": {"enabled": True}}, ["fp16.enabled is true"]),
     ({"optimizer": {"type": "Adam"}}, ["'optimizer' section"]),
     ({"scheduler": {"type": "WarmupLR"}}, ["'scheduler' section"]),
@@ -156,7 +157,8 @@ def test_engine_needs_a_process_group(tmp_path):
 def test_file_without_zero_section_gets_the_fields(tmp_path):
     path = write_json(tmp_path / "ds.json", {"gradient_clipping": "auto"})
     config = build_ds_config(run_config(tmp_path, {"config": path}), 1)
-    assert without_buckets(config["zero_optimization"]) == {"stage": 2}  # the default stage, "none" offloads left out
+    # The default stage; "none" offloads are left out.
+    assert without_buckets(config["zero_optimization"]) == {"stage": 2}
 
 
 def test_defaults_without_file(tmp_path):
@@ -167,13 +169,15 @@ def test_defaults_without_file(tmp_path):
 
 def test_explicit_offload_none_conflicts_with_file(tmp_path):
     path = REPO / "ds_configs" / "zero3_offload.json"
-    with pytest.raises(UserError, match=r'offload_param.device is "cpu" but train.deepspeed.offload_params is "none"'):
+    message = r'offload_param.device is "cpu" but train.deepspeed.offload_params is "none"'
+    with pytest.raises(UserError, match=message):
         build_ds_config(run_config(tmp_path, {"config": str(path), "offload_params": "none"}), 1)
 
 
 def test_repair_optimizer_after_universal_load():
     first, second = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))
-    base = torch.optim.AdamW([{"params": [first], "weight_decay": 0.1}, {"params": [second], "weight_decay": 0.0}])
+    base = torch.optim.AdamW([{"params": [first], "weight_decay": 0.1},
+                              {"params": [second], "weight_decay": 0.0}])
     shared = torch.tensor(3.0)
     base.state[first]["step"], base.state[second]["step"] = shared, shared
     base.param_groups[1]["weight_decay"] = 0.1  # what the universal loader leaves behind

@@ -12,8 +12,8 @@ from pipeline.train.partial import prepare_model
 
 def _config(model, **train):
     lora = train.pop("lora", None)
-    return validate_config({"name": "p", "model": {"name_or_path": str(model), **({"lora": lora} if lora else {})},
-                            "data": {"train": ["x"]}, "train": train})
+    model_section = {"name_or_path": str(model), **({"lora": lora} if lora else {})}
+    return validate_config({"name": "p", "model": model_section, "data": {"train": ["x"]}, "train": train})
 
 
 def _trainable(model) -> set[str]:
@@ -36,16 +36,18 @@ def test_train_last_layers_keeps_only_the_last_blocks_and_the_head(tiny_llama):
 
 
 def test_head_only_trains_the_classifier(tiny_bert):
-    cfg = validate_config({"name": "p", "model": {"name_or_path": str(tiny_bert), "task": "sequence_classification",
-                                                  "num_labels": 2},
-                           "data": {"train": ["x"], "format": "classification"}, "train": {"freeze": {"head_only": True}}})
+    cfg = validate_config({"name": "p", "model": {"name_or_path": str(tiny_bert),
+                                                  "task": "sequence_classification", "num_labels": 2},
+                           "data": {"train": ["x"], "format": "classification"},
+                           "train": {"freeze": {"head_only": True}}})
     model = prepare_model(load_model(cfg.model, None), cfg)
     assert _trainable(model) == {"classifier.weight", "classifier.bias"}
 
 
 def test_a_pattern_that_matches_nothing_is_a_user_error(tiny_llama):
     cfg = _config(tiny_llama, freeze={"patterns": ["model.embedding.*"]})
-    with pytest.raises(UserError, match=r"train.freeze.patterns\[0\]: 'model.embedding.\*' matches no parameter"):
+    message = r"train.freeze.patterns\[0\]: 'model.embedding.\*' matches no parameter"
+    with pytest.raises(UserError, match=message):
         prepare_model(load_model(cfg.model), cfg)
 
 
@@ -69,15 +71,16 @@ def test_lora_with_unknown_target_modules_is_a_user_error(tiny_llama):
 
 
 @pytest.mark.parametrize("strategy", ["single", "fsdp"])
-def test_activation_checkpointing_recomputes_without_changing_the_losses(tmp_path, tiny_llama, text_data, strategy):
+def test_activation_checkpointing_recomputes_without_changing_the_losses(tmp_path, tiny_llama, text_data,
+                                                                         strategy):
     from tests import fixtures
     from tests.helpers import ftpipe, losses
 
     runs = {}
     for flag in (False, True):
         name = f"ac-{strategy}-{flag}".lower()
-        cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name=name,
-                                     train={"max_steps": 3, "strategy": strategy, "activation_checkpointing": flag})
+        train = {"max_steps": 3, "strategy": strategy, "activation_checkpointing": flag}
+        cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name=name, train=train)
         assert ftpipe("run", fixtures.write_config(tmp_path / f"{name}.yaml", cfg), "--no-progress",
                       "--stages", "shard,tokenize,train") == 0
         runs[flag] = losses(tmp_path / "runs" / name)

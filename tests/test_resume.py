@@ -39,7 +39,8 @@ def _configs(tmp_path, tiny_bert, labelled_data):
         tmp_path, tiny_bert, labelled_data, name=n, **extra)) for n in ("whole", "killed")]
 
 
-@pytest.mark.parametrize("fault,resume_step", [(KILL_AFTER_CHECKPOINT, 4), (KILL_WHILE_WRITING_CHECKPOINT, 2)])
+@pytest.mark.parametrize("fault,resume_step",
+                         [(KILL_AFTER_CHECKPOINT, 4), (KILL_WHILE_WRITING_CHECKPOINT, 2)])
 def test_killed_run_resumes_to_identical_result(tmp_path, tiny_bert, labelled_data, fault, resume_step):
     whole, killed = _configs(tmp_path, tiny_bert, labelled_data)
     assert ftpipe("run", whole, "--no-progress") == 0

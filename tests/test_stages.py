@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import evaluate, shard, tokenize
+from pipeline import evaluate, shard, tokenize, tokenized
 from pipeline.config import validate_config
 from pipeline.context import StageContext
 from pipeline.run_dir import RunDir
@@ -39,7 +39,7 @@ def test_tokenize_counts_truncation_and_eos(tmp_path, tiny_llama):
     manifest = _run(tokenize, cfg, ctx)
     train = manifest["splits"]["train"]
     assert train["rows"] == 31 and train["truncated"] >= 1 and train["max_len"] == 16
-    table = tokenize.open_split(ctx.run_dir.stage("tokenize") / "train")
+    table = tokenized.open_split(ctx.run_dir.stage("tokenize") / "train")
     lengths = [len(x) for x in table.column("input_ids").to_pylist()]
     assert sum(lengths) == train["tokens"]
     assert table.column("num_targets").to_pylist() == [n - 1 for n in lengths]
@@ -100,6 +100,9 @@ class _TinyEngine:
     def load(self, folder):
         self.model.load_state_dict(torch.load(folder / "engine.pt"))
 
+    def describe(self):
+        return {"format": "custom"}
+
 
 def test_checkpoints_count_only_with_marker_and_are_pruned(tmp_path):
     engine = _TinyEngine()
@@ -154,5 +157,6 @@ def test_global_batch_size_fixes_the_global_batch_at_any_world_size():
     cfg = TrainConfig(micro_batch_size=2, global_batch_size=8)
     assert [batch_layout(cfg, n).grad_accum for n in (1, 2, 4)] == [4, 2, 1]
     assert batch_layout(TrainConfig(micro_batch_size=2, grad_accum=3), 2).global_batch == 12
-    with pytest.raises(UserError, match="global_batch_size: 8 is not a multiple of micro_batch_size x ranks = 2 x 3"):
+    with pytest.raises(UserError,
+                       match="global_batch_size: 8 is not a multiple of micro_batch_size x ranks = 2 x 3"):
         batch_layout(cfg, 3)

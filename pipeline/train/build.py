@@ -4,14 +4,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from pipeline.config import RunConfig
 from pipeline.distributed import DistEnv
 from pipeline.models import MODEL_CLASSES, load_model, load_model_config, prepare_pad_token
-from pipeline.train.engine import DDPEngine, SingleEngine
+from pipeline.train.engine import DDPEngine, SingleEngine, TrainEngine
 from pipeline.train.partial import prepare_model
 
 
@@ -32,7 +31,7 @@ def skeleton(cfg: RunConfig) -> torch.nn.Module:
         return prepare_model(model, cfg)
 
 
-def build_engine(cfg: RunConfig, dist: DistEnv, resume_from: Path | None = None) -> Any:
+def build_engine(cfg: RunConfig, dist: DistEnv, resume_from: Path | None = None) -> TrainEngine:
     strategy = cfg.train.strategy
     if strategy == "single":
         return SingleEngine(pretrained(cfg, dist.device), cfg.train, dist)
@@ -41,7 +40,8 @@ def build_engine(cfg: RunConfig, dist: DistEnv, resume_from: Path | None = None)
     if strategy == "fsdp":
         from pipeline.train.fsdp import FSDPEngine
 
-        return FSDPEngine(lambda real: pretrained(cfg, dist.device) if real else skeleton(cfg), cfg.train, dist)
+        return FSDPEngine(lambda real: pretrained(cfg, dist.device) if real else skeleton(cfg),
+                          cfg.train, dist)
     from pipeline.train.ds_engine import DeepSpeedEngine
 
     return DeepSpeedEngine(cfg, dist, lambda: pretrained(cfg, torch.device("cpu")), resume_from)

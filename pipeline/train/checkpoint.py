@@ -20,6 +20,7 @@ import torch
 from pipeline import distributed
 from pipeline.distributed import DistEnv
 from pipeline.run_dir import atomic_write_json, atomic_write_text
+from pipeline.train.engine import TrainEngine
 
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -41,7 +42,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(root: Path, step: int, engine: Any, state: dict[str, Any],
+def save_checkpoint(root: Path, step: int, engine: TrainEngine, state: dict[str, Any],
                     dist: DistEnv = DistEnv()) -> Path:
     """Every rank writes its part of `step`; rank 0 publishes the folder once all have."""
     partial = root / f".step-{step:06d}.partial"
@@ -54,8 +55,7 @@ def save_checkpoint(root: Path, step: int, engine: Any, state: dict[str, Any],
     torch.save(capture_rng(), partial / f"rng-rank{dist.rank}.pt")
     distributed.barrier()
     if dist.is_main:
-        describe = getattr(engine, "describe", lambda: {"format": "custom"})
-        atomic_write_json(partial / "meta.json", describe())
+        atomic_write_json(partial / "meta.json", engine.describe())
         atomic_write_json(partial / "trainer_state.json", state)
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
@@ -64,18 +64,13 @@ def save_checkpoint(root: Path, step: int, engine: Any, state: dict[str, Any],
     return final
 
 
-def load_checkpoint(folder: Path, engine: Any, dist: DistEnv = DistEnv()) -> dict[str, Any]:
+def load_checkpoint(folder: Path, engine: TrainEngine, dist: DistEnv = DistEnv()) -> dict[str, Any]:
     """Load engine state on every rank; RNG only where this rank saved one (same world size)."""
     engine.load(folder)
     rng_file = folder / f"rng-rank{dist.rank}.pt"
     if rng_file.is_file():
         restore_rng(torch.load(rng_file, weights_only=False))
     return json.loads((folder / "trainer_state.json").read_text())
-
-
-def checkpoint_meta(folder: Path) -> dict[str, Any]:
-    meta = folder / "meta.json"
-    return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
 def prune(root: Path, keep_last: int) -> None:

@@ -145,5 +145,6 @@ def packed_inputs(seq_lens: list[list[int]], width: int) -> dict[str, torch.Tens
     causal = torch.ones((width, width), dtype=torch.bool).tril()
     same = (block[:, :, None] == block[:, None, :]) & (block[:, None, :] > 0)
     allowed = (same & causal) | torch.eye(width, dtype=torch.bool)
-    bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed,
+                                                                        torch.finfo(torch.float32).min)
     return {"position_ids": positions, "attention_bias": bias[:, None], "example_start": start}

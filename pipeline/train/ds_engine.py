@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO engine: the Engine interface (see engine.py) over deepspeed.initialize.
+"""DeepSpeed ZeRO engine: the TrainEngine interface (see engine.py) over deepspeed.initialize.
 
 Accumulation follows the loop, not DeepSpeed: backward() gets this rank's share of the global
 mean, so the engine undoes DeepSpeed's two averagings (over accumulation steps and over ranks)
@@ -51,7 +51,8 @@ def build_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         if _get(config, key) in (None, AUTO):
             _set(config, key, value)
     if _get(config, "fp16.enabled") is True:
-        raise UserError(f"{source}: fp16.enabled is true but ftpipe supports only train.precision fp32 or bf16")
+        raise UserError(f"{source}: fp16.enabled is true but ftpipe supports only "
+                        "train.precision fp32 or bf16")
     _fill(config, "fp16.enabled", False, "train.precision", source)
     # Our AdamW on CPU-offloaded shards gives the same updates as every other strategy.
     config.setdefault("zero_force_ds_cpu_optimizer", False)
@@ -97,7 +98,8 @@ def _run_values(cfg: RunConfig, world_size: int) -> list[tuple[str, Any, str]]:
             ("train_batch_size", train.micro_batch_size * train.grad_accum * world_size,
              f"train.micro_batch_size * train.grad_accum * {world_size} ranks"),
             ("gradient_clipping", float(train.max_grad_norm or 0.0), "train.max_grad_norm"),
-            ("bf16.enabled", train.precision == "bf16", f"train.precision {train.precision!r}, so bf16.enabled")]
+            ("bf16.enabled", train.precision == "bf16",
+             f"train.precision {train.precision!r}, so bf16.enabled")]
 
 
 def _bucket_values(cfg: RunConfig) -> dict[str, int]:
@@ -183,7 +185,7 @@ def _client_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Opt
 
 
 class DeepSpeedEngine:
-    """ZeRO stage 1/2/3 (optionally CPU offload) with the Engine interface."""
+    """ZeRO stage 1/2/3 (optionally CPU offload) as a TrainEngine."""
 
     format = "deepspeed"
 

@@ -1,13 +1,6 @@
 """Engines own model and optimizer for one strategy; the loop only calls them.
 
-Every engine offers the same methods, which is what keeps one training loop for all strategies:
-  autocast()     context for forward passes (bf16 autocast or nothing)
-  backward(loss) once per micro-batch; `loss` is this rank's share of the global-batch mean, so
-                 summing gradients over micro-batches and ranks gives the global gradient
-  step()         clip, apply the optimizer, clear gradients; returns the pre-clip global grad norm
-  set_lr(lr)     the loop computes the schedule from the global sample offset
-  save(folder) / load(folder)   called by every rank on a shared folder
-  describe()     what consolidation needs to know about the checkpoint format
+Every engine satisfies TrainEngine, which is what keeps one training loop for all strategies.
 """
 
 from __future__ import annotations
@@ -15,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -25,6 +18,42 @@ from pipeline.distributed import DistEnv
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
+
+
+@runtime_checkable
+class TrainEngine(Protocol):
+    """What the loop, checkpointing and the train stage use of an engine; nothing else may be assumed."""
+
+    model: torch.nn.Module  # the wrapped model that forward passes go through
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        """The model without the strategy's wrapper (parameters may still be sharded)."""
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Context for forward passes: bf16 autocast, or nothing where the strategy casts itself."""
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Once per micro-batch; `loss` is this rank's share of the global-batch mean, so summing
+        gradients over micro-batches and ranks gives the global gradient."""
+
+    def step(self) -> float:
+        """Clip, apply the optimizer, clear gradients; the pre-clip global grad norm."""
+
+    def set_lr(self, lr: float) -> None:
+        """The loop computes the schedule from the global sample offset."""
+
+    def save(self, folder: Path) -> None:
+        """Called by every rank on one shared folder."""
+
+    def load(self, folder: Path) -> None:
+        """Called by every rank on one shared folder."""
+
+    def describe(self) -> dict[str, Any]:
+        """What consolidation needs to know about the checkpoint format (written to meta.json)."""
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

@@ -6,6 +6,7 @@ receive their shards from rank 0, so no rank but one ever holds a full copy in h
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,9 +74,7 @@ class FSDPEngine(Engine):
         del full
         super().__init__(model, cfg, dist)
 
-    def autocast(self):
-        import contextlib
-
+    def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # FSDP's MixedPrecisionPolicy casts instead
 
     def backward(self, loss: torch.Tensor) -> None:

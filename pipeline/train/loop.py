@@ -15,11 +15,11 @@ from tqdm import tqdm
 from pipeline import distributed
 from pipeline.distributed import DistEnv
 from pipeline.errors import StagePreempted
+from pipeline.preemption import StopRequest
 from pipeline.train.checkpoint import prune, save_checkpoint, step_dir
 from pipeline.train.data import TrainBatches
-from pipeline.train.engine import lr_factor
+from pipeline.train.engine import TrainEngine, lr_factor
 from pipeline.train.objective import summed_loss
-from pipeline.train.preemption import StopRequest
 
 
 @dataclass
@@ -32,7 +32,8 @@ class LoopState:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoopState:
-        return cls(**{k: data[k] for k in ("step", "samples", "tokens", "seconds", "target_samples") if k in data})
+        keys = ("step", "samples", "tokens", "seconds", "target_samples")
+        return cls(**{k: data[k] for k in keys if k in data})
 
 
 @dataclass
@@ -51,7 +52,8 @@ class LoopSettings:
     stop: StopRequest = field(default_factory=StopRequest)
 
 
-def run_step(engine: Any, batches: TrainBatches, offset: int, rank: int, task: str) -> tuple[float, int, list[int]]:
+def run_step(engine: TrainEngine, batches: TrainBatches, offset: int, rank: int,
+             task: str) -> tuple[float, int, list[int]]:
     """Forward/backward every micro-batch at `offset` for this rank; return (loss share, tokens, rows)."""
     denominator = max(1, batches.global_targets(offset))
     loss_total, tokens, rows = 0.0, 0, []
@@ -71,7 +73,7 @@ def steps_left(state: LoopState, global_batch: int) -> int:
     return -(-max(0, state.target_samples - state.samples) // global_batch)
 
 
-def train_loop(engine: Any, batches: TrainBatches, settings: LoopSettings, state: LoopState,
+def train_loop(engine: TrainEngine, batches: TrainBatches, settings: LoopSettings, state: LoopState,
                log: Callable[[dict[str, float], int], None]) -> LoopState:
     """Train until state.samples reaches state.target_samples, checkpointing and logging on the way."""
     global_batch = batches.layout.global_batch
@@ -103,15 +105,16 @@ def train_loop(engine: Any, batches: TrainBatches, settings: LoopSettings, state
     return state
 
 
-def stop_here(engine: Any, settings: LoopSettings, state: LoopState, saved: bool, signum: int) -> None:
+def stop_here(engine: TrainEngine, settings: LoopSettings, state: LoopState, saved: bool,
+              signum: int) -> None:
     """Every rank saves this step together (unless just saved), then the stage stops."""
     folder = step_dir(settings.checkpoint_root, state.step) if saved else checkpoint(engine, settings, state)
-    raise StagePreempted(f"train: stopped on {signal.Signals(signum).name} at step {state.step} after writing "
-                         f"{folder.name} ({state.samples} of {state.target_samples} samples); "
+    raise StagePreempted(f"train: stopped on {signal.Signals(signum).name} at step {state.step} "
+                         f"after writing {folder.name} ({state.samples} of {state.target_samples} samples); "
                          "run again to resume there")
 
 
-def checkpoint(engine: Any, settings: LoopSettings, state: LoopState) -> Path:
+def checkpoint(engine: TrainEngine, settings: LoopSettings, state: LoopState) -> Path:
     folder = save_checkpoint(settings.checkpoint_root, state.step, engine, asdict(state), settings.dist)
     if settings.dist.is_main:
         prune(settings.checkpoint_root, settings.keep_last)
@@ -123,7 +126,8 @@ def _write_ledger(settings: LoopSettings, state: LoopState, rows: list[int]) -> 
     if settings.ledger_dir is None:
         return
     settings.ledger_dir.mkdir(parents=True, exist_ok=True)
-    line = {"step": state.step + 1, "offset": state.samples, "world_size": settings.dist.world_size, "rows": rows}
+    line = {"step": state.step + 1, "offset": state.samples, "world_size": settings.dist.world_size,
+            "rows": rows}
     with open(settings.ledger_dir / f"rank-{settings.dist.rank}.jsonl", "a", encoding="utf-8") as handle:
         handle.write(json.dumps(line) + "\n")
 
@@ -155,7 +159,3 @@ def truncate_logs(settings: LoopSettings, last_step: int) -> None:
         for ledger in sorted(settings.ledger_dir.glob("rank-*.jsonl")) if settings.ledger_dir else []:
             truncate_log(ledger, last_step)
     distributed.barrier()
-
-
-def read_losses(metrics_file: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in metrics_file.read_text().splitlines() if line.strip()]

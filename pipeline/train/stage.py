@@ -7,11 +7,9 @@ in every rank that torchrun starts.
 from __future__ import annotations
 
 import io
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline import distributed
@@ -19,22 +17,17 @@ from pipeline.config import RunConfig, TrainConfig
 from pipeline.context import StageContext
 from pipeline.distributed import DistEnv
 from pipeline.errors import UserError
+from pipeline.preemption import StopRequest
 from pipeline.run_dir import atomic_write_bytes
-from pipeline.tokenize import open_split
+from pipeline.tokenized import open_split
 from pipeline.train.build import build_engine
 from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
 from pipeline.train.data import TrainBatches, batch_layout, collate
+from pipeline.train.engine import TrainEngine
 from pipeline.train.loop import LoopSettings, LoopState, train_loop, truncate_logs
-from pipeline.train.preemption import StopRequest
 
 VERIFY_FILE = "verify.pt"
 VERIFY_ROWS = 4
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def target_samples(cfg: TrainConfig, num_rows: int, global_batch: int) -> int:
@@ -63,14 +56,15 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
     layout = batch_layout(cfg.train, dist.world_size)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"grad_accum": layout.grad_accum})})
     latest = latest_checkpoint(out / "checkpoints")
-    seed_everything(cfg.train.seed)
+    distributed.seed_everything(cfg.train.seed)
     engine = build_engine(cfg, dist, latest)
     pad_id = ctx.run_dir.read_manifest("tokenize")["pad_token_id"]
     batches = TrainBatches(table, layout, cfg.train.seed, pad_id)
     settings = LoopSettings(
         task=cfg.model.task, lr=cfg.train.lr, warmup_ratio=cfg.train.warmup_ratio,
         checkpoint_every=cfg.train.checkpoint_every, keep_last=cfg.train.keep_last,
-        log_every=cfg.train.log_every, checkpoint_root=out / "checkpoints", metrics_file=out / "metrics.jsonl",
+        log_every=cfg.train.log_every, checkpoint_root=out / "checkpoints",
+        metrics_file=out / "metrics.jsonl",
         ledger_dir=out / "ledger" if cfg.train.sample_ledger else None, dist=dist,
         progress=ctx.progress and dist.is_main, stop=stop)
     fresh = LoopState(target_samples=target_samples(cfg.train, table.num_rows, layout.global_batch))
@@ -81,10 +75,11 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
             "tokens_trained": state.tokens, "seconds": round(state.seconds, 3),
             "tokens_per_second": state.tokens / max(state.seconds, 1e-9), "global_batch": layout.global_batch,
             "world_size": dist.world_size, "strategy": cfg.train.strategy, "resumed_from_step": resumed,
-            "trainable_parameters": _trainable(engine), "final_checkpoint": f"checkpoints/step-{state.step:06d}"}
+            "trainable_parameters": _trainable(engine),
+            "final_checkpoint": f"checkpoints/step-{state.step:06d}"}
 
 
-def _resume(engine: Any, settings: LoopSettings, latest: Path | None,
+def _resume(engine: TrainEngine, settings: LoopSettings, latest: Path | None,
             fresh: LoopState) -> tuple[LoopState, int | None]:
     if latest is None:
         truncate_logs(settings, 0)
@@ -95,7 +90,7 @@ def _resume(engine: Any, settings: LoopSettings, latest: Path | None,
     return state, state.step
 
 
-def _trainable(engine: Any) -> int:
+def _trainable(engine: TrainEngine) -> int:
     # Global counts: DTensor.numel() is the full size; ZeRO-3 keeps it in ds_numel.
     return sum(getattr(p, "ds_numel", p.numel()) for p in engine.unwrapped.parameters() if p.requires_grad)
 
@@ -110,7 +105,7 @@ def verification_batch(ctx: StageContext, rows: int = VERIFY_ROWS) -> dict[str, 
     return collate(picked, ctx.run_dir.read_manifest("tokenize")["pad_token_id"])
 
 
-def write_verify_logits(engine: Any, ctx: StageContext, path: Path, dist: DistEnv) -> None:
+def write_verify_logits(engine: TrainEngine, ctx: StageContext, path: Path, dist: DistEnv) -> None:
     """Logits of the trained model as the engine computes them; consolidation must reproduce them."""
     batch = verification_batch(ctx)
     inputs = {k: batch[k].to(dist.device) for k in ("input_ids", "attention_mask")}

@@ -1,0 +1,88 @@
+"""Every strategy's engine satisfies TrainEngine, the one interface the loop and checkpoints use."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline import distributed
+from pipeline.config import validate_config
+from pipeline.train.build import build_engine
+from pipeline.train.ds_engine import DeepSpeedEngine
+from pipeline.train.engine import DDPEngine, SingleEngine, TrainEngine
+from pipeline.train.fsdp import FSDPEngine
+from tests.fixtures import causal_config
+from tests.helpers import REPO
+
+# Read from the Protocol itself, so that a member added there is checked in every engine too.
+ATTRIBUTES = sorted(TrainEngine.__annotations__)  # set on instances (in __init__)
+METHODS = sorted(name for name, value in vars(TrainEngine).items()
+                 if not name.startswith("_") and (inspect.isfunction(value) or isinstance(value, property)))
+
+
+def _config(tmp_path: Path, model: Path, **train):
+    return validate_config(causal_config(tmp_path, model, tmp_path / "data.jsonl", train=train))
+
+
+def test_the_protocol_lists_what_the_loop_and_checkpoints_call():
+    assert ATTRIBUTES == ["model"]
+    assert METHODS == sorted(["device", "unwrapped", "autocast", "backward", "step", "set_lr", "save", "load",
+                              "describe"])
+
+
+@pytest.mark.parametrize("engine_class", [SingleEngine, DDPEngine, FSDPEngine, DeepSpeedEngine])
+def test_every_engine_class_defines_every_method_with_its_parameters(engine_class):
+    for name in METHODS:
+        declared, defined = vars(TrainEngine)[name], inspect.getattr_static(engine_class, name, None)
+        assert defined is not None, f"{engine_class.__name__} lacks {name}"
+        assert isinstance(defined, property) == isinstance(declared, property), name
+        if inspect.isfunction(declared):
+            assert list(inspect.signature(defined).parameters) == list(inspect.signature(declared).parameters)
+
+
+@pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp"])
+def test_built_engines_satisfy_the_protocol(tmp_path, tiny_llama, strategy):
+    cfg = _config(tmp_path, tiny_llama, strategy=strategy)
+    dist = distributed.init(need_group=strategy != "single")
+    try:
+        engine = build_engine(cfg, dist)
+        assert isinstance(engine, TrainEngine)
+        assert engine.describe()["world_size"] == 1
+    finally:
+        distributed.shutdown()
+
+
+DEEPSPEED = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+    from pipeline import distributed
+    from pipeline.config import validate_config
+    from pipeline.train.build import build_engine
+    from pipeline.train.engine import TrainEngine
+
+    cfg = validate_config(json.loads(Path(sys.argv[1]).read_text()))
+    engine = build_engine(cfg, distributed.init(need_group=True))
+    print(json.dumps({"protocol": isinstance(engine, TrainEngine), **engine.describe()}))
+    distributed.shutdown()
+''')
+
+
+def test_a_built_deepspeed_engine_satisfies_the_protocol(tmp_path, tiny_llama):
+    # Its own process: DeepSpeed keeps global state that must not leak into other tests.
+    config = tmp_path / "config.json"
+    train = {"strategy": "deepspeed", "deepspeed": {"zero_stage": 2}}
+    config.write_text(json.dumps(causal_config(tmp_path, tiny_llama, tmp_path / "data.jsonl", train=train)))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", DEEPSPEED, str(config)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    described = json.loads(done.stdout.strip().splitlines()[-1])
+    assert described == {"protocol": True, "format": "deepspeed", "world_size": 1, "zero_stage": 2,
+                         "tag": "deepspeed"}
