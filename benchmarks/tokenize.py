@@ -2,7 +2,8 @@
 tokenizer, same max_seq_len truncation; 1 and 2 workers (num_proc for datasets), plus the stage's
 peak RSS at 1x and 4x the data.
 
-    python benchmarks/tokenize.py [--rows 200000] [--mem-rows 50000] [--repeats 3] [--workdir DIR] [--write-docs]
+    python benchmarks/tokenize.py [--rows 200000] [--mem-rows 50000] [--repeats 3] [--workdir DIR]
+        [--write-docs]
 
 Text rows are generated here and sharded once by ftpipe (not timed). Every measurement runs in a
 fresh child process, and each is timed two ways:
@@ -13,7 +14,8 @@ fresh child process, and each is timed two ways:
   tokenizer and starting workers) vs the `map` call alone (tokenizer and dataset already loaded).
 Each time is the median of --repeats runs, ftpipe and datasets interleaved so that the VM's drifts
 fall on both. ftpipe's first run with a tokenizer (it loads it through transformers and saves its Rust
-tokenizer for later runs) is timed once, on its own, with the saved tokenizers removed first. Peak RSS is the child's ru_maxrss.
+tokenizer for later runs) is timed once, on its own, with the saved tokenizers removed first. Peak RSS
+is the child's ru_maxrss.
 Targets: ftpipe >= 1.5x datasets.map rows/s with 2 workers; peak RSS growth 1x -> 4x < 10%.
 """
 
@@ -136,9 +138,11 @@ from transformers import AutoTokenizer
 backend = AutoTokenizer.from_pretrained(sys.argv[1])._tokenizer
 backend.no_padding()  # some tokenizer.json files pad and truncate; the floor does neither
 backend.no_truncation()
-texts = [t for f in sorted(glob.glob(sys.argv[2] + "/train-*.parquet")) for t in pq.read_table(f).column("text").to_pylist()]
+texts = [t for f in sorted(glob.glob(sys.argv[2] + "/train-*.parquet"))
+         for t in pq.read_table(f).column("text").to_pylist()]
 start = time.perf_counter()
-tokens = sum(len(e.ids) for i in range(0, len(texts), 1000) for e in backend.encode_batch_fast(texts[i:i + 1000]))
+tokens = sum(len(e.ids) for i in range(0, len(texts), 1000)
+             for e in backend.encode_batch_fast(texts[i:i + 1000]))
 print(json.dumps({"seconds": time.perf_counter() - start, "rows": len(texts), "tokens": tokens}))
 """
 
@@ -175,10 +179,12 @@ def measure(work: Path, rows: int, mem_rows: int, repeats: int, tokenizer: Path)
                 run_ftpipe(work, f"speed{workers}", speed, workers, tokenizer)[0])
             runs.setdefault(f"datasets.map, num_proc={workers}", []).append(
                 run_datasets(work, f"speed{workers}", workers, tokenizer)[0])
-    results: dict = {"speed": {name: median_runs(r) for name, r in runs.items()}, "memory": {}, "repeats": repeats}
+    results: dict = {"speed": {name: median_runs(r) for name, r in runs.items()}, "memory": {},
+                     "repeats": repeats}
     results["speed"][FIRST_RUN] = first
     shards = work / "runs" / "speed1" / "shard" / "data"
-    results["floor"] = median_runs([child(TOKENIZER_ALONE, str(tokenizer), str(shards))[0] for _ in range(repeats)])
+    results["floor"] = median_runs([child(TOKENIZER_ALONE, str(tokenizer), str(shards))[0]
+                                    for _ in range(repeats)])
     for scale in (1, 4):
         sources = write_sources(work / f"mem{scale}", mem_rows * scale)
         stats, rss = run_ftpipe(work, f"mem{scale}", sources, 1, tokenizer)
@@ -194,7 +200,8 @@ def speedup(speed: dict, name: str, key: str) -> float:
 
 def report(results: dict) -> str:
     speed = results["speed"]
-    lines = ["| run | rows | tokens | whole job s | rows/s | tokens/s | vs datasets | tokenize call s | vs datasets |",
+    lines = ["| run | rows | tokens | whole job s | rows/s | tokens/s | vs datasets | tokenize call s "
+             "| vs datasets |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in speed.items():
         lines.append(f"| {name} | {r['rows']:.0f} | {r['tokens']:.0f} | {r['process_seconds']:.2f} "
@@ -208,43 +215,47 @@ def report(results: dict) -> str:
     lines += ["", "| tokenize stage (1 worker) | rows | peak RSS MiB |", "|---|---|---|"]
     lines += [f"| {k} data | {v['rows']} | {v['peak_rss_mib']:.0f} |" for k, v in mem.items()]
     floor, base = results["floor"], speed["datasets.map, num_proc=2"]
-    lines += ["", f"Medians of {results['repeats']} runs. The tokenizer alone (its Rust backend, `encode_batch_fast`, "
-              f"all cores, no padding or truncation, shards already in memory, no Arrow out) took "
-              f"{floor['seconds']:.2f} s for these rows: against the map call alone ({base['seconds']:.2f} s), "
-              f"no pipeline using this tokenizer can do better than {base['seconds'] / floor['seconds']:.2f}x here."]
+    lines += ["", f"Medians of {results['repeats']} runs. The tokenizer alone (its Rust backend, "
+              "`encode_batch_fast`, all cores, no padding or truncation, shards already in memory, no Arrow "
+              f"out) took {floor['seconds']:.2f} s for these rows: against the map call alone "
+              f"({base['seconds']:.2f} s), no pipeline using this tokenizer can do better than "
+              f"{base['seconds'] / floor['seconds']:.2f}x here."]
     lines += ["", "| target | measured | target | met |", "|---|---|---|---|",
-              f"| rows/s vs datasets, 2 workers, whole job | {job:.2f}x | >= 1.5x | {'yes' if job >= 1.5 else 'no'} |",
+              f"| rows/s vs datasets, 2 workers, whole job | {job:.2f}x | >= 1.5x "
+              f"| {'yes' if job >= 1.5 else 'no'} |",
               f"| rows/s vs datasets, 2 workers, tokenize call vs map call | {call:.2f}x | >= 1.5x "
               f"| {'yes' if call >= 1.5 else 'no'} |",
               f"| peak RSS growth 1x -> 4x | {growth:+.1%} | < 10% | {'yes' if growth < 0.10 else 'no'} |"]
     once = speedup(speed, FIRST_RUN, "process_seconds")
-    lines += ["", f"The first run with a tokenizer (once per tokenizer and output_dir: it loads the tokenizer through "
-              f"transformers and saves its Rust tokenizer) took {speed[FIRST_RUN]['process_seconds']:.2f} s, "
-              f"{once:.2f}x datasets; every later run and SLURM task loads the saved one."]
+    lines += ["", "The first run with a tokenizer (once per tokenizer and output_dir: it loads the tokenizer "
+              "through transformers and saves its Rust tokenizer) took "
+              f"{speed[FIRST_RUN]['process_seconds']:.2f} s, {once:.2f}x datasets; every later run and SLURM "
+              "task loads the saved one."]
     return "\n".join(lines)
 
 
 def write_docs(tables: dict[str, str], rows: int) -> None:
     """Replace (or append) only the '## tokenize' section of docs/benchmarks.md."""
-    section = (f"## tokenize\n\nMeasured by `python benchmarks/tokenize.py --write-docs` on {rows} generated text rows "
-               f"(4 source files, 4 shards), max_seq_len {MAX_LEN} with truncation, 2-core CPU, for each tokenizer "
-               "the examples use. Two times per run: the whole job, what a user waits for (a fresh process that loads "
-               "the tokenizer, reads the parquet shards and writes tokenized Arrow: `ftpipe run --stages tokenize`, "
-               "or AutoTokenizer + load_dataset + map), and the tokenization call alone (the tokenize stage's "
-               "wall time, tokenizer load and worker start included, vs the `map` call alone). Peak RSS is the "
-               "stage's child process.\n\n")
+    section = (f"## tokenize\n\nMeasured by `python benchmarks/tokenize.py --write-docs` on {rows} generated "
+               f"text rows (4 source files, 4 shards), max_seq_len {MAX_LEN} with truncation, 2-core CPU, "
+               "for each tokenizer the examples use. Two times per run: the whole job, what a user waits for "
+               "(a fresh process that loads the tokenizer, reads the parquet shards and writes tokenized "
+               "Arrow: `ftpipe run --stages tokenize`, or AutoTokenizer + load_dataset + map), and the "
+               "tokenization call alone (the tokenize stage's wall time, tokenizer load and worker start "
+               "included, vs the `map` call alone). Peak RSS is the stage's child process.\n\n")
     section += "".join(f"### {name}\n\n{table}\n\n" for name, table in tables.items())
-    section += ("Where the time goes: loading a tokenizer through transformers imports transformers and torch "
-                "(3-5 s here), which datasets pays in every job. ftpipe pays it once per tokenizer: it saves the Rust "
-                "tokenizer transformers built and loads that with `tokenizers` alone (0.1 s), so its whole job is "
-                "mostly the tokenizer's own work. The tokenize call alone is bounded by the floor above: on 2 cores "
-                "both tools run the same Rust code. datasets' forked workers turn the tokenizer's own threads off "
-                "(it prints so); ftpipe's workers keep them, so on machines with more cores than workers the gap "
-                "should widen: not measured here. SmolLM2's token counts differ by one per row: ftpipe appends EOS "
-                "to causal-LM text rows.\n\n")
+    section += ("Where the time goes: loading a tokenizer through transformers imports transformers and "
+                "torch (3-5 s here), which datasets pays in every job. ftpipe pays it once per tokenizer: it "
+                "saves the Rust tokenizer transformers built and loads that with `tokenizers` alone (0.1 s), "
+                "so its whole job is mostly the tokenizer's own work. The tokenize call alone is bounded by "
+                "the floor above: on 2 cores both tools run the same Rust code. datasets' forked workers "
+                "turn the tokenizer's own threads off (it prints so); ftpipe's workers keep them, so on "
+                "machines with more cores than workers the gap should widen: not measured here. SmolLM2's "
+                "token counts differ by one per row: ftpipe appends EOS to causal-LM text rows.\n\n")
     text = DOCS.read_text() if DOCS.is_file() else "# Benchmarks\n\n"
     pattern = re.compile(r"^## tokenize\n.*?(?=^## |\Z)", re.S | re.M)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
+    text = (pattern.sub(lambda _: section, text) if pattern.search(text)
+            else text.rstrip("\n") + "\n\n" + section)
     DOCS.write_text(text.rstrip("\n") + "\n")
 
 
@@ -259,7 +270,8 @@ def main() -> None:
     started = time.time()
     tables = {}
     for index, (name, tokenizer) in enumerate(tokenizers().items()):
-        tables[name] = report(measure(args.workdir / str(index), args.rows, args.mem_rows, args.repeats, tokenizer))
+        tables[name] = report(measure(args.workdir / str(index), args.rows, args.mem_rows, args.repeats,
+                                      tokenizer))
         print(f"{name}:\n{tables[name]}\n")
     if len(tables) < 2:
         print("(SmolLM2's tokenizer is measured too once `python examples/prepare_smollm2.py` has run)")

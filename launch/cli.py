@@ -8,14 +8,15 @@ from pathlib import Path
 
 from launch.process import quiet_libraries, reporting_errors
 from pipeline.config import RunConfig, load_config
-from pipeline.sources import check_paths
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir
+from pipeline.sources import check_paths
 from pipeline.stages import NAMES, names
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ftpipe", description="Fine-tune Hugging Face models from one YAML file.")
+    parser = argparse.ArgumentParser(prog="ftpipe",
+                                     description="Fine-tune Hugging Face models from one YAML file.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline (skipping stages that are up to date)")
     _config_args(run)
@@ -28,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
         check = sub.add_parser(name, help="check the config and print the plan without running anything")
         _config_args(check)
         check.add_argument("--stages", help="comma-separated subset of stages")
-    status = sub.add_parser("status", help="show which stages of a run directory are done (and their SLURM jobs)")
+    status = sub.add_parser("status",
+                            help="show which stages of a run directory are done (and their SLURM jobs)")
     status.add_argument("run_dir", type=Path)
     submit = sub.add_parser("submit", help="submit one SLURM job per stage that is not up to date")
     _config_args(submit)
@@ -114,13 +116,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from launch.local import print_plan
     from launch import slurm
+    from launch.local import print_plan
     from pipeline.runner import plan
 
     cfg = _load(args)
     if cfg.launch.backend != "slurm":
-        raise UserError(f"{args.config}: ftpipe submit needs launch.backend: slurm (it is {cfg.launch.backend!r})")
+        raise UserError(f"{args.config}: ftpipe submit needs launch.backend: slurm "
+                        f"(it is {cfg.launch.backend!r})")
     if args.sweep:
         return _submit_sweep(args, cfg)
     planned = plan(cfg, None, tuple(args.force))

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Any
 
 from launch.torchrun import launch_stage
 from pipeline.config import RunConfig, dump_config
 from pipeline.errors import StagePreempted
-from pipeline.runner import PlannedStage, execute
 from pipeline.run_dir import RunDir
+from pipeline.runner import PlannedStage, execute
 from pipeline.stages import LAST
 from pipeline.tracking import Tracker, build_tracker, read_parent
 

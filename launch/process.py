@@ -70,7 +70,8 @@ def quiet_libraries() -> None:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
-def reporting_errors(command: Callable[[], int], on_user_error: Callable[[UserError], None] | None = None) -> int:
+def reporting_errors(command: Callable[[], int],
+                     on_user_error: Callable[[UserError], None] | None = None) -> int:
     """Run an entry point's command; a user's mistake is one line on stderr and exit code 2, a stop
     after a checkpoint is exit code 75 (running again resumes), never a traceback."""
     try:

@@ -24,9 +24,9 @@ import submitit
 
 from launch.local import write_run_config
 from launch.process import reporting_errors
-from launch.torchrun import run_torchrun, torchrun_command
 from launch.slurm_arrays import ArrayTask, enter_job, pending_ranks, task_count, task_groups
 from launch.slurm_jobs import JobRecord, active_jobs, read_jobs, record_jobs
+from launch.torchrun import run_torchrun, torchrun_command
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import StagePreempted, UserError
 from pipeline.run_dir import RunDir, atomic_write_text
@@ -90,7 +90,8 @@ def slurm_rendezvous(cfg: RunConfig, node: int) -> Any:
     and this node's own address (its NodeAddr) for the other nodes to reach it at."""
     nodes = int(os.environ.get("SLURM_JOB_NUM_NODES", cfg.launch.nnodes))
     if nodes != cfg.launch.nnodes:
-        raise UserError(f"the job has {nodes} nodes but launch.nnodes is {cfg.launch.nnodes}; make them equal")
+        raise UserError(
+            f"the job has {nodes} nodes but launch.nnodes is {cfg.launch.nnodes}; make them equal")
     if nodes == 1:
         return cfg.launch.model_copy(update={"node_rank": 0, "rdzv_endpoint": None})
     port = RDZV_BASE_PORT + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000
@@ -137,8 +138,9 @@ def job_parameters(cfg: RunConfig, stage: str) -> dict[str, Any]:
     """submitit SlurmExecutor parameters of STAGE's job (submitit shlex-quotes every value)."""
     slurm, train, gpu = cfg.launch.slurm, STAGES[stage].distributed, STAGES[stage].gpu
     params: dict[str, Any] = {
-        "job_name": f"ftpipe-{cfg.name}-{stage}", "time": slurm.time, "nodes": cfg.launch.nnodes if train else 1,
-        "ntasks_per_node": 1, "signal_delay_s": slurm.signal_lead_seconds, "setup": list(slurm.setup),
+        "job_name": f"ftpipe-{cfg.name}-{stage}", "time": slurm.time,
+        "nodes": cfg.launch.nnodes if train else 1, "ntasks_per_node": 1,
+        "signal_delay_s": slurm.signal_lead_seconds, "setup": list(slurm.setup),
         "partition": slurm.partition if gpu else (slurm.cpu_partition or slurm.partition),
         "account": slurm.account, "qos": slurm.qos, "cpus_per_task": slurm.cpus_per_task, "mem": slurm.mem,
         "constraint": slurm.constraint,
@@ -146,11 +148,13 @@ def job_parameters(cfg: RunConfig, stage: str) -> dict[str, Any]:
     if train and slurm.exclusive:
         params["exclusive"] = True
     if train:
-        params["additional_parameters"] = {"requeue": True}  # preempted/time-limited jobs go back in the queue
+        # preempted/time-limited jobs go back in the queue
+        params["additional_parameters"] = {"requeue": True}
     if gpu and slurm.gpus_per_node:
         params["gpus_per_node"] = slurm.gpus_per_node
     if slurm.extra_directives:
-        params.setdefault("additional_parameters", {}).update(_directive(item) for item in slurm.extra_directives)
+        directives = (_directive(item) for item in slurm.extra_directives)
+        params.setdefault("additional_parameters", {}).update(directives)
     return {k: v for k, v in params.items() if v is not None}
 
 
@@ -160,13 +164,15 @@ def _directive(item: str) -> tuple[str, Any]:
 
 
 def stage_command(run_dir: Path, stage: str, cwd: Path, array: bool = False) -> str:
-    """The command a hand-run script uses instead of submitit's pickle: the same StageJob (or ArrayTask)."""
-    args = [sys.executable, "-u", "-m", "launch.slurm", "run-array-task" if array else "run-stage", str(run_dir),
-            stage, "--cwd", str(cwd)]
+    """The command a hand-run script uses instead of submitit's pickle: the same StageJob (or
+    ArrayTask)."""
+    args = [sys.executable, "-u", "-m", "launch.slurm", "run-array-task" if array else "run-stage",
+            str(run_dir), stage, "--cwd", str(cwd)]
     return shlex.join(args)
 
 
-def render_script(cfg: RunConfig, stage: str, run_dir: RunDir, cwd: Path, array_tasks: int | None = None) -> str:
+def render_script(cfg: RunConfig, stage: str, run_dir: RunDir, cwd: Path,
+                  array_tasks: int | None = None) -> str:
     """The sbatch script of STAGE's job (or its job array), as submitit renders it, runnable without
     submitit's pickle."""
     from submitit.slurm.slurm import _make_sbatch_string
@@ -229,7 +235,8 @@ def submit(cfg: RunConfig, stages: list[str], cwd: Path, after: str | None = Non
         job = submit_job(cfg, stage, StageJob(str(run_dir.root), stage, str(cwd)), array_id or previous,
                           lambda executor, fn: executor.submit(fn))
         previous = job.job_id
-        records.append(JobRecord(stage, job.job_id, str(job.paths.stdout), str(job.paths.stderr), array_id or ""))
+        records.append(JobRecord(stage, job.job_id, str(job.paths.stdout), str(job.paths.stderr),
+                                 array_id or ""))
         record_jobs(run_dir, records)  # after every job: a failure later still leaves the earlier ones known
     return records
 
@@ -250,11 +257,13 @@ def parent_run(cfg: RunConfig, parent_of: str | None = None) -> str | None:
     return run_id
 
 
-def submit_job(cfg: RunConfig, stage: str, fn: Any, after: str | None, how: Any, kind: str = "afterok") -> Any:
+def submit_job(cfg: RunConfig, stage: str, fn: Any, after: str | None, how: Any,
+               kind: str = "afterok") -> Any:
     """Submit `fn` with STAGE's job parameters, after job(s) `after` (a:b:c) under dependency `kind`."""
     executor = submitit.SlurmExecutor(folder=cfg.run_dir.resolve() / "slurm" / "%j",
                                       max_num_timeout=cfg.launch.slurm.max_requeues)
-    executor.update_parameters(**job_parameters(cfg, stage), **({"dependency": f"{kind}:{after}"} if after else {}))
+    executor.update_parameters(**job_parameters(cfg, stage),
+                               **({"dependency": f"{kind}:{after}"} if after else {}))
     try:
         return how(executor, fn)
     except submitit.core.utils.FailedJobError as err:
@@ -289,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         return reporting_errors(lambda: _prepare(argv[1], argv[2:]))
     if argv[:1] in (["run-stage"], ["run-array-task"]) and len(argv) >= 3:
         cwd = Path(argv[argv.index("--cwd") + 1]) if "--cwd" in argv else Path.cwd()
-        job = (StageJob if argv[0] == "run-stage" else ArrayTask)(str(Path(argv[1]).resolve()), argv[2], str(cwd))
+        job_class = StageJob if argv[0] == "run-stage" else ArrayTask
+        job = job_class(str(Path(argv[1]).resolve()), argv[2], str(cwd))
         return reporting_errors(lambda: job() and 0)
     print("usage: python -m launch.slurm prepare CONFIG [KEY=VALUE ...] | run-stage RUN_DIR STAGE [--cwd DIR]"
           " | run-array-task RUN_DIR STAGE [--cwd DIR]", file=sys.stderr)

@@ -61,7 +61,8 @@ class ArrayTask(submitit.helpers.Checkpointable):
         cfg = enter_job(run_dir, Path(self.cwd))
         unit_stage = STAGES[self.stage].unit_stage()
         world_size = unit_stage.task_count(cfg, run_dir)
-        if ranks is None:  # a script written by hand or by --dry-run: ranks done already skip on their markers
+        # a script written by hand or by --dry-run: ranks done already skip on their markers
+        if ranks is None:
             task, count = int(os.environ["SLURM_ARRAY_TASK_ID"]), int(os.environ["SLURM_ARRAY_TASK_COUNT"])
             ranks = list(range(world_size))[task::count]
         for rank in ranks:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir, atomic_write_json
-from pipeline.stages import NAMES, stage as declared_stage
+from pipeline.stages import NAMES
+from pipeline.stages import stage as declared_stage
 
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "SUSPENDED"}
 RUNNING = {"RUNNING", "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
@@ -139,7 +140,8 @@ def status_lines(run_dir: RunDir) -> list[str]:
             state = f"blocked ({broken} did not finish)"
         elif not broken and job and not state.startswith(("queued", "running", "done")):
             broken = stage
-        ids = f"job {job.job_id}" + (f" (array {job.array_job_id})" if job.array_job_id else "") if job else ""
+        ids = (f"job {job.job_id}" + (f" (array {job.array_job_id})" if job.array_job_id else "")
+               if job else "")
         lines.append(f"  {stage:<11} {state:<24} {ids}".rstrip())
     return lines
 
@@ -152,7 +154,8 @@ def cancel_jobs(jobs: list[JobRecord]) -> list[JobRecord]:
     """scancel those of `jobs` (and their arrays) still queued or running; return them."""
     jobs = active_jobs(jobs)
     if jobs:
-        done = subprocess.run(["scancel", *[i for j in jobs for i in j.job_ids]], capture_output=True, text=True)
+        done = subprocess.run(["scancel", *[i for j in jobs for i in j.job_ids]], capture_output=True,
+                              text=True)
         if done.returncode != 0:
             raise UserError(f"scancel failed: {done.stderr.strip() or done.returncode}")
     return jobs

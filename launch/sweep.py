@@ -55,7 +55,8 @@ def combinations(sweeps: list[str]) -> list[list[str]]:
 
 
 def member_name(base: str, overrides: list[str]) -> str:
-    slug = "-".join(f"{key.rsplit('.', 1)[-1]}{value}" for key, _, value in (o.partition("=") for o in overrides))
+    pairs = (o.partition("=") for o in overrides)
+    slug = "-".join(f"{key.rsplit('.', 1)[-1]}{value}" for key, _, value in pairs)
     return re.sub(r"[^A-Za-z0-9._-]", "_", f"{base}-{slug}")
 
 
@@ -67,8 +68,9 @@ def members(config: Path, overrides: list[str], sweeps: list[str]) -> list[tuple
     for combo in combinations(sweeps):
         cfg = load_config(config, [*overrides, *combo, f"name={member_name(base.name, combo)}"])
         if _data_fingerprints(cfg) != shared:
-            raise UserError(f"--sweep {' '.join(combo)}: changes the data (shard or tokenize inputs); a sweep "
-                            "shares one tokenized dataset, so sweep keys of train, evaluate or the model's weights")
+            raise UserError(f"--sweep {' '.join(combo)}: changes the data (shard or tokenize inputs); a "
+                            "sweep shares one tokenized dataset, so sweep keys of train, evaluate or the "
+                            "model's weights")
         found.append((Member(cfg.name, combo, str(cfg.run_dir.resolve())), cfg))
     return found
 
@@ -83,7 +85,8 @@ def link_shared_data(base: RunDir, member: RunDir) -> None:
     for stage in SHARED_STAGES:
         link, target = member.stage(stage), base.stage(stage)
         if link.exists() and not link.is_symlink():
-            raise UserError(f"{link} exists and is not a link to {target}: remove it or name the sweep differently")
+            raise UserError(
+                f"{link} exists and is not a link to {target}: remove it or name the sweep differently")
         link.unlink(missing_ok=True)
         link.symlink_to(os.path.relpath(target, member.root), target_is_directory=True)
 

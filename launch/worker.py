@@ -32,7 +32,8 @@ def run_rank(run_dir: RunDir, stage: str, progress: bool = True) -> dict | None:
     cfg = load_config(run_dir.config_file)
     rank = int(os.environ.get("RANK", "0"))
     tracker = _tracker() if rank == 0 else None
-    ctx = StageContext(run_dir, rank, int(os.environ.get("WORLD_SIZE", "1")), tracker or NullStageTracker(), progress)
+    ctx = StageContext(run_dir, rank, int(os.environ.get("WORLD_SIZE", "1")), tracker or NullStageTracker(),
+                       progress)
     result, stopped = None, None
     try:
         result = STAGES[stage].run(cfg, ctx)

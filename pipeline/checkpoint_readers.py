@@ -5,7 +5,7 @@ No process group and no GPU: every format is read from its files on the CPU. Eac
 so that at most one tensor (plus the writer's current work) is materialised at once.
 
 Formats (meta.json "format", else guessed from the files):
-  torch      model.pt = torch.save(state_dict) (single process, DDP); legacy engine.pt["model"]
+  torch      model.pt = torch.save(state_dict) (single process, DDP)
   dcp        dcp/ = torch.distributed.checkpoint of {"model": ..., "optimizer": ...} (FSDP2)
   deepspeed  deepspeed/ = DeepSpeedEngine.save_checkpoint(tag="deepspeed"), ZeRO-1/2/3
 """
@@ -42,7 +42,7 @@ def checkpoint_format(folder: Path) -> str:
     meta = folder / "meta.json"
     if meta.is_file():
         return json.loads(meta.read_text())["format"]
-    for fmt, marker in (("deepspeed", "deepspeed"), ("dcp", "dcp"), ("torch", "model.pt"), ("torch", "engine.pt")):
+    for fmt, marker in (("deepspeed", "deepspeed"), ("dcp", "dcp"), ("torch", "model.pt")):
         if (folder / marker).exists():
             return fmt
     raise FileNotFoundError(f"{folder}: no meta.json and no known checkpoint files")
@@ -81,11 +81,6 @@ def open_checkpoint(folder: str | Path) -> CheckpointReader:
     return readers[fmt](folder)
 
 
-def iter_checkpoint(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every tensor of the model state in `folder`, one at a time."""
-    yield from open_checkpoint(folder).items()
-
-
 # --- torch.save state dicts ------------------------------------------------------------------
 
 
@@ -94,11 +89,7 @@ class TorchReader(CheckpointReader):
 
     def __init__(self, folder: Path):
         super().__init__()
-        path = folder / "model.pt"
-        if path.is_file():
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        else:  # checkpoints written before model.pt existed
-            state = torch.load(folder / "engine.pt", map_location="cpu", mmap=True, weights_only=False)["model"]
+        state = torch.load(folder / "model.pt", map_location="cpu", mmap=True, weights_only=True)
         for name, tensor in state.items():
             self._add(name, lambda t=tensor: t)
 
@@ -146,7 +137,8 @@ class DCPReader(CheckpointReader):
     def _load(self, keys: list[str]) -> dict[str, torch.Tensor]:
         import torch.distributed.checkpoint as dcp
 
-        out = {k: torch.empty(tuple(self.entries[k].size), dtype=self.entries[k].properties.dtype) for k in keys}
+        meta = self.entries
+        out = {k: torch.empty(tuple(meta[k].size), dtype=meta[k].properties.dtype) for k in keys}
         with warnings.catch_warnings():  # "no process group, loading in one process": intended
             warnings.simplefilter("ignore", UserWarning)
             dcp.load(out, storage_reader=dcp.FileSystemReader(str(self.path)), no_dist=True)
@@ -210,10 +202,11 @@ def _madvise(tensor: torch.Tensor, advice: int, whole_pages_only: bool) -> None:
 
 
 def _gather(pieces: list[torch.Tensor], numel: int, shape: torch.Size) -> torch.Tensor:
-    # Map each piece's pages in one call rather than one page fault at a time (about 2x faster
-    # here; older kernels ignore the advice). Afterwards drop them from this process's resident
-    # set: the file is mapped privately and never written, so touching them again just re-reads
-    # the page cache, and without this every fp32 partition read would stay resident to the end.
+    # Map each piece's pages in one call rather than one page fault at a time (meant to save the
+    # faults; older kernels ignore the advice; docs/benchmarks.md has what it measured). Afterwards
+    # drop them from this process's resident set: the file is mapped privately and never written,
+    # so touching them again just re-reads the page cache, and without this every fp32 partition
+    # read would stay resident to the end.
     for piece in pieces:
         _madvise(piece, _MADV_POPULATE_READ, whole_pages_only=False)
     full = torch.cat(pieces)[:numel].reshape(shape)  # cat copies: the mapped pages can go
@@ -238,6 +231,10 @@ class DeepSpeedReader(CheckpointReader):
 
     The optimizer files are memory-mapped, so only the fp32 master partitions are ever paged in
     (never the Adam moments beside them), and each parameter's pages are released once copied.
+    Why not DeepSpeed's get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True): it needs DeepSpeed
+    imported, is lazy only for ZeRO-3 trainable parameters (ZeRO-1/2 concatenate the whole fp32 model
+    first, frozen ZeRO-3 parameters are gathered up front) and leaves the pages it read resident;
+    it was slower and larger for every stage (docs/benchmarks.md).
     """
 
     format = "deepspeed"

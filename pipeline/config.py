@@ -7,8 +7,17 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo,
-                      field_validator, model_validator)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.config_errors import describe_error, yaml_lines
 from pipeline.errors import UserError
@@ -24,7 +33,8 @@ class LoraConfig(Section):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     target_modules: list[str] | str = Field(
         "all-linear", description="Module names (or 'all-linear') that get adapters.")
-    merge: bool = Field(True, description="consolidate: merge adapters into the weights, or save only the adapter.")
+    merge: bool = Field(
+        True, description="consolidate: merge adapters into the weights, or save only the adapter.")
 
 
 class ModelConfig(Section):
@@ -38,10 +48,12 @@ class ModelConfig(Section):
 
 class FieldNames(Section):
     instruction: str = Field("instruction", description="format instruction: the task.")
-    input: str = Field("input", description="format instruction: optional extra input (may be missing or empty).")
+    input: str = Field(
+        "input", description="format instruction: optional extra input (may be missing or empty).")
     output: str = Field("output", description="format instruction: the answer (the loss target).")
     prompt: str = Field("prompt", description="format prompt_completion: the prompt.")
-    completion: str = Field("completion", description="format prompt_completion: the answer (the loss target).")
+    completion: str = Field(
+        "completion", description="format prompt_completion: the answer (the loss target).")
     messages: str = Field("messages", description="format chat: the list of {role, content} turns.")
 
 
@@ -60,7 +72,8 @@ class SourceSpec(Section):
         1.0, gt=0, le=1000, description="Times each training row of this source is seen per epoch: 2 doubles "
         "it, 0.5 keeps a stable half (chosen by row hash). Held-out rows count once.")
     limit: int | None = Field(
-        None, ge=1, description="At most this many valid rows from each file of this source (its first ones).")
+        None, ge=1, description="At most this many valid rows from each file of this source "
+        "(its first ones).")
 
 
 # A path string or a {path, weight, limit} mapping; the tags keep pydantic from reporting both
@@ -85,31 +98,33 @@ class DataConfig(Section):
     text_pair_field: str | None = Field(
         None, description="classification: optional field with a second text (sentence pairs).")
     label_field: str = Field("label", description="Field holding the label (classification).")
-    fields: FieldNames = Field(default_factory=FieldNames, description="Source field names of the other formats.")
+    fields: FieldNames = Field(
+        default_factory=FieldNames, description="Source field names of the other formats.")
     chat_template: str | None = Field(
         None, description="chat: a Jinja template file; null: the tokenizer's own chat template.")
     loss_on: Literal["all", "completion", "assistant"] | None = Field(
-        None, description="Tokens the loss counts: all; completion (the answer of instruction / prompt_completion "
-        "rows); assistant (the assistant turns of chat rows). null: completion, assistant or all by format.")
+        None, description="Tokens the loss counts: all; completion (the answer of instruction / "
+        "prompt_completion rows); assistant (the assistant turns of chat rows). null: completion, assistant "
+        "or all by format.")
     labels: list[str] | None = Field(
         None, description="Label names in index order; rows may give a name or an index.")
     eval_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of train rows held out by a stable hash of the row.")
     num_shards: int = Field(4, ge=1, description="Number of parquet shards the shard stage writes per split.")
     num_workers: int = Field(
-        1, ge=1, description="Workers the shard and tokenize stages spread their work over (one source file or "
-        "one shard piece per task; processes, or threads for tokenize with a fast tokenizer); the output is the "
-        "same for any value.")
+        1, ge=1, description="Workers the shard and tokenize stages spread their work over (one source file "
+        "or one shard piece per task; processes, or threads for tokenize with a fast tokenizer); the output "
+        "is the same for any value.")
     max_seq_len: int = Field(128, ge=8, description="Tokens per example; see overlong for longer ones.")
     overlong: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="Examples longer than max_seq_len: truncate the end, drop them (tokenize "
         "rejects), or stop with an error naming the row.")
     packing: bool = Field(
-        False, description="Pack several examples into each row of up to max_seq_len tokens (causal LM formats); "
-        "attention and positions restart at every example, so the loss is the same as unpacked.")
+        False, description="Pack several examples into each row of up to max_seq_len tokens (causal LM "
+        "formats); attention and positions restart at every example, so the loss is the same as unpacked.")
     max_reject_fraction: float = Field(
-        0.01, ge=0.0, le=1.0, description="Fail before training when more than this share of rows is rejected "
-        "(shard and tokenize rejects together).")
+        0.01, ge=0.0, le=1.0, description="Fail before training when more than this share of rows is "
+        "rejected (shard and tokenize rejects together).")
 
     @field_validator("loss_on")
     @classmethod
@@ -142,11 +157,15 @@ class DataConfig(Section):
 
 
 class DeepSpeedConfig(Section):
-    zero_stage: Literal[1, 2, 3] = Field(2, description="ZeRO stage: 1 optimizer, 2 + gradients, 3 + parameters.")
-    offload_optimizer: Literal["none", "cpu"] = Field("none", description="Keep optimizer state in host memory.")
-    offload_params: Literal["none", "cpu"] = Field("none", description="Keep parameters in host memory (stage 3).")
+    zero_stage: Literal[1, 2, 3] = Field(
+        2, description="ZeRO stage: 1 optimizer, 2 + gradients, 3 + parameters.")
+    offload_optimizer: Literal["none", "cpu"] = Field(
+        "none", description="Keep optimizer state in host memory.")
+    offload_params: Literal["none", "cpu"] = Field(
+        "none", description="Keep parameters in host memory (stage 3).")
     config: str | None = Field(
-        None, description="A DeepSpeed JSON (e.g. ds_configs/zero3.json); its \"auto\" fields come from this run config.")
+        None, description="A DeepSpeed JSON (e.g. ds_configs/zero3.json); its \"auto\" fields come from this "
+        "run config.")
 
     @model_validator(mode="after")
     def _offload_params_needs_stage3(self) -> DeepSpeedConfig:
@@ -171,7 +190,8 @@ class FreezeConfig(Section):
 
 class TrainConfig(Section):
     strategy: Literal["single", "ddp", "deepspeed", "fsdp"] = Field(
-        "single", description="single process, or data parallel (ddp), DeepSpeed ZeRO, or FSDP2 across ranks.")
+        "single", description="single process, or data parallel (ddp), DeepSpeed ZeRO, or FSDP2 across "
+        "ranks.")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="strategy: deepspeed.")
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="strategy: fsdp (FSDP2 fully_shard).")
     activation_checkpointing: bool = Field(
@@ -200,7 +220,8 @@ class TrainConfig(Section):
 class EvaluateConfig(Section):
     batch_size: int = Field(32, ge=1, description="Examples per evaluation forward pass.")
     compare_base: bool = Field(False, description="Also score the untouched base model (before/after table).")
-    num_generations: int = Field(4, ge=0, description="causal_lm: eval examples continued into samples.jsonl.")
+    num_generations: int = Field(
+        4, ge=0, description="causal_lm: eval examples continued into samples.jsonl.")
     max_new_tokens: int = Field(32, ge=1, description="causal_lm: tokens generated per sample.")
 
 
@@ -220,30 +241,42 @@ def _no_control_chars(value: str, what: str) -> str:
 
 class SlurmConfig(Section):
     partition: str | None = Field(
-        None, description="Partition of the train job (and of all jobs without cpu_partition); null: the cluster's default.")
+        None, description="Partition of the train job (and of all jobs without cpu_partition); null: the "
+        "cluster's default.")
     cpu_partition: str | None = Field(
-        None, description="Partition of the CPU stages (shard, tokenize, consolidate, evaluate); null: partition.")
+        None, description="Partition of the CPU stages (shard, tokenize, consolidate, evaluate); null: "
+        "partition.")
     account: str | None = Field(None, description="Account charged for the jobs (sbatch --account).")
     qos: str | None = Field(None, description="Quality of service (sbatch --qos).")
     time: str = Field(
-        "4:00:00", description="Time limit of each job, in sbatch --time syntax (minutes, H:MM:SS, D-HH:MM:SS).")
+        "4:00:00", description="Time limit of each job, in sbatch --time syntax (minutes, H:MM:SS, "
+        "D-HH:MM:SS).")
     cpus_per_task: int | None = Field(
-        None, ge=1, description="CPUs per task; the train job has one task per node. null: the cluster's default.")
+        None, ge=1, description="CPUs per task; the train job has one task per node. null: the cluster's "
+        "default.")
     mem: str | None = Field(
         None, description="Memory per node, in sbatch --mem syntax (e.g. 64G); null: the cluster's default.")
     constraint: str | None = Field(None, description="Node features the jobs need (sbatch --constraint).")
     exclusive: bool = Field(False, description="Train job: whole nodes only (sbatch --exclusive).")
-    gpus_per_node: int | None = Field(None, ge=0, description="GPUs per node of the train job; null: none requested.")
+    gpus_per_node: int | None = Field(
+        None, ge=0, description="GPUs per node of the train job; null: none requested.")
     signal_lead_seconds: int = Field(
-        120, ge=0, description="SLURM sends SIGUSR2 this many seconds before the time limit (sbatch --signal); all ranks of the train job then save one checkpoint at the next step boundary, and the job requeues itself and resumes there.")
+        120, ge=0, description="SLURM sends SIGUSR2 this many seconds before the time limit (sbatch "
+        "--signal); all ranks of the train job then save one checkpoint at the next step boundary, and the "
+        "job requeues itself and resumes there.")
     max_array_tasks: int = Field(
-        64, ge=1, description="shard and tokenize run as job arrays with at most this many tasks (each takes every "
-        "k-th source file or shard piece); only the pieces without a current completion marker are submitted.")
-    max_requeues: int = Field(3, ge=0, description="Times a job is requeued after such a stop signal (time limit, preemption); then it fails, and `ftpipe submit` resumes it.")
+        64, ge=1, description="shard and tokenize run as job arrays with at most this many tasks (each takes "
+        "every k-th source file or shard piece); only the pieces without a current completion marker are "
+        "submitted.")
+    max_requeues: int = Field(
+        3, ge=0, description="Times a job is requeued after such a stop signal (time limit, preemption); "
+        "then it fails, and `ftpipe submit` resumes it.")
     setup: list[str] = Field(
-        default_factory=list, description="Shell lines run in each batch script before the stage (module load, source venv/bin/activate).")
+        default_factory=list, description="Shell lines run in each batch script before the stage (module "
+        "load, source venv/bin/activate).")
     extra_directives: list[str] = Field(
-        default_factory=list, description="More sbatch options, each 'name=value' or 'name' (e.g. 'reservation=big', 'requeue'), for every job.")
+        default_factory=list, description="More sbatch options, each 'name=value' or 'name' (e.g. "
+        "'reservation=big', 'requeue'), for every job.")
 
     @field_validator("partition", "cpu_partition", "account", "qos", "time", "mem", "constraint")
     @classmethod
@@ -274,17 +307,19 @@ class LaunchConfig(Section):
     rdzv_endpoint: str | None = Field(
         None, description="torchrun: HOST:PORT of the rendezvous (multi-node); null: localhost.")
     local_addr: str | None = Field(
-        None, description="torchrun: the address other nodes reach this one at (multi-node); null: the hostname's. "
-        "The SLURM backend sets it to the node's NodeAddr.")
+        None, description="torchrun: the address other nodes reach this one at (multi-node); null: the "
+        "hostname's. The SLURM backend sets it to the node's NodeAddr.")
     max_restarts: int = Field(
-        0, ge=0, description="torchrun: restarts of all ranks after a rank fails (on one node as fresh torchrun "
-        "launches, across nodes torchrun's own); training resumes from the latest complete checkpoint.")
+        0, ge=0, description="torchrun: restarts of all ranks after a rank fails (on one node as fresh "
+        "torchrun launches, across nodes torchrun's own); training resumes from the latest complete "
+        "checkpoint.")
     slurm: SlurmConfig = Field(
         default_factory=SlurmConfig, description="backend slurm: how `ftpipe submit` asks for resources.")
 
 
 class RunConfig(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; the run directory's name.")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; the run directory's name.")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     model: ModelConfig
     data: DataConfig
@@ -308,7 +343,8 @@ class RunConfig(Section):
     def _check_launch(self) -> None:
         ranks = self.launch.nproc_per_node * self.launch.nnodes
         if self.launch.backend == "local" and ranks > 1:
-            raise ValueError(f"launch.nproc_per_node/nnodes ask for {ranks} ranks; set launch.backend: torchrun")
+            raise ValueError(
+                f"launch.nproc_per_node/nnodes ask for {ranks} ranks; set launch.backend: torchrun")
         if self.train.strategy == "single" and ranks > 1:
             raise ValueError(f"train.strategy 'single' cannot use {ranks} ranks; use ddp, fsdp or deepspeed")
         # Under SLURM the rendezvous host is the allocation's first node, known only inside the job.

@@ -24,8 +24,8 @@ from pipeline.config import RunConfig
 from pipeline.context import StageContext
 from pipeline.hf_writer import ShardedSafetensorsWriter, WriteResult, write_model_dir
 from pipeline.models import MODEL_CLASSES, load_model, load_model_config, prepare_pad_token
-from pipeline.tokenizer import load_tokenizer
 from pipeline.run_dir import atomic_dir
+from pipeline.tokenizer import load_tokenizer
 
 VERIFY_ATOL = 1e-4
 PEFT_PREFIX = "base_model.model."
@@ -122,7 +122,8 @@ def merged_lora(reader: CheckpointReader, cfg: RunConfig) -> Tensors:
         yield plain, tensor
 
 
-def _merge(weight: torch.Tensor, module: str, adapters: dict[str, torch.Tensor], scale: float) -> torch.Tensor:
+def _merge(weight: torch.Tensor, module: str, adapters: dict[str, torch.Tensor],
+           scale: float) -> torch.Tensor:
     if f"{module}.lora_A.default.weight" in adapters:
         a, b = adapters[f"{module}.lora_A.default.weight"], adapters[f"{module}.lora_B.default.weight"]
         delta = b.float() @ a.float()
@@ -219,7 +220,8 @@ def compare_weights(model: torch.nn.Module, expected: Tensors) -> float:
     worst = 0.0
     for name, tensor in expected:
         if name not in loaded or loaded[name].shape != tensor.shape:
-            raise RuntimeError(f"consolidated model differs from the checkpoint: {name!r} missing or reshaped")
+            raise RuntimeError(f"consolidated model differs from the checkpoint: {name!r} missing or "
+                               "reshaped")
         if tensor.numel():
             diff = (loaded[name].detach().double() - tensor.detach().double()).abs().max()
             worst = max(worst, float(diff))

@@ -142,7 +142,8 @@ class Encoder:
             return [self._from_ids([(ids, True)]) for ids in self._with_eos(self._encode(rows["text"], True))]
         prompts = self._encode(rows["prompt"], True)
         completions = self._with_eos(self._encode(rows["completion"], False))
-        return [self._from_ids([(self._without_eos(p), False), (c, True)]) for p, c in zip(prompts, completions)]
+        return [self._from_ids([(self._without_eos(p), False), (c, True)])
+                for p, c in zip(prompts, completions)]
 
     def _text_columns(self, texts: list[str]) -> EncodedBatch:
         full = id_lists(self._encode(texts, True), self.tokenizer.eos_token_id)
@@ -151,14 +152,17 @@ class Encoder:
         keep = pc.greater(targets, 0)
         rejects = [(i, "no answer tokens left after truncation to max_seq_len")
                    for i, kept in enumerate(keep.to_pylist()) if not kept] if not pc.all(keep).as_py() else []
-        columns = {"input_ids": pc.list_slice(full, 0, self.max_len).filter(keep), "num_targets": targets.filter(keep)}
-        return EncodedBatch(columns, rejects, truncated=pc.sum(pc.greater(lengths, self.max_len)).as_py() or 0)
+        columns = {"input_ids": pc.list_slice(full, 0, self.max_len).filter(keep),
+                   "num_targets": targets.filter(keep)}
+        truncated = pc.sum(pc.greater(lengths, self.max_len)).as_py() or 0
+        return EncodedBatch(columns, rejects, truncated=truncated)
 
     def _fit(self, example: Example, rows: dict[str, list], index: int, out: EncodedBatch) -> None:
         if example.length > self.max_len:
             if self.data.overlong == "error":
                 raise UserError(f"{rows['source'][index]}:{rows['line'][index]}: example of {example.length} "
-                                f"tokens is longer than data.max_seq_len {self.max_len} (data.overlong: error)")
+                                f"tokens is longer than data.max_seq_len {self.max_len} "
+                                "(data.overlong: error)")
             if self.data.overlong == "drop":
                 out.dropped += 1
                 out.rejects.append((index, f"longer than max_seq_len ({example.length} tokens)"))
@@ -171,7 +175,8 @@ class Encoder:
             return
         self._append(out.columns, example, targets, rows, index)
 
-    def _append(self, columns: dict[str, list], example: Example, targets: int, rows: dict, index: int) -> None:
+    def _append(self, columns: dict[str, list], example: Example, targets: int, rows: dict,
+                index: int) -> None:
         columns["input_ids"].append(example.ids)
         columns["num_targets"].append(targets)
         if self.masked:
@@ -203,8 +208,8 @@ class Encoder:
         # Re-encoding only the long rows keeps the tokenizer's closing special tokens in place.
         long = [i for i, n in enumerate(lengths) if n > self.max_len]
         if long and self.data.overlong == "truncate":
-            again = self._encode_with_pairs([texts[i] for i in long], [pairs[i] for i in long] if pairs else None,
-                                            self.max_len)
+            again = self._encode_with_pairs([texts[i] for i in long],
+                                            [pairs[i] for i in long] if pairs else None, self.max_len)
             for i, seq in zip(long, again):
                 encoded[i] = seq
         return [Example(seq, [], n) for seq, n in zip(encoded, lengths)]

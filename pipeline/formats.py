@@ -64,7 +64,8 @@ def shard_schema(data: DataConfig) -> pa.Schema:
         + [pa.field("label", pa.int64())],
         "instruction": [pa.field("prompt", pa.string()), pa.field("completion", pa.string())],
         "prompt_completion": [pa.field("prompt", pa.string()), pa.field("completion", pa.string())],
-        "chat": [pa.field("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))],
+        "chat": [pa.field("messages",
+                          pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())])))],
     }[data.format]
     return pa.schema(fields + [pa.field("source", pa.string()), pa.field("line", pa.int64())])
 
@@ -110,7 +111,8 @@ class RowValidator:
 
     def _instruction(self, row: dict[str, Any]) -> Checked:
         names = self.data.fields
-        values, problem = _strings(row, [(names.instruction, True), (names.input, False), (names.output, True)])
+        values, problem = _strings(row, [(names.instruction, True), (names.input, False),
+                                         (names.output, True)])
         if problem:
             return None, problem
         instruction, extra, output = values

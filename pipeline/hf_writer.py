@@ -109,7 +109,8 @@ class ShardedSafetensorsWriter:
             os.replace(path, self.folder / name)
             weight_map.update(dict.fromkeys(names, name))
             self.result.files.append(name)
-        index = {"metadata": {"total_size": self.result.bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        index = {"metadata": {"total_size": self.result.bytes},
+                 "weight_map": dict(sorted(weight_map.items()))}
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         self.result.files.append(INDEX_FILE)
 

@@ -15,7 +15,8 @@ from transformers import (
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 
-MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
+MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM,
+                 "sequence_classification": AutoModelForSequenceClassification}
 
 
 def label_kwargs(cfg: ModelConfig, labels: list[str] | None) -> dict:

@@ -80,7 +80,8 @@ class Packer:
     def _take_closed(self) -> dict[str, list]:
         rows, self._closed = self._closed, []
         self.rows += len(rows)
-        columns: dict[str, list] = {"input_ids": [r.ids for r in rows], "num_targets": [r.targets for r in rows]}
+        columns: dict[str, list] = {"input_ids": [r.ids for r in rows],
+                                    "num_targets": [r.targets for r in rows]}
         if self.masked:
             columns["loss_mask"] = [r.mask for r in rows]
         columns["seq_lens"] = [r.lens for r in rows]

@@ -60,7 +60,8 @@ def _decide(run_dir: RunDir, spec: Stage, fp: str, planned: dict[str, PlannedSta
         reason = f"input {upstream[0]} is being redone"
     elif manifest.get("fingerprint") != fp:
         reason = "config, inputs or code changed"
-    elif any(manifest.get("inputs", {}).get(i) != run_dir.read_manifest(i).get("run_id") for i in spec.inputs):
+    elif any(manifest.get("inputs", {}).get(i) != run_dir.read_manifest(i).get("run_id")
+             for i in spec.inputs):
         reason = "input was redone since"
     else:
         return PlannedStage(spec.name, "skip", "up to date", fp)
@@ -98,7 +99,8 @@ def execute(cfg: RunConfig, planned: list[PlannedStage], tracker=None, progress:
     manifests: dict[str, dict] = {}
     for planned_stage in planned:
         if planned_stage.action in ("run", "resume"):
-            manifests[planned_stage.name] = run_stage(cfg, planned_stage, run_dir, tracker, progress, launcher)
+            manifests[planned_stage.name] = run_stage(cfg, planned_stage, run_dir, tracker, progress,
+                                                      launcher)
         if on_stage:
             on_stage(planned_stage, manifests.get(planned_stage.name))
     return manifests
@@ -108,7 +110,8 @@ def run_stage(cfg: RunConfig, planned: PlannedStage, run_dir: RunDir, tracker, p
               launcher: StageLauncher = run_here) -> dict:
     spec = STAGES[planned.name]
     # A unit-wise stage checks each unit's own fingerprint: only its manifest goes.
-    run_dir.claim_stage(spec.name, planned.fingerprint, keep_units=spec.units is not None and planned.reason != FORCED)
+    run_dir.claim_stage(spec.name, planned.fingerprint,
+                        keep_units=spec.units is not None and planned.reason != FORCED)
     stage_run = tracker.stage(spec.name, {"action": planned.action, "reason": planned.reason,
                                           "fingerprint": planned.fingerprint}) if tracker else None
     ctx = StageContext(run_dir, tracker=stage_run or NullStageTracker(), progress=progress)

@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 
 from pipeline.config import RunConfig
 from pipeline.context import StageContext
-from pipeline.formats import RowValidator, has_surrogates, shard_schema
 from pipeline.digests import DigestCache, fingerprint
+from pipeline.formats import RowValidator, has_surrogates, shard_schema
 from pipeline.run_dir import RunDir, atomic_dir
 from pipeline.sources import SourceFile, source_files
 from pipeline.stages import NOT_SHARD_KEYS, STAGES
@@ -205,8 +205,8 @@ class Sharder:
                 continue
             kept += 1
             train_rows += self._route(row, source, item.line)
-        self.sources.append({"path": str(source.path), "rows": kept, "rejected": rejected, "weight": source.weight,
-                             "limit": source.limit, "train_copies": train_rows})
+        self.sources.append({"path": str(source.path), "rows": kept, "rejected": rejected,
+                             "weight": source.weight, "limit": source.limit, "train_copies": train_rows})
 
     def _route(self, row: dict[str, Any], source: SourceFile, line: int) -> int:
         """Write the row to its split and shard (training rows `weight` times); return train copies."""
@@ -311,7 +311,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
         splits = {split: _merge_split(cfg, out, tmp, split, pieces) for split in SPLITS}
         merge_rejects(done.units, tmp / "rejects.jsonl")
     manifest = {"splits": splits, "sources": [p["source"] for p in pieces],
-                "rejected": sum(p["source"]["rejected"] for p in pieces), "rejects_file": "data/rejects.jsonl",
+                "rejected": sum(p["source"]["rejected"] for p in pieces),
+                "rejects_file": "data/rejects.jsonl",
                 "pieces": {split: _piece_list(cfg, pieces, split) for split in SPLITS},
                 "reused_sources": len(pieces) - done.ran, "ran_sources": done.ran}
     kept = sum(s["rows"] for s in manifest["sources"])
@@ -342,4 +343,5 @@ def _merge_split(cfg: RunConfig, out: Path, target: Path, split: str, pieces: li
                 source = pq.ParquetFile(piece_dir(out, rank) / _piece_name(split, shard, n))
                 for index in range(source.num_row_groups):  # one row group in memory at a time
                     writer.write_table(source.read_row_group(index))
-    return {"rows": sum(counts), "files": [_piece_name(split, s, n) for s in range(n)], "rows_per_shard": counts}
+    return {"rows": sum(counts), "files": [_piece_name(split, s, n) for s in range(n)],
+            "rows_per_shard": counts}

@@ -111,8 +111,8 @@ _DECLARED = (
           ("pipeline.shard", "pipeline.formats", "pipeline.sources", "pipeline.parallel", "pipeline.units"),
           units="pipeline.shard:UNITS", shared_by_sweep=True),
     Stage("tokenize", "pipeline.tokenize:run", ("shard",), tokenize_inputs,
-          ("pipeline.tokenize", "pipeline.encoding", "pipeline.packing", "pipeline.tokenizer", "pipeline.parallel",
-           "pipeline.sources", "pipeline.units", "pipeline.tokenized"),
+          ("pipeline.tokenize", "pipeline.encoding", "pipeline.packing", "pipeline.tokenizer",
+           "pipeline.parallel", "pipeline.sources", "pipeline.units", "pipeline.tokenized"),
           units="pipeline.tokenize:UNITS", shared_by_sweep=True),
     Stage("train", "pipeline.train.stage:run", ("tokenize",), train_inputs,
           ("pipeline.train", "pipeline.train.stage", "pipeline.train.build", "pipeline.train.checkpoint",
@@ -125,8 +125,8 @@ _DECLARED = (
            "pipeline.tokenizer")),
     Stage("evaluate", "pipeline.evaluate:run", ("consolidate",), evaluate_inputs,
           ("pipeline.evaluate", "pipeline.consolidate", "pipeline.checkpoint_readers", "pipeline.hf_writer",
-           "pipeline.models", "pipeline.tokenizer", "pipeline.tokenized", "pipeline.distributed", "pipeline.train",
-           "pipeline.train.data", "pipeline.train.objective")),
+           "pipeline.models", "pipeline.tokenizer", "pipeline.tokenized", "pipeline.distributed",
+           "pipeline.train", "pipeline.train.data", "pipeline.train.objective")),
 )
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in _DECLARED}

@@ -27,14 +27,14 @@ import pyarrow.parquet as pq
 
 from pipeline.config import RunConfig
 from pipeline.context import StageContext
+from pipeline.digests import DigestCache, fingerprint, model_digest
 from pipeline.encoding import EncodedBatch, Encoder
 from pipeline.errors import UserError
-from pipeline.tokenizer import load_tokenizer, rust_tokenizer, saved_tokenizer
 from pipeline.packing import Packer, packed_schema, packing_summary
-from pipeline.digests import DigestCache, fingerprint, model_digest
 from pipeline.run_dir import RunDir, atomic_write_text
 from pipeline.sources import source_files
 from pipeline.stages import STAGES, tokenize_inputs
+from pipeline.tokenizer import load_tokenizer, rust_tokenizer, saved_tokenizer
 from pipeline.units import check_rejects, merge_rejects, run_units
 
 BATCH_ROWS = 1000
@@ -116,7 +116,8 @@ def _reject_line(source: Path, rows: dict[str, list], done: int, index: int, rea
 
 def tokenize_unit_fingerprints(cfg: RunConfig, piece_fingerprints: list[str]) -> list[str]:
     """One per shard piece: the piece's own fingerprint, the tokenizer, the tokenize keys and code."""
-    base = {"config": tokenize_inputs(cfg, DigestCache.of(cfg.output_dir)), "code": STAGES["tokenize"].code_version()}
+    base = {"config": tokenize_inputs(cfg, DigestCache.of(cfg.output_dir)),
+            "code": STAGES["tokenize"].code_version()}
     return [fingerprint({**base, "piece": piece}) for piece in piece_fingerprints]
 
 
@@ -177,7 +178,8 @@ TOKENIZER_LIBRARIES = ("transformers", "tokenizers", "sentencepiece", "protobuf"
 
 def _saved_name(cfg: RunConfig) -> str:
     """Names a saved tokenizer by what it is built from: the files' content and the libraries."""
-    return fingerprint({"files": model_digest(cfg.model.name_or_path, DigestCache.of(cfg.output_dir), weights=False), "code": STAGES["tokenize"].code_version(),
+    files = model_digest(cfg.model.name_or_path, DigestCache.of(cfg.output_dir), weights=False)
+    return fingerprint({"files": files, "code": STAGES["tokenize"].code_version(),
                         "libraries": [_installed(name) for name in TOKENIZER_LIBRARIES]})
 
 

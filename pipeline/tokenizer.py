@@ -3,10 +3,11 @@ once and loaded without transformers.
 
 Loading any tokenizer through transformers imports transformers and torch in every process that
 does it, which costs more than tokenizing a typical shard (every SLURM array task of the tokenize
-stage is such a process; docs/benchmarks.md has the numbers). Outside chat templates the stage calls only the Rust backend that
-transformers builds for a fast tokenizer, so that backend is saved once per tokenizer (its files'
-digests, the library versions and this file's code in the name) and loaded from there with the
-`tokenizers` library alone. A copy is saved only if it encodes as transformers' own call does.
+stage is such a process; docs/benchmarks.md has the numbers). Outside chat templates the stage calls
+only the Rust backend that transformers builds for a fast tokenizer, so that backend is saved once per
+tokenizer (its files' digests, the library versions and this file's code in the name) and loaded from
+there with the `tokenizers` library alone. A copy is saved only if it encodes as transformers' own
+call does.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def _rust_side(hf_tokenizer: Any) -> RustTokenizer | None:
     if not hasattr(backend, "encode_batch_fast"):
         return None
     return RustTokenizer(backend, hf_tokenizer.eos_token_id, hf_tokenizer.pad_token_id,
-                         hf_tokenizer.truncation_side, bool(getattr(hf_tokenizer, "split_special_tokens", False)))
+                         hf_tokenizer.truncation_side,
+                         bool(getattr(hf_tokenizer, "split_special_tokens", False)))
 
 
 def saved_tokenizer(name_or_path: str, folder: Path, name: str) -> RustTokenizer | Any:
@@ -126,7 +128,8 @@ def _save(hf_tokenizer: Any, folder: Path, name: str) -> RustTokenizer | Any:
     from tokenizers import Tokenizer
 
     live = _rust_side(hf_tokenizer)
-    saved = _built(lambda: Tokenizer.from_str(live.backend.to_str()), live.settings()) if live is not None else None
+    saved = (_built(lambda: Tokenizer.from_str(live.backend.to_str()), live.settings())
+             if live is not None else None)
     if saved is not None and _encodes_alike(saved, hf_tokenizer):
         atomic_write_text(folder / f"{name}.tokenizer.json", saved.backend.to_str())
         atomic_write_json(folder / f"{name}.json", {"rust": True, **saved.settings()})
@@ -140,9 +143,17 @@ def _encodes_alike(rust: RustTokenizer, hf_tokenizer: Any) -> bool:
     specials = " ".join(getattr(hf_tokenizer, "all_special_tokens", []))
     texts = [*PROBES, f"{specials} between {specials}"]
     pairs = list(reversed(texts))
-    return all(_ids_or_error(lambda: rust.ids(batch, special)) == _ids_or_error(
+    return all(_ids_alike(rust, hf_tokenizer, texts, batch, batch_pairs, special)
+               for batch, batch_pairs in ((texts, None), (list(zip(texts, pairs)), pairs))
+               for special in (True, False))
+
+
+def _ids_alike(rust: RustTokenizer, hf_tokenizer: Any, texts: list[str], batch: list[Any],
+               batch_pairs: list[str] | None, special: bool) -> bool:
+    """One probe of _encodes_alike: `batch` (texts, or (text, pair) tuples) through the Rust
+    tokenizer against `texts` and `batch_pairs` through transformers' own call."""
+    return _ids_or_error(lambda: rust.ids(batch, special)) == _ids_or_error(
         lambda: hf_tokenizer(texts, batch_pairs, add_special_tokens=special)["input_ids"])
-        for batch, batch_pairs in ((texts, None), (list(zip(texts, pairs)), pairs)) for special in (True, False))
 
 
 def _ids_or_error(encode: Callable[[], list]) -> list | str:

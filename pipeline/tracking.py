@@ -175,7 +175,8 @@ class Tracker:
             self.submit(lambda: self.client.set_terminated(self.parent_id, status=status))
         done = self.worker.close(FLUSH_TIMEOUT_S)
         if not done:
-            log.warning("MLflow did not answer within %.0fs; some tracking data was not sent", FLUSH_TIMEOUT_S)
+            log.warning("MLflow did not answer within %.0fs; some tracking data was not sent",
+                        FLUSH_TIMEOUT_S)
         return done and not self.worker.failed
 
     @property
@@ -183,7 +184,8 @@ class Tracker:
         return self.worker.failed
 
 
-def create_parent_run(tracker: Tracker, params: dict[str, Any], config_file: Path, tags: dict[str, str]) -> str | None:
+def create_parent_run(tracker: Tracker, params: dict[str, Any], config_file: Path,
+                      tags: dict[str, str]) -> str | None:
     """Create the parent run now and leave it running; None (after one warning) if MLflow fails."""
     tracker.start(params, config_file, tags)
     done = tracker.close(None)

@@ -37,7 +37,8 @@ def q(path: Path | str) -> str:
 def write_from_template(folder: Path, model_dir: Path, data_file: Path, replace: dict[str, str] | None = None,
                         text: str | None = None, name: str = "cfg.yaml") -> Path:
     """BASE with each `old: new` line replaced (or `text` as it is), written to folder/name."""
-    body = text if text is not None else BASE.format(out=q(folder / "runs"), model=q(model_dir), train=q(data_file))
+    body = text if text is not None else BASE.format(out=q(folder / "runs"), model=q(model_dir),
+                                                     train=q(data_file))
     for old, new in (replace or {}).items():
         assert old in body, old
         body = body.replace(old, new)

@@ -86,7 +86,8 @@ def mlflow_server(tmp_path):
     port = free_port()
     log = open(tmp_path / "mlflow-server.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+        [sys.executable, "-m", "mlflow", "server",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1",
          "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
     uri = f"http://127.0.0.1:{port}"

@@ -18,8 +18,8 @@ from pipeline.run_dir import RunDir
 REPO = Path(__file__).resolve().parents[1]
 
 
-def ftpipe(*args: str) -> int:
-    return main([str(a) for a in args])
+def ftpipe(*args: str | Path | RunDir) -> int:
+    return main([str(a.root if isinstance(a, RunDir) else a) for a in args])
 
 
 def ftpipe_process(*args: str, cwd: Path | None = None, env: dict | None = None,
@@ -63,10 +63,12 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
         assert torch.allclose(a[key], b[key], atol=atol, rtol=0), key
 
 
-def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float, atol: float) -> None:
+def assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float,
+                         atol: float) -> None:
     assert a.keys() == b.keys()
     for key in a:
-        assert torch.allclose(a[key], b[key], rtol=rtol, atol=atol), (key, float((a[key] - b[key]).abs().max()))
+        assert torch.allclose(a[key], b[key], rtol=rtol, atol=atol), (
+            key, float((a[key] - b[key]).abs().max()))
 
 
 def free_port() -> int:

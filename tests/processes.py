@@ -16,8 +16,10 @@ def start_run(config: Path, *overrides: str) -> subprocess.Popen:
     # Output goes to a file: an unread pipe would fill up and block the ranks.
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     log = open(config.with_suffix(".log"), "w")  # noqa: SIM115 - closed with the process
-    process = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", str(config), "--no-progress", *overrides],
-                               env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", str(config), "--no-progress",
+                                *overrides],
+                               env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
     process.log_path = Path(log.name)
     return process
 

@@ -99,7 +99,8 @@ class SlurmCluster:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         (self.root / "plugstack.conf").write_text("")
         lines = [
-            "ClusterName=ftpipetest", f"SlurmctldHost={socket.gethostname().split('.')[0]}({self.controller_addr})",
+            "ClusterName=ftpipetest",
+            f"SlurmctldHost={socket.gethostname().split('.')[0]}({self.controller_addr})",
             f"SlurmctldPort={_free_port()}", f"SlurmdPort={_free_port()}",
             "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={self.munge_socket}",
             "SlurmUser=root", "SlurmdUser=root", f"PlugStackConfig={self.root / 'plugstack.conf'}",
@@ -114,7 +115,8 @@ class SlurmCluster:
             "AccountingStorageType=accounting_storage/none", "JobAcctGatherType=jobacct_gather/none",
             "JobCompType=jobcomp/none", "MinJobAge=600", "KillWait=5", "InactiveLimit=0",
             *(f"NodeName={name} NodeAddr={self.node_addr(i)} CPUs={os.cpu_count()} "
-              f"RealMemory={_real_memory_mb() // self.nodes} State=UNKNOWN" for i, name in enumerate(self.node_names)),
+              f"RealMemory={_real_memory_mb() // self.nodes} State=UNKNOWN"
+              for i, name in enumerate(self.node_names)),
             f"PartitionName={PARTITIONS[0]} Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
             *(f"PartitionName={p} Nodes=ALL MaxTime=INFINITE State=UP" for p in PARTITIONS[1:]),
         ]
@@ -187,7 +189,8 @@ class SlurmCluster:
         raise RuntimeError(f"{message} within {timeout:.0f}s: {self.log_tail('slurmd')}")
 
     def nodes_idle(self) -> bool:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=self.env, capture_output=True, text=True)
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=self.env, capture_output=True,
+                             text=True)
         states = dict(line.split() for line in out.stdout.splitlines() if len(line.split()) == 2)
         return out.returncode == 0 and all(states.get(n) == "idle" for n in self.node_names)
 

@@ -201,7 +201,8 @@ def test_bad_rows_are_rejected_with_file_line_and_reason(tmp_path, model_dir, ca
             assert word in record["reason"], (record, word)
 
     rows = shard_rows(cfg)
-    kept = sorted((r["source"], r["line"], r["text"], r.get("label")) for split in rows.values() for r in split)
+    kept = sorted((r["source"], r["line"], r["text"], r.get("label"))
+                  for split in rows.values() for r in split)
     assert kept == want_kept
 
     # nothing silently dropped: every non-blank input row is either kept or rejected
@@ -294,7 +295,8 @@ def _unchecked_string_array(values: list[bytes]) -> pa.Array:
 
 def test_invalid_utf8_in_parquet_string_column(tmp_path, model_dir):
     source = tmp_path / "bad-utf8.parquet"
-    pq.write_table(pa.table({"text": _unchecked_string_array([b"good one", b"bad \xff\xfe", b"good two"])}), source)
+    pq.write_table(pa.table({"text": _unchecked_string_array([b"good one", b"bad \xff\xfe", b"good two"])}),
+                   source)
     cfg = make_cfg(tmp_path, model_dir, [source], max_reject_fraction=1.0)
     try:
         run_shard(cfg)

@@ -30,7 +30,8 @@ def test_deepspeed_gets_its_accelerator_before_its_first_import():
     seen = _python("import json, os\nfrom launch.process import quiet_libraries\nquiet_libraries()\n"
                    "before = os.environ.get('DS_ACCELERATOR')\nimport deepspeed, torch\n"
                    "print(json.dumps({'before': before, 'after': os.environ.get('DS_ACCELERATOR'), "
-                   "'cuda': torch.cuda.is_available(), 'device': deepspeed.get_accelerator().device_name()}))")
+                   "'cuda': torch.cuda.is_available(), "
+                   "'device': deepspeed.get_accelerator().device_name()}))")
     assert seen["before"] is None
     if not seen["cuda"]:  # this is what needs the hook: DeepSpeed on a machine without CUDA
         assert seen["after"] == "cpu" and seen["device"] == "cpu"

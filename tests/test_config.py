@@ -9,7 +9,6 @@ from pipeline.config import load_config
 from pipeline.sources import check_paths
 from tests.config_template import error_of, q
 
-
 # --- a good config --------------------------------------------------------------------------
 
 
@@ -39,7 +38,8 @@ def test_classification_config_takes_num_labels_from_labels(write_cfg):
 def test_overrides_apply_with_yaml_typing(write_cfg):
     cfg = load_config(write_cfg(), [
         "train.lr=1e-4", "data.train=[a.jsonl,b.jsonl]", "tracking.enabled=true", "train.max_grad_norm=null",
-        "train.seed=7", "train.epochs=2.5", "evaluate.batch_size=4", "name=second-run", "data.eval_fraction=0"])
+        "train.seed=7", "train.epochs=2.5", "evaluate.batch_size=4", "name=second-run",
+        "data.eval_fraction=0"])
     assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
     assert cfg.data.train == ["a.jsonl", "b.jsonl"]
     assert cfg.tracking.enabled is True
@@ -107,7 +107,8 @@ def test_misspelled_required_key_still_suggests_the_closest(write_cfg, old, new,
 def test_unknown_key_in_override(write_cfg):
     path = write_cfg()
     assert error_of(path, "train.lrr=3") == f"{path}: unknown key 'train.lrr' (did you mean 'train.lr'?)"
-    assert error_of(path, "evalute.batch_size=3") == f"{path}: unknown key 'evalute' (did you mean 'evaluate'?)"
+    assert error_of(path, "evalute.batch_size=3") == (
+        f"{path}: unknown key 'evalute' (did you mean 'evaluate'?)")
 
 
 # --- wrong types and impossible values -------------------------------------------------------
@@ -129,8 +130,8 @@ def test_unknown_key_in_override(write_cfg):
      "{path}:13: train.precision: Input should be 'fp32' or 'bf16' (got 'fp16')"),
     ("name: demo", "name: ../escape",
      "{path}:1: name: String should match pattern '^[A-Za-z0-9][A-Za-z0-9._-]*$' (got '../escape')"),
-    ("  train: [", "  train: []  #", "{path}:7: data.train: List should have at least 1 item after validation, "
-     "not 0 (got [])"),
+    ("  train: [", "  train: []  #",
+     "{path}:7: data.train: List should have at least 1 item after validation, not 0 (got [])"),
     ("  task: causal_lm", "  task: sequence_classification",
      "{path}: model.task 'sequence_classification' needs data.format 'classification', got 'text'"),
     ("  num_shards: 2", "  format: classification",
@@ -150,7 +151,8 @@ def test_several_errors_report_the_first_and_a_count(write_cfg):
 
 @pytest.mark.parametrize("overrides, expected", [
     ([], "{path}: sequence_classification needs model.num_labels or data.labels"),
-    (["model.num_labels=3", "data.labels=[neg,pos]"], "{path}: model.num_labels is 3 but data.labels has 2 names"),
+    (["model.num_labels=3", "data.labels=[neg,pos]"],
+     "{path}: model.num_labels is 3 but data.labels has 2 names"),
     (["data.labels=[neg,neg]"], "{path}: data.labels has duplicate names"),
     (["model.num_labels=1"], "{path}: model.num_labels: Input should be greater than or equal to 2 (got 1)"),
 ], ids=["no-labels", "count-mismatch", "duplicates", "one-label"])
@@ -166,7 +168,8 @@ def test_bad_override_value_names_the_key(write_cfg):
     assert error_of(path, "train.grad_accum=0") == (
         f"{path}: train.grad_accum: Input should be greater than or equal to 1 (got 0)")
     assert error_of(path, "evaluate.compare_base=maybe") == (
-        f"{path}: evaluate.compare_base: Input should be a valid boolean, unable to interpret input (got 'maybe')")
+        f"{path}: evaluate.compare_base: Input should be a valid boolean, unable to interpret input "
+        "(got 'maybe')")
 
 
 def test_bad_override_value_is_not_blamed_on_the_file_line(write_cfg):
@@ -225,10 +228,12 @@ def test_override_into_a_value_that_is_not_a_section(write_cfg):
     (["launch.nproc_per_node=2"], "ask for 2 ranks; set launch.backend: torchrun"),
     (["launch.backend=torchrun", "launch.nproc_per_node=2"], "train.strategy 'single' cannot use 2 ranks"),
     (["launch.backend=torchrun", "train.strategy=ddp", "launch.nnodes=2"], "needs launch.rdzv_endpoint"),
-    (["train.strategy=deepspeed", "train.deepspeed.offload_params=cpu"], "offload_params: cpu needs zero_stage: 3"),
+    (["train.strategy=deepspeed", "train.deepspeed.offload_params=cpu"],
+     "offload_params: cpu needs zero_stage: 3"),
     (["train.deepspeed.config=ds_configs/zero3.json"], "train.strategy is not 'deepspeed'"),
     (["train.strategy=zero3"], "train.strategy: Input should be 'single', 'ddp', 'deepspeed' or 'fsdp'"),
-    (["train.fsdp.reshard=false"], "unknown key 'train.fsdp.reshard' (did you mean 'train.fsdp.reshard_after_forward'?)"),
+    (["train.fsdp.reshard=false"],
+     "unknown key 'train.fsdp.reshard' (did you mean 'train.fsdp.reshard_after_forward'?)"),
     (["model.lora.rank=4"], "unknown key 'model.lora.rank'"),
 ])
 def test_distributed_settings_are_checked_with_one_line_errors(write_cfg, overrides, expected):
@@ -236,6 +241,7 @@ def test_distributed_settings_are_checked_with_one_line_errors(write_cfg, overri
 
 
 def test_the_same_config_runs_on_any_world_size(write_cfg):
-    cfg = load_config(write_cfg(), ["train.strategy=fsdp", "launch.backend=torchrun", "launch.nproc_per_node=4",
-                                    "train.deepspeed.zero_stage=3", "train.global_batch_size=32"])
+    cfg = load_config(write_cfg(), ["train.strategy=fsdp", "launch.backend=torchrun",
+                                    "launch.nproc_per_node=4", "train.deepspeed.zero_stage=3",
+                                    "train.global_batch_size=32"])
     assert cfg.launch.nproc_per_node == 4 and cfg.train.global_batch_size == 32

@@ -13,7 +13,6 @@ from pipeline.errors import UserError
 from pipeline.sources import check_paths
 from tests.helpers import REPO, ftpipe_process
 
-
 # --- paths ---------------------------------------------------------------------------------------
 
 
@@ -35,7 +34,8 @@ def test_missing_data_files_name_the_list_item(write_cfg, tmp_path, data_file):
 def test_glob_matching_only_a_directory_is_missing(write_cfg, tmp_path):
     (tmp_path / "only_dirs" / "x.jsonl").mkdir(parents=True)
     pattern = f"{tmp_path}/only_dirs/*.jsonl"
-    assert paths_error(write_cfg(), f"data.train=[{pattern}]") == f"data.train[0]: no file matches '{pattern}'"
+    assert paths_error(write_cfg(), f"data.train=[{pattern}]") == (
+        f"data.train[0]: no file matches '{pattern}'")
 
 
 def test_missing_model_dir(write_cfg, tmp_path):
@@ -66,34 +66,40 @@ def _cli_cases(tmp_path: Path, data_file: Path) -> dict[str, tuple[dict, list[st
                        "{path}:8: unknown key 'data.eval_fration' (did you mean 'data.eval_fraction'?)"),
         "misspelled-section": ({"tracking:": "trackng:"}, [],
                                "{path}:14: unknown key 'trackng' (did you mean 'tracking'?)"),
-        "unknown-override": ({}, ["train.lrr=3"], "{path}: unknown key 'train.lrr' (did you mean 'train.lr'?)"),
-        "negative-lr": ({"  lr: 1.0e-3": "  lr: -1"}, [], "{path}:11: train.lr: Input should be greater than 0 (got -1)"),
+        "unknown-override": ({}, ["train.lrr=3"],
+                             "{path}: unknown key 'train.lrr' (did you mean 'train.lr'?)"),
+        "negative-lr": ({"  lr: 1.0e-3": "  lr: -1"}, [],
+                        "{path}:11: train.lr: Input should be greater than 0 (got -1)"),
         "eval-fraction": ({"  eval_fraction: 0.2": "  eval_fraction: 1"}, [],
                           "{path}:8: data.eval_fraction: Input should be less than 1 (got 1)"),
         "num-shards": ({"  num_shards: 2": "  num_shards: 0"}, [],
                        "{path}:9: data.num_shards: Input should be greater than or equal to 1 (got 0)"),
         "batch-eight": ({"  micro_batch_size: 4": "  micro_batch_size: eight"}, [],
-                        "{path}:12: train.micro_batch_size: Input should be a valid integer, unable to parse string "
-                        "as an integer (got 'eight')"),
+                        "{path}:12: train.micro_batch_size: Input should be a valid integer, unable to parse "
+                        "string as an integer (got 'eight')"),
         "fp16": ({"  precision: fp32": "  precision: fp16"}, [],
                  "{path}:13: train.precision: Input should be 'fp32' or 'bf16' (got 'fp16')"),
         "bad-override-value": ({}, ["evaluate.batch_size=eight"],
-                               "{path}: evaluate.batch_size: Input should be a valid integer, unable to parse string "
-                               "as an integer (got 'eight')"),
+                               "{path}: evaluate.batch_size: Input should be a valid integer, unable to "
+                               "parse string as an integer (got 'eight')"),
         "task-format": ({"  num_shards: 2": "  format: classification"}, [],
                         "{path}: model.task 'causal_lm' needs data.format 'text', got 'classification'"),
         "no-labels": ({"  task: causal_lm": "  task: sequence_classification",
                        "  num_shards: 2": "  format: classification"}, [],
                       "{path}: sequence_classification needs model.num_labels or data.labels"),
         "label-count": ({"  task: causal_lm": "  task: sequence_classification",
-                         "  num_shards: 2": "  format: classification"}, ["model.num_labels=3", "data.labels=[a,b]"],
+                         "  num_shards: 2": "  format: classification"},
+                        ["model.num_labels=3", "data.labels=[a,b]"],
                         "{path}: model.num_labels is 3 but data.labels has 2 names"),
         "invalid-yaml": ({"  micro_batch_size: 4": "  micro_batch_size: [4"}, [],
                          "{path}:13: invalid YAML: expected ',' or ']', but got ':'"),
-        "malformed-override": ({}, ["train.lr"], "override 'train.lr': expected KEY.SUB=VALUE, e.g. train.lr=1e-4"),
-        "missing-data": ({}, ["data.train=[nope/*.jsonl]"], "data.train[0]: no file matches 'nope/*.jsonl'"),
+        "malformed-override": ({}, ["train.lr"],
+                               "override 'train.lr': expected KEY.SUB=VALUE, e.g. train.lr=1e-4"),
+        "missing-data": ({}, ["data.train=[nope/*.jsonl]"],
+                         "data.train[0]: no file matches 'nope/*.jsonl'"),
         "missing-model": ({}, [f"model.name_or_path={tmp_path}/absent"],
-                          f"model.name_or_path: '{tmp_path}/absent' is neither a local directory nor a hub id"),
+                          f"model.name_or_path: '{tmp_path}/absent' is neither a local directory "
+                          "nor a hub id"),
         "model-no-config-json": ({}, [f"model.name_or_path={data_file.parent}"],
                                  f"model.name_or_path: '{data_file.parent}' has no config.json"),
     }

@@ -44,7 +44,8 @@ WORKER = textwrap.dedent('''
 
     def meta(folder, fmt):
         if dist.get_rank() == 0:
-            (folder / "meta.json").write_text(json.dumps({"format": fmt, "world_size": dist.get_world_size()}))
+            info = {"format": fmt, "world_size": dist.get_world_size()}
+            (folder / "meta.json").write_text(json.dumps(info))
 
     def fsdp(folder):
         import torch.distributed.checkpoint as dcp
@@ -256,7 +257,8 @@ def _peft_model(tiny_llama: Path, task: str):
             tiny_llama, num_labels=2, id2label={0: "negative", 1: "positive"},
             label2id={"negative": 0, "positive": 1})
     peft_task = "CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS"
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type=peft_task))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type=peft_task)
+    model = get_peft_model(base, config)
     torch.manual_seed(1)
     for name, param in model.named_parameters():
         if "lora_B" in name or "modules_to_save" in name:  # as if trained: adapters that matter

@@ -31,7 +31,8 @@ def test_column_wise_text_equals_the_per_example_path(model, request):
     tokenizer(texts[:3], truncation=True, max_length=4)  # leaves truncation set on the backend
     assert fast._encode(texts, False) == tokenizer(texts, add_special_tokens=False)["input_ids"]
     got, want = fast(rows), slow(rows)
-    assert got.truncated == want.truncated > 0 and got.rejects == want.rejects and got.dropped == want.dropped == 0
+    assert (got.truncated == want.truncated > 0 and got.rejects == want.rejects
+            and got.dropped == want.dropped == 0)
     schema = fast.schema
     assert pa.RecordBatch.from_pydict(got.columns, schema=schema).equals(
         pa.RecordBatch.from_pydict(want.columns, schema=schema))
@@ -42,6 +43,7 @@ def test_id_lists_equal_appending_eos_list_by_list(eos):
     """Empty lists, lists already ending in EOS and empty batches included."""
     rng = random.Random(eos)
     for _ in range(200):
-        lists = [[rng.randint(0, 4) for _ in range(rng.choice([0, 0, 1, 2, 5]))] for _ in range(rng.randint(0, 6))]
+        lists = [[rng.randint(0, 4) for _ in range(rng.choice([0, 0, 1, 2, 5]))]
+                 for _ in range(rng.randint(0, 6))]
         want = lists if eos is None else [s + [eos] if not s or s[-1] != eos else s for s in lists]
         assert id_lists(lists, eos).equals(pa.array(want, pa.list_(pa.int32()))), (lists, eos)

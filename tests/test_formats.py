@@ -51,8 +51,8 @@ def answers(fmt: str) -> list[list[str]]:
     return [[m["content"] + EOS for m in r["messages"] if m["role"] == "assistant"] for r in CHAT_ROWS]
 
 
-def config(tmp_path: Path, model: Path, rows: list[dict], fmt: str, name: str = "fmt", train: dict | None = None,
-           **data) -> Path:
+def config(tmp_path: Path, model: Path, rows: list[dict], fmt: str, name: str = "fmt",
+           train: dict | None = None, **data) -> Path:
     source = fixtures.write_jsonl(tmp_path / f"{name}.jsonl", rows)
     raw = fixtures.causal_config(tmp_path, model, source, train=train or {}, data={
         "format": fmt, "eval_fraction": 0.0, "max_seq_len": 160, **data})
@@ -124,7 +124,8 @@ def test_only_answer_tokens_are_counted(tmp_path, tiny_llama, llama_with_templat
 
 def test_instruction_prompt_uses_the_documented_template(tmp_path, tiny_llama, tokenizer):
     assert tokenize(config(tmp_path, tiny_llama, INSTRUCTION_ROWS, "instruction")) == 0
-    texts = sorted(tokenizer.decode(ids) for ids in tokenized(tmp_path, "fmt").column("input_ids").to_pylist())
+    texts = sorted(tokenizer.decode(ids)
+                   for ids in tokenized(tmp_path, "fmt").column("input_ids").to_pylist())
     assert render_instruction("say good") == "### Instruction:\nsay good\n\n### Response:\n"
     expected = sorted(render_instruction(r["instruction"], r.get("input", "")) + r["output"] + EOS
                       for r in INSTRUCTION_ROWS)
@@ -135,7 +136,8 @@ def test_loss_on_all_stores_no_mask(tmp_path, tiny_llama):
     assert tokenize(config(tmp_path, tiny_llama, PROMPT_ROWS, "prompt_completion", loss_on="all")) == 0
     table = tokenized(tmp_path, "fmt")
     assert "loss_mask" not in table.column_names
-    assert table.column("num_targets").to_pylist() == [len(i) - 1 for i in table.column("input_ids").to_pylist()]
+    assert table.column("num_targets").to_pylist() == (
+        [len(i) - 1 for i in table.column("input_ids").to_pylist()])
 
 
 def test_classification_with_text_pairs(tmp_path, tiny_bert):
@@ -143,7 +145,8 @@ def test_classification_with_text_pairs(tmp_path, tiny_bert):
             {"premise": "the dog ran", "hypothesis": "red moon", "label": "negative"}]
     source = fixtures.write_jsonl(tmp_path / "pairs.jsonl", rows + [{"premise": "no pair", "label": 0}])
     raw = fixtures.classification_config(tmp_path, tiny_bert, source, data={
-        "text_field": "premise", "text_pair_field": "hypothesis", "eval_fraction": 0.0, "max_reject_fraction": 0.5})
+        "text_field": "premise", "text_pair_field": "hypothesis", "eval_fraction": 0.0,
+        "max_reject_fraction": 0.5})
     assert tokenize(fixtures.write_config(tmp_path / "c.yaml", raw)) == 0
     from transformers import AutoTokenizer
 
@@ -181,7 +184,8 @@ BAD_ROWS = {
          "messages[1]: empty text in field 'content'"),
         ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]},
          "messages[1]: missing field 'content'"),
-        ({"messages": [{"role": "user", "content": "only a question"}]}, "no assistant turn in field 'messages'"),
+        ({"messages": [{"role": "user", "content": "only a question"}]},
+         "no assistant turn in field 'messages'"),
         ({"messages": []}, "no assistant turn in field 'messages'"),
     ],
 }
@@ -226,16 +230,20 @@ def test_overlong_drop_goes_to_tokenize_rejects(tmp_path, tiny_llama):
     assert sorted(r["line"] for r in rejects) == [2, 3]
     assert all(r["reason"].startswith("longer than max_seq_len (") and r["reason"].endswith(" tokens)")
                for r in rejects)
-    assert {r["file"] for r in rejects} == {str(tmp_path / "fmt.jsonl")} and all("shard" in r for r in rejects)
+    assert ({r["file"] for r in rejects} == {str(tmp_path / "fmt.jsonl")}
+            and all("shard" in r for r in rejects))
     tok = manifest(tmp_path / "runs" / "fmt", "tokenize")
-    assert tok["splits"]["train"]["dropped"] == 2 and tok["rejected"] == 2 and tok["splits"]["train"]["rows"] == 1
+    assert (tok["splits"]["train"]["dropped"] == 2 and tok["rejected"] == 2
+            and tok["splits"]["train"]["rows"] == 1)
 
 
 def test_overlong_truncate_keeps_answers_and_rejects_prompt_only(tmp_path, tiny_llama):
-    cfg = config(tmp_path, tiny_llama, OVERLONG_ROWS, "prompt_completion", max_seq_len=16, max_reject_fraction=1.0)
+    cfg = config(tmp_path, tiny_llama, OVERLONG_ROWS, "prompt_completion", max_seq_len=16,
+                 max_reject_fraction=1.0)
     assert tokenize(cfg) == 0
     rejects = [json.loads(line) for line in (tmp_path / "runs" / "fmt" / "tokenize" / "rejects.jsonl").open()]
-    assert [(r["line"], r["reason"]) for r in rejects] == [(3, "no answer tokens left after truncation to max_seq_len")]
+    assert [(r["line"], r["reason"]) for r in rejects] == [
+        (3, "no answer tokens left after truncation to max_seq_len")]
     table = tokenized(tmp_path, "fmt")
     assert table.num_rows == 2 and max(len(i) for i in table.column("input_ids").to_pylist()) == 16
     assert table.column("num_targets").to_pylist() == [sum(m) for m in table.column("loss_mask").to_pylist()]
@@ -246,8 +254,8 @@ def test_overlong_error_names_the_row(tmp_path, tiny_llama, capsys):
     cfg = config(tmp_path, tiny_llama, OVERLONG_ROWS, "prompt_completion", max_seq_len=16, overlong="error")
     assert tokenize(cfg) == 2
     last = capsys.readouterr().err.splitlines()[-1]
-    assert re.fullmatch(rf"ftpipe: error: {re.escape(str(tmp_path / 'fmt.jsonl'))}:[23]: example of \d+ tokens "
-                        r"is longer than data.max_seq_len 16 \(data.overlong: error\)", last), last
+    assert re.fullmatch(rf"ftpipe: error: {re.escape(str(tmp_path / 'fmt.jsonl'))}:[23]: example of "
+                        r"\d+ tokens is longer than data.max_seq_len 16 \(data.overlong: error\)", last), last
 
 
 def test_reject_fraction_counts_tokenize_rejects(tmp_path, tiny_llama, capsys):
@@ -262,8 +270,10 @@ def test_reject_fraction_counts_tokenize_rejects(tmp_path, tiny_llama, capsys):
 
 @pytest.mark.parametrize("data, message", [
     ({"format": "text", "loss_on": "completion"}, "data.loss_on: format 'text' allows only all"),
-    ({"format": "chat", "loss_on": "completion"}, "data.loss_on: format 'chat' allows only assistant or all"),
-    ({"format": "instruction", "chat_template": "t.jinja"}, "data.chat_template: only applies to format 'chat'"),
+    ({"format": "chat", "loss_on": "completion"},
+     "data.loss_on: format 'chat' allows only assistant or all"),
+    ({"format": "instruction", "chat_template": "t.jinja"},
+     "data.chat_template: only applies to format 'chat'"),
 ])
 def test_format_key_combinations(tmp_path, data, message):
     raw = fixtures.causal_config(tmp_path, tmp_path, tmp_path / "x.jsonl", data=data)
@@ -322,7 +332,8 @@ def test_template_errors_reject_the_row(tmp_path, tiny_llama):
     template = tmp_path / "strict.jinja"
     template.write_text("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system "
                         "turns') }}{% endif %}" + TEMPLATE.split("{% for m in messages %}", 1)[1])
-    cfg = config(tmp_path, tiny_llama, CHAT_ROWS, "chat", chat_template=str(template), max_reject_fraction=1.0)
+    cfg = config(tmp_path, tiny_llama, CHAT_ROWS, "chat", chat_template=str(template),
+                 max_reject_fraction=1.0)
     assert tokenize(cfg) == 0
     rejects = [json.loads(line) for line in (tmp_path / "runs" / "fmt" / "tokenize" / "rejects.jsonl").open()]
     assert [(r["line"], r["reason"]) for r in rejects] == [(1, "chat template failed: no system turns")]

@@ -47,7 +47,8 @@ def encoded(tokenizer, fmt: str) -> dict[str, list]:
     if fmt == "text":
         rows = {"text": fixtures.sentences(3, seed=7)}
     else:
-        rows = {"prompt": [render_instruction(i) for i, _ in INSTRUCTIONS], "completion": [o for _, o in INSTRUCTIONS]}
+        rows = {"prompt": [render_instruction(i) for i, _ in INSTRUCTIONS],
+                "completion": [o for _, o in INSTRUCTIONS]}
     rows.update(source=["x"] * 3, line=[1, 2, 3])
     return Encoder(tokenizer, data)(rows).columns
 
@@ -83,7 +84,8 @@ def test_packed_loss_is_the_sum_of_the_examples_losses(tokenizer, model, fmt):
         alone.append(float(summed_loss(model, collate(short, 3, short_mask), "causal_lm")))
     assert got == pytest.approx(sum(alone), rel=1e-5)
     # the counted targets are the stored num_targets: nothing predicted across a boundary
-    assert int((batch["labels"][0, 1:] != -100).sum()) == packed["num_targets"][0] == sum(columns["num_targets"])
+    assert (int((batch["labels"][0, 1:] != -100).sum()) == packed["num_targets"][0]
+            == sum(columns["num_targets"]))
 
 
 def test_packed_logits_equal_unpacked_logits(tokenizer, model):
@@ -181,7 +183,8 @@ def test_packing_is_part_of_the_tokenize_fingerprint_only(tmp_path, tiny_llama):
 
 def test_packing_classification_is_a_config_error(tmp_path):
     raw = fixtures.classification_config(tmp_path, tmp_path, tmp_path / "x.jsonl", data={"packing": True})
-    with pytest.raises(UserError, match=r"^<config>: data\.packing: format 'classification' cannot be packed"):
+    with pytest.raises(UserError,
+                       match=r"^<config>: data\.packing: format 'classification' cannot be packed"):
         validate_config(raw)
 
 

@@ -48,7 +48,8 @@ def _outputs(run: Path) -> dict[str, bytes]:
 
 
 def _mtimes(run: Path) -> dict[str, int]:
-    return {f"{p.parent.name}/{p.name}": p.stat().st_mtime_ns for p in (run / "tokenize").glob("*/[0-9]*.json")}
+    return {f"{p.parent.name}/{p.name}": p.stat().st_mtime_ns
+            for p in (run / "tokenize").glob("*/[0-9]*.json")}
 
 
 def test_two_workers_write_the_same_bytes_as_one(tmp_path, tiny_llama):
@@ -66,7 +67,8 @@ def test_killed_tokenize_reruns_only_missing_shards(tmp_path, tiny_llama):
     _sources(tmp_path)
     assert ftpipe("run", _config(tmp_path, tiny_llama, "whole", 2, shards=4), *DATA_STAGES) == 0
     killed = _config(tmp_path, tiny_llama, "killed", 2, shards=4)
-    result = ftpipe_process("run", killed, *DATA_STAGES, script=KILL_AFTER_FIRST_TASK.format(stage="tokenize"))
+    result = ftpipe_process("run", killed, *DATA_STAGES,
+                            script=KILL_AFTER_FIRST_TASK.format(stage="tokenize"))
     assert result.returncode == -9, result.stderr  # threads: the process itself went
     run = tmp_path / "runs" / "killed"
     assert not (run / "tokenize" / "manifest.json").exists()
@@ -83,7 +85,8 @@ def test_killed_tokenize_reruns_only_missing_shards(tmp_path, tiny_llama):
 def test_a_killed_worker_process_costs_only_its_sources(tmp_path, tiny_llama):
     # b is long enough to be still running when a's worker is killed
     fixtures.write_jsonl(tmp_path / "data" / "a.jsonl", [{"text": t} for t in fixtures.sentences(50, seed=1)])
-    fixtures.write_jsonl(tmp_path / "data" / "b.jsonl", [{"text": t} for t in fixtures.sentences(60000, seed=2)])
+    fixtures.write_jsonl(tmp_path / "data" / "b.jsonl",
+                         [{"text": t} for t in fixtures.sentences(60000, seed=2)])
     config = _config(tmp_path, tiny_llama, "killed", 2)
     result = ftpipe_process("run", config, *DATA_STAGES, script=KILL_AFTER_FIRST_TASK.format(stage="shard"))
     assert result.returncode == 2 and "a worker process died" in result.stderr, result.stderr
@@ -120,7 +123,8 @@ def test_only_work_whose_inputs_changed_reruns(tmp_path, tiny_llama):
     assert ftpipe("run", cfg, *DATA_STAGES) == 0
     assert manifest(run, "shard")["reused_sources"] == 1 and manifest(run, "shard")["ran_sources"] == 1
     assert manifest(run, "tokenize")["ran_shards"] == 4
-    assert _changed(old, run) == ["eval/00001.json", "eval/00003.json", "train/00001.json", "train/00003.json"]
+    assert _changed(old, run) == ["eval/00001.json", "eval/00003.json", "train/00001.json",
+                                  "train/00003.json"]
 
     # a tokenize key: every unit, no shard work
     old = _mtimes(run)
@@ -149,7 +153,8 @@ def test_shard_keys_redo_every_source(tmp_path, tiny_llama, key):
     assert ftpipe("run", cfg, *DATA_STAGES) == 0
     assert ftpipe("run", cfg, *DATA_STAGES, key) == 0
     shards = 3 if key.endswith("=3") else 2
-    assert manifest(run, "shard")["ran_sources"] == 2 and manifest(run, "tokenize")["ran_shards"] == 2 * 2 * shards
+    assert (manifest(run, "shard")["ran_sources"] == 2
+            and manifest(run, "tokenize")["ran_shards"] == 2 * 2 * shards)
     assert len(list((run / "tokenize" / "train").glob("*.arrow"))) == 2 * shards  # no stale units left
 
 

@@ -15,7 +15,8 @@ EXPECTED_LM_LOSSES = [5.7, 5.6]
 
 @pytest.fixture
 def lm_config(tmp_path, tiny_llama, text_data):
-    return fixtures.write_config(tmp_path / "lm.yaml", fixtures.causal_config(tmp_path, tiny_llama, text_data))
+    return fixtures.write_config(tmp_path / "lm.yaml",
+                                 fixtures.causal_config(tmp_path, tiny_llama, text_data))
 
 
 @pytest.fixture
@@ -70,7 +71,8 @@ def test_rerun_skips_every_stage(tmp_path, lm_config, capsys):
 def test_config_change_reruns_that_stage_and_downstream(tmp_path, lm_config, capsys):
     assert ftpipe("run", lm_config, "--no-progress") == 0
     run = tmp_path / "runs" / "lm"
-    before = {s: manifest(run, s)["run_id"] for s in ("shard", "tokenize", "train", "consolidate", "evaluate")}
+    before = {s: manifest(run, s)["run_id"]
+              for s in ("shard", "tokenize", "train", "consolidate", "evaluate")}
     assert ftpipe("run", lm_config, "--no-progress", "train.lr=5e-4") == 0
     after = {s: manifest(run, s)["run_id"] for s in before}
     assert [s for s in before if before[s] == after[s]] == ["shard", "tokenize"]
@@ -130,8 +132,9 @@ def test_transfer_second_run_starts_from_first_runs_model(tmp_path, lm_config):
 
 
 def test_identical_runs_give_identical_weights(tmp_path, tiny_llama, text_data):
-    cfgs = [fixtures.write_config(tmp_path / f"{n}.yaml", fixtures.causal_config(tmp_path, tiny_llama, text_data,
-                                                                                 name=n)) for n in ("a", "b")]
+    cfgs = [fixtures.write_config(tmp_path / f"{n}.yaml",
+                                  fixtures.causal_config(tmp_path, tiny_llama, text_data, name=n))
+            for n in ("a", "b")]
     for cfg in cfgs:
         assert ftpipe("run", cfg, "--no-progress") == 0
     assert losses(tmp_path / "runs" / "a") == losses(tmp_path / "runs" / "b")
@@ -140,7 +143,8 @@ def test_identical_runs_give_identical_weights(tmp_path, tiny_llama, text_data):
 
 def test_bf16_autocast_tracks_fp32(tmp_path, tiny_llama, text_data):
     for name, precision in (("fp32", "fp32"), ("bf16", "bf16")):
-        cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name=name, train={"precision": precision})
+        cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name=name,
+                                     train={"precision": precision})
         assert ftpipe("run", fixtures.write_config(tmp_path / f"{name}.yaml", cfg), "--no-progress") == 0
     fp32, bf16 = losses(tmp_path / "runs" / "fp32"), losses(tmp_path / "runs" / "bf16")
     assert fp32 != bf16 and bf16 == pytest.approx(fp32, abs=0.05)

@@ -117,7 +117,8 @@ def test_cli_too_many_rejects_exits_2_with_one_line(tmp_path, model_dir, capsys)
     out, err = capsys.readouterr()
     where = tmp_path / "runs" / "lm" / "shard" / "data" / "rejects.jsonl"
     assert rc == 2
-    assert err == f"ftpipe: error: data: 5 of 105 rows rejected (4.8% > data.max_reject_fraction 1.0%); see {where}\n"
+    assert err == (f"ftpipe: error: data: 5 of 105 rows rejected (4.8% > data.max_reject_fraction 1.0%); "
+                   f"see {where}\n")
     assert "  shard       run" in out
     assert len(where.read_text().splitlines()) == 5
     assert not (tmp_path / "runs" / "lm" / "shard" / "manifest.json").exists()

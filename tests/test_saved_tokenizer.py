@@ -48,7 +48,8 @@ def test_a_saved_tokenizer_encodes_as_transformers_does(model, request, tmp_path
     texts, pairs = _texts(), list(reversed(_texts()))
     for special in (True, False):
         assert loaded.ids(texts, special) == hf(texts, add_special_tokens=special)["input_ids"]
-    assert loaded.ids(list(zip(texts, pairs)), True, 16) == hf(texts, pairs, truncation=True, max_length=16)["input_ids"]
+    assert loaded.ids(list(zip(texts, pairs)), True, 16) == (
+        hf(texts, pairs, truncation=True, max_length=16)["input_ids"])
     assert loaded.ids(texts) == hf(texts)["input_ids"]  # the truncation above did not stay
     assert (loaded.eos_token_id, loaded.pad_token_id) == (hf.eos_token_id, hf.pad_token_id)
 
@@ -63,13 +64,15 @@ def test_split_special_tokens_survives_saving(tmp_path):
     saved_tokenizer(str(folder), tmp_path, "t")
     loaded = saved_tokenizer(str(folder), tmp_path, "t")
     text = ["the cat </s> sat <s>"]
-    assert loaded.ids(text) == hf(text)["input_ids"] != load_tokenizer(folder)(text, split_special_tokens=False)["input_ids"]
+    assert loaded.ids(text) == hf(text)["input_ids"] != (
+        load_tokenizer(folder)(text, split_special_tokens=False)["input_ids"])
 
 
 def test_a_tokenizer_that_cannot_be_saved_comes_from_transformers(tiny_llama, tmp_path):
     (tmp_path / "t.json").write_text(json.dumps({"rust": False}))
     assert not isinstance(saved_tokenizer(str(tiny_llama), tmp_path, "t"), RustTokenizer)
-    (tmp_path / "u.json").write_text(json.dumps({"rust": True, "eos_token_id": 2}))  # its tokenizer file is gone
+    # its tokenizer file is gone
+    (tmp_path / "u.json").write_text(json.dumps({"rust": True, "eos_token_id": 2}))
     assert isinstance(saved_tokenizer(str(tiny_llama), tmp_path, "u"), RustTokenizer)
     assert json.loads((tmp_path / "u.json").read_text())["pad_token_id"] is not None  # saved again, whole
 

@@ -64,7 +64,8 @@ def test_submit_runs_the_pipeline_like_run(slurm_cluster, tmp_path, tiny_llama, 
     assert ftpipe("status", run) == 0 and capsys.readouterr().out.count(" done ") == 5
     assert losses(run) == losses(tmp_path / "local" / "runs" / "lm")
     assert_same_weights(weights(run), weights(tmp_path / "local" / "runs" / "lm"))
-    assert manifest(run, "evaluate")["metrics"] == manifest(tmp_path / "local" / "runs" / "lm", "evaluate")["metrics"]
+    assert manifest(run, "evaluate")["metrics"] == (
+        manifest(tmp_path / "local" / "runs" / "lm", "evaluate")["metrics"])
     partitions = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%j %P"], env=slurm_cluster.env,
                                 capture_output=True, text=True).stdout
     assert "ftpipe-sub-train debug" in partitions and "ftpipe-sub-shard cpu" in partitions
@@ -100,7 +101,8 @@ def test_dry_run_writes_scripts_and_quotes_values(slurm_cluster, tmp_path, tiny_
 
 
 def test_status_logs_cancel_on_a_real_job(slurm_cluster, tmp_path, tiny_llama, text_data, capsys):
-    config = _config(tmp_path, tiny_llama, text_data, "held", slurm={"setup": ["echo setup-ran", "sleep 120"]})
+    config = _config(tmp_path, tiny_llama, text_data, "held",
+                     slurm={"setup": ["echo setup-ran", "sleep 120"]})
     assert ftpipe("submit", config) == 0
     run = RunDir(tmp_path / "runs" / "held")
     jobs = {j.stage: j for j in read_jobs(run)}
@@ -113,9 +115,10 @@ def test_status_logs_cancel_on_a_real_job(slurm_cluster, tmp_path, tiny_llama, t
     assert "running (array tasks)" in status[0] and f"job {jobs['shard'].job_id} (array " in status[0]
     assert "queued" in status[1] and jobs["tokenize"].job_id in status[1]
     deadline = time.monotonic() + 10
-    while not any("setup-ran" in p.read_text() for p in log_files(run, "shard")) and time.monotonic() < deadline:
+    while (not any("setup-ran" in p.read_text() for p in log_files(run, "shard"))
+           and time.monotonic() < deadline):
         time.sleep(0.5)
-    assert ftpipe("logs", run.root, "shard") == 0
+    assert ftpipe("logs", run, "shard") == 0
     assert "setup-ran" in capsys.readouterr().out
     assert ftpipe("submit", config) == 2  # a second submit while jobs wait would run stages twice
     assert "still queued or running" in capsys.readouterr().err
@@ -129,8 +132,9 @@ def test_status_logs_cancel_on_a_real_job(slurm_cluster, tmp_path, tiny_llama, t
 def test_hand_written_sbatch_templates(slurm_cluster, tmp_path, tiny_llama, text_data):
     config = _config(tmp_path, tiny_llama, text_data, "hand")
     env = {**slurm_cluster.env, "PYTHONPATH": str(REPO)}
-    first = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/cpu.out", str(REPO / "slurm/pipeline.sbatch"),
-                            str(config)], env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
+    first = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/cpu.out",
+                            str(REPO / "slurm/pipeline.sbatch"), str(config)],
+                           env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
     train = subprocess.run(["sbatch", "--parsable", f"--dependency=afterok:{first.stdout.strip()}",
                             f"--output={tmp_path}/train.out", str(REPO / "slurm/train.sbatch"), str(config)],
                            env=env, cwd=tmp_path, capture_output=True, text=True, check=True)
@@ -145,7 +149,8 @@ def test_hand_written_sbatch_templates(slurm_cluster, tmp_path, tiny_llama, text
 
 
 def squeue_ids_active(slurm_cluster) -> set[str]:
-    out = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_cluster.env, capture_output=True, text=True).stdout
+    out = subprocess.run(["squeue", "-h", "-o", "%i"], env=slurm_cluster.env, capture_output=True,
+                         text=True).stdout
     return set(out.split())
 
 
@@ -172,8 +177,8 @@ def test_multi_node_rendezvous_uses_the_first_expanded_host(slurm_cluster, tmp_p
         slurm_rendezvous(cfg, node=0)
 
 
-def test_status_shows_a_failed_stage_and_its_waiting_dependents(slurm_cluster, tmp_path, tiny_llama, text_data,
-                                                                capsys):
+def test_status_shows_a_failed_stage_and_its_waiting_dependents(slurm_cluster, tmp_path, tiny_llama,
+                                                                text_data, capsys):
     config = _config(tmp_path, tiny_llama, text_data, "broken", slurm={"setup": ["sleep 3"]})
     assert ftpipe("submit", config) == 0
     text_data.unlink()  # after submit checked the paths: the shard job itself fails
@@ -184,13 +189,14 @@ def test_status_shows_a_failed_stage_and_its_waiting_dependents(slurm_cluster, t
     lines = status_lines(run)
     assert "failed" in lines[0] and all("blocked (shard did not finish)" in line for line in lines[1:]), lines
     capsys.readouterr()
-    assert ftpipe("logs", run.root, "shard") == 0
+    assert ftpipe("logs", run, "shard") == 0
     assert "text.jsonl" in capsys.readouterr().out  # the job's error names the missing file
     # shard's own job waits on its failed array too: all five are still queued
     assert ftpipe("cancel", run) == 0 and capsys.readouterr().out.count("cancelled ") == 5
 
 
-def test_a_signalled_train_job_saves_every_rank_requeues_and_resumes(slurm_cluster, tmp_path, tiny_llama, text_data):
+def test_a_signalled_train_job_saves_every_rank_requeues_and_resumes(slurm_cluster, tmp_path, tiny_llama,
+                                                                      text_data):
     """`scancel --signal=USR2` signals every process of the job's steps, as `--signal=USR2@lead` does
     before the time limit: the two FSDP ranks save one step together, the job requeues itself, and
     the requeued run resumes there with no sample lost or trained twice."""
@@ -200,7 +206,8 @@ def test_a_signalled_train_job_saves_every_rank_requeues_and_resumes(slurm_clust
     train = {"strategy": "fsdp", "max_steps": 60, "micro_batch_size": 2, "global_batch_size": 8,
              "checkpoint_every": 1000, "keep_last": 5, "sample_ledger": True}
     cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name="pre", train=train,
-                                 launch={"backend": "slurm", "nproc_per_node": 2, "slurm": {"max_requeues": 2}})
+                                 launch={"backend": "slurm", "nproc_per_node": 2,
+                                         "slurm": {"max_requeues": 2}})
     config = fixtures.write_config(tmp_path / "pre.yaml", cfg)
     assert ftpipe("submit", config) == 0
     run = RunDir(tmp_path / "runs" / "pre")
@@ -238,7 +245,8 @@ def _wait_for_requeue(slurm_cluster, job_id: str, timeout: float = 120) -> None:
         time.sleep(0.5)
     # slurmd revoked the first run's credential; one made in the same second counts as revoked too
     # ("Killing non-startable batch job: Job credential revoked"), so start it a few seconds on.
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"], env=slurm_cluster.env, check=True)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now+3"], env=slurm_cluster.env,
+                   check=True)
 
 
 def test_a_killed_shard_array_task_is_resubmitted_alone(slurm_cluster, tmp_path, tiny_llama):
@@ -250,7 +258,8 @@ def test_a_killed_shard_array_task_is_resubmitted_alone(slurm_cluster, tmp_path,
     hold = tmp_path / "hold-task-2"
     hold.touch()
     stall = f'if [ "${{SLURM_ARRAY_TASK_ID:-}}" = 2 ] && [ -e {hold} ]; then sleep 300; fi'
-    cfg = fixtures.causal_config(tmp_path, tiny_llama, files[0], name="arr", data={"train": [str(f) for f in files]},
+    cfg = fixtures.causal_config(tmp_path, tiny_llama, files[0], name="arr",
+                                 data={"train": [str(f) for f in files]},
                                  launch={"backend": "slurm", "slurm": {"setup": [stall]}})
     config = fixtures.write_config(tmp_path / "arr.yaml", cfg)
     assert ftpipe("submit", config) == 0
@@ -279,7 +288,8 @@ def test_a_killed_shard_array_task_is_resubmitted_alone(slurm_cluster, tmp_path,
                            env=slurm_cluster.env, capture_output=True, text=True).stdout.split()
     assert len(tasks) == 1, tasks  # one task: the missing source file only
     assert [m.stat().st_mtime_ns for m in markers] == before, "finished pieces were redone"
-    assert manifest(run, "shard")["splits"]["train"]["rows"] + manifest(run, "shard")["splits"]["eval"]["rows"] == 240
+    assert (manifest(run, "shard")["splits"]["train"]["rows"]
+            + manifest(run, "shard")["splits"]["eval"]["rows"] == 240)
 
 
 def test_a_sweep_shares_one_dataset_and_one_mlflow_parent(slurm_cluster, tmp_path, tiny_llama, text_data,
@@ -287,7 +297,8 @@ def test_a_sweep_shares_one_dataset_and_one_mlflow_parent(slurm_cluster, tmp_pat
     from mlflow.tracking import MlflowClient
 
     cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name="sw", launch={"backend": "slurm"},
-                                 tracking={"enabled": True, "mlflow_uri": mlflow_server, "experiment": "sweep"})
+                                 tracking={"enabled": True, "mlflow_uri": mlflow_server,
+                                           "experiment": "sweep"})
     config = fixtures.write_config(tmp_path / "sw.yaml", cfg)
     assert ftpipe("submit", config, "--sweep", "data.max_seq_len=16,32") == 2
     assert "changes the data" in capsys.readouterr().err
@@ -300,7 +311,8 @@ def test_a_sweep_shares_one_dataset_and_one_mlflow_parent(slurm_cluster, tmp_pat
         assert time.monotonic() < deadline, [status_lines(RunDir(tmp_path / "runs" / n)) for n in names]
         time.sleep(1)
     rows = json.loads((base.sweep_dir / "summary.json").read_text())
-    assert [r["name"] for r in rows] == names and all(r["state"] == "done" and "loss" in r["metrics"] for r in rows)
+    assert ([r["name"] for r in rows] == names
+            and all(r["state"] == "done" and "loss" in r["metrics"] for r in rows))
     assert [j.stage for j in read_jobs(base)] == ["shard", "tokenize"], "the data is prepared once"
     for name, lr in zip(names, (1e-3, 3e-3)):
         member = RunDir(tmp_path / "runs" / name)

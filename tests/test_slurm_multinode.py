@@ -13,7 +13,8 @@ from tests.helpers import assert_close_weights, ftpipe, losses, manifest, weight
 from tests.test_slurm import wait_for
 
 BATCH = {"max_steps": 4, "micro_batch_size": 2, "global_batch_size": 8, "checkpoint_every": 2, "lr": 1e-3}
-STRATEGIES = {"fsdp": {"strategy": "fsdp"}, "zero3": {"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}}
+STRATEGIES = {"fsdp": {"strategy": "fsdp"},
+              "zero3": {"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}}
 
 
 @pytest.fixture(autouse=True)
@@ -23,8 +24,8 @@ def no_jobs_left(two_node_cluster):
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
-def test_a_two_node_train_job_equals_two_ranks_on_one_machine(two_node_cluster, tmp_path, tiny_llama, text_data,
-                                                              name):
+def test_a_two_node_train_job_equals_two_ranks_on_one_machine(two_node_cluster, tmp_path, tiny_llama,
+                                                              text_data, name):
     train = {**BATCH, **STRATEGIES[name]}
     local = fixtures.causal_config(tmp_path / "local", tiny_llama, text_data, name=name, train=train,
                                    launch={"backend": "torchrun", "nproc_per_node": 2})

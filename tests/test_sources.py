@@ -50,7 +50,8 @@ def test_weights_repeat_or_thin_training_rows_and_limits_cap_a_source(tmp_path, 
     c_rows = {line for source, line in set(train) | set(held) if source == "c.jsonl"}
     c_kept = {line for source, line in train if source == "c.jsonl"}
     c_held = {line for source, line in held if source == "c.jsonl"}
-    assert max(c_rows) <= 60 and len(c_held) + len(c_kept) < 60, "limit: only the first 60 rows, weight halves"
+    assert max(c_rows) <= 60 and len(c_held) + len(c_kept) < 60, (
+        "limit: only the first 60 rows, weight halves")
     assert 10 <= len(c_kept) <= 40
     sources = {Path(s["path"]).name: s for s in manifest(run, "shard")["sources"]}
     assert sources["c.jsonl"]["rows"] == 60 and sources["c.jsonl"]["limit"] == 60
@@ -70,7 +71,8 @@ def test_weights_repeat_or_thin_training_rows_and_limits_cap_a_source(tmp_path, 
 @pytest.mark.parametrize("entry,message", [
     ({"path": "x.jsonl", "weight": 0}, "data.train.1.weight: Input should be greater than 0 (got 0)"),
     ({"path": "x.jsonl", "limit": -3}, "data.train.1.limit: Input should be greater than or equal to 1"),
-    ({"path": "x.jsonl", "wieght": 2}, "unknown key 'data.train.1.wieght' (did you mean 'data.train.1.weight'?)"),
+    ({"path": "x.jsonl", "wieght": 2},
+     "unknown key 'data.train.1.wieght' (did you mean 'data.train.1.weight'?)"),
     ({"weight": 2}, "missing required key 'data.train.1.path'"),
     (5, "data.train.1: Input should be a valid string (got 5)"),
 ])

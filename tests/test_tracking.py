@@ -24,7 +24,8 @@ def _check_recorded(uri: str, experiment: str) -> None:
     assert parent.data.params["train.lr"] == "0.001" and parent.data.params["model.task"] == "causal_lm"
     assert "eval_perplexity" in parent.data.metrics
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["config.yaml"]
-    children = {r.data.tags["ftpipe.stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    children = {r.data.tags["ftpipe.stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     assert set(children) == STAGES
     train = children["train"].info.run_id
     history = client.get_metric_history(train, "loss")
@@ -47,7 +48,8 @@ def test_real_mlflow_server(tmp_path, tiny_llama, text_data, mlflow_server):
     _check_recorded(mlflow_server, "served")
 
 
-def test_unreachable_tracking_server_does_not_stop_training(tmp_path, tiny_llama, text_data, monkeypatch, capsys):
+def test_unreachable_tracking_server_does_not_stop_training(tmp_path, tiny_llama, text_data, monkeypatch,
+                                                            capsys):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     config = _config(tmp_path, tiny_llama, text_data, mlflow_uri=f"http://127.0.0.1:{free_port()}")

@@ -99,7 +99,8 @@ def test_outputs_of_units_that_no_longer_exist_and_temporaries_go(tmp_path, cfg)
     (run / "out" / ".00000.txt.tmp-dead").write_text("left by a killed task")
     _write(run, "a")
     units.run_units(LINES, cfg, run, workers=1)
-    assert sorted(p.name for p in (run / "out").iterdir()) == ["00000.json", "00000.rejects.jsonl", "00000.txt"]
+    assert sorted(p.name for p in (run / "out").iterdir()) == ["00000.json", "00000.rejects.jsonl",
+                                                               "00000.txt"]
 
 
 def test_rejects_merge_in_unit_order(tmp_path, cfg):
@@ -117,7 +118,8 @@ def test_one_reject_fraction_check(cfg):
     units.check_rejects(cfg, 10, 100, [int(limit * 50), int(limit * 50)], files, "none")
     with pytest.raises(UserError, match=r"no rows left \(3 rejected, see here.jsonl\)"):
         units.check_rejects(cfg, 0, 100, [3, 0], files, "no rows left")
-    with pytest.raises(UserError, match=r"data: 100 of 100 rows rejected .*see here.jsonl and upstream.jsonl"):
+    with pytest.raises(UserError,
+                       match=r"data: 100 of 100 rows rejected .*see here.jsonl and upstream.jsonl"):
         units.check_rejects(cfg, 1, 100, [60, 40], files, "none")
 
 
