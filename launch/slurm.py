@@ -197,7 +197,7 @@ def dry_run(cfg: RunConfig, stages: list[str], cwd: Path) -> list[Path]:
     scripts = []
     for stage in stages:
         if STAGES[stage].units is not None:
-            tasks = len(task_groups(list(range(task_count(cfg, run_dir.root, stage))),
+            tasks = len(task_groups(list(range(task_count(cfg, run_dir, stage))),
                                     cfg.launch.slurm.max_array_tasks))
             scripts.append((f"{stage}-array", render_script(cfg, stage, run_dir, cwd, tasks)))
         scripts.append((stage, render_script(cfg, stage, run_dir, cwd)))
@@ -230,7 +230,7 @@ def submit(cfg: RunConfig, stages: list[str], cwd: Path, after: str | None = Non
     for index, stage in enumerate(stages):
         array_id = None
         if STAGES[stage].units is not None:
-            ranks = pending_ranks(cfg, run_dir.root, stage, upstream_redone=index > 0)
+            ranks = pending_ranks(cfg, run_dir, stage, upstream_redone=index > 0)
             array_id = _submit_array(cfg, run_dir, stage, cwd, ranks, previous) if ranks else None
         job = submit_job(cfg, stage, StageJob(str(run_dir.root), stage, str(cwd)), array_id or previous,
                           lambda executor, fn: executor.submit(fn))

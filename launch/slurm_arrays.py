@@ -17,6 +17,7 @@ import submitit
 
 from pipeline import units
 from pipeline.config import RunConfig, load_config
+from pipeline.run_dir import RunDir
 from pipeline.stages import STAGES
 
 
@@ -27,15 +28,15 @@ def enter_job(run_dir: Path, cwd: Path) -> RunConfig:
 
     os.chdir(cwd)
     quiet_libraries()
-    return load_config(Path(run_dir) / "config.yaml")
+    return load_config(RunDir(Path(run_dir)).config_file)
 
 
-def task_count(cfg: RunConfig, run_dir: Path, stage: str) -> int:
+def task_count(cfg: RunConfig, run_dir: RunDir, stage: str) -> int:
     """How many ranks (units) the unit-wise `stage` has, known before the stages upstream ran."""
     return STAGES[stage].unit_stage().task_count(cfg, run_dir)
 
 
-def pending_ranks(cfg: RunConfig, run_dir: Path, stage: str, upstream_redone: bool) -> list[int]:
+def pending_ranks(cfg: RunConfig, run_dir: RunDir, stage: str, upstream_redone: bool) -> list[int]:
     """Ranks an array must run: those without a current marker; all when the stage before it is
     redone too (its output, which the markers are checked against, will change)."""
     if upstream_redone:
@@ -57,8 +58,8 @@ class ArrayTask(submitit.helpers.Checkpointable):
 
     def __call__(self, ranks: list[int] | None = None) -> list[int]:
         """Run `ranks` (None: this task's share of all ranks, from SLURM_ARRAY_TASK_ID/COUNT)."""
-        run_dir = Path(self.run_dir)
-        cfg = enter_job(run_dir, Path(self.cwd))
+        run_dir = RunDir(Path(self.run_dir))
+        cfg = enter_job(run_dir.root, Path(self.cwd))
         unit_stage = STAGES[self.stage].unit_stage()
         world_size = unit_stage.task_count(cfg, run_dir)
         # a script written by hand or by --dry-run: ranks done already skip on their markers

@@ -18,7 +18,8 @@ from typing import Any
 import psutil
 
 from launch.worker import ERROR_FILE, RESULT_FILE, RUN_ID_ENV, STOPPED_FILE, URI_ENV
-from pipeline.config import LaunchConfig, RunConfig
+from pipeline.config import RunConfig
+from pipeline.config_launch import LaunchConfig
 from pipeline.context import StageContext
 from pipeline.errors import StagePreempted, UserError
 from pipeline.preemption import StopRequest, ignore_stop_signals

@@ -8,8 +8,13 @@ from pathlib import Path
 from typing import Any, get_args
 
 import yaml
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
+
+class Section(BaseModel):
+    """A section of the run config: an unknown key in it is an error (with a suggestion), not ignored."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 def describe_error(error: dict, path: Path | str, lines: dict, root: type[BaseModel],
                    tags: tuple[str, ...] = ()) -> str:

@@ -22,13 +22,13 @@ from concurrent.futures import (
 )
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
+from pipeline.run_dir import RunDir
 
-Task = Callable[[RunConfig, Path, int, int], Any]
+Task = Callable[[RunConfig, RunDir, int, int], Any]
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ def _rust_calls_stay_on_their_thread(workers: int) -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
-def _call(fn: Task, cfg: RunConfig, run_dir: Path, rank: int, world_size: int) -> tuple[Any, int]:
+def _call(fn: Task, cfg: RunConfig, run_dir: RunDir, rank: int, world_size: int) -> tuple[Any, int]:
     return fn(cfg, run_dir, rank, world_size), os.getpid()
 
 
@@ -81,7 +81,7 @@ def _pool(workers: int, threads: bool) -> Executor:
                                initializer=_one_thread_each)
 
 
-def run_tasks(fn: Task, cfg: RunConfig, run_dir: Path, ranks: list[int], world_size: int,
+def run_tasks(fn: Task, cfg: RunConfig, run_dir: RunDir, ranks: list[int], world_size: int,
               workers: int, threads: bool = False) -> Iterator[Done]:
     """Yield each rank's result as it finishes; one worker (or one task) runs here, in order.
     `threads`: workers are threads of this process, for tasks whose heavy part releases the GIL."""

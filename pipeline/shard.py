@@ -273,19 +273,19 @@ class ShardUnits:
 
     name = "shard"
 
-    def task_count(self, cfg: RunConfig, run_dir: Path) -> int:
+    def task_count(self, cfg: RunConfig, run_dir: RunDir) -> int:
         return len(source_files(cfg))
 
-    def ready(self, cfg: RunConfig, run_dir: Path) -> bool:
+    def ready(self, cfg: RunConfig, run_dir: RunDir) -> bool:
         return True
 
-    def units(self, cfg: RunConfig, run_dir: Path) -> list[Piece]:
+    def units(self, cfg: RunConfig, run_dir: RunDir) -> list[Piece]:
         listed = source_files(cfg)
-        parts = RunDir(run_dir).stage(self.name) / "parts"
+        parts = run_dir.stage(self.name) / "parts"
         prints = shard_unit_fingerprints(cfg, listed)
         return [Piece(rank, parts, source, fp) for rank, (source, fp) in enumerate(zip(listed, prints))]
 
-    def work(self, cfg: RunConfig, run_dir: Path, unit: Piece) -> dict[str, Any]:
+    def work(self, cfg: RunConfig, run_dir: RunDir, unit: Piece) -> dict[str, Any]:
         """That file's piece of every shard of both splits and its rejects."""
         with atomic_dir(unit.home) as tmp, open(tmp / unit.rejects.name, "w", encoding="utf-8") as rejects:
             sharder = Sharder(cfg, tmp, rejects)
@@ -305,7 +305,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     Merge: each shard file is its pieces in source order, i.e. the rows a single pass would write.
     """
     out = ctx.run_dir.stage("shard")
-    done = run_units(UNITS, cfg, ctx.run_dir.root, cfg.data.num_workers)
+    done = run_units(UNITS, cfg, ctx.run_dir, cfg.data.num_workers)
     pieces = done.records
     with atomic_dir(out / "data") as tmp:
         splits = {split: _merge_split(cfg, out, tmp, split, pieces) for split in SPLITS}

@@ -141,14 +141,13 @@ class Unit:
         return self.folder / f"{self.index:05d}.rejects.jsonl"
 
 
-def units(cfg: RunConfig, run_dir: Path) -> list[Unit]:
+def units(cfg: RunConfig, run_dir: RunDir) -> list[Unit]:
     """Every unit of both splits, from the shard manifest; rank r of a task is units(...)[r]."""
-    shard = RunDir(run_dir)
-    pieces = shard.read_manifest("shard")["pieces"]
+    pieces = run_dir.read_manifest("shard")["pieces"]
     listed = [(split, i, piece) for split in SPLITS for i, piece in enumerate(pieces[split])]
     prints = tokenize_unit_fingerprints(cfg, [piece["fingerprint"] for _, _, piece in listed])
-    out = shard.stage("tokenize")
-    return [Unit(split, i, shard.stage("shard") / piece["file"], fp, out / split)
+    out = run_dir.stage("tokenize")
+    return [Unit(split, i, run_dir.stage("shard") / piece["file"], fp, out / split)
             for (split, i, piece), fp in zip(listed, prints)]
 
 
@@ -206,17 +205,17 @@ class TokenizeUnits:
 
     name = "tokenize"
 
-    def task_count(self, cfg: RunConfig, run_dir: Path) -> int:
+    def task_count(self, cfg: RunConfig, run_dir: RunDir) -> int:
         """One per shard piece (split x shard x source file), known before shard ran."""
         return len(SPLITS) * cfg.data.num_shards * len(source_files(cfg))
 
-    def ready(self, cfg: RunConfig, run_dir: Path) -> bool:
-        return RunDir(run_dir).read_manifest("shard") is not None
+    def ready(self, cfg: RunConfig, run_dir: RunDir) -> bool:
+        return run_dir.read_manifest("shard") is not None
 
-    def units(self, cfg: RunConfig, run_dir: Path) -> list[Unit]:
+    def units(self, cfg: RunConfig, run_dir: RunDir) -> list[Unit]:
         return units(cfg, run_dir)
 
-    def work(self, cfg: RunConfig, run_dir: Path, unit: Unit) -> dict[str, Any]:
+    def work(self, cfg: RunConfig, run_dir: RunDir, unit: Unit) -> dict[str, Any]:
         # A SLURM array task may run before the stage's own job has made the folder.
         unit.folder.mkdir(parents=True, exist_ok=True)
         stats = tokenize_shard(unit.source, unit.folder / f"{unit.index:05d}.arrow", _encoder(cfg))
@@ -236,7 +235,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     # A Rust tokenizer releases the GIL: threads then beat processes (no start-up, no copies, and
     # one thread's Python work overlaps another's Rust). Chat templates render in Python: processes.
     threads = cfg.data.format != "chat" and rust_tokenizer(tokenizer) is not None
-    done = run_units(UNITS, cfg, ctx.run_dir.root, cfg.data.num_workers, threads)
+    done = run_units(UNITS, cfg, ctx.run_dir, cfg.data.num_workers, threads)
     manifest: dict[str, Any] = {"splits": {}, "reused_shards": len(done.units) - done.ran,
                                 "ran_shards": done.ran, "pad_token_id": pad_token_id(tokenizer),
                                 "loss_on": cfg.data.loss_on}

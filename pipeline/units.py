@@ -21,7 +21,7 @@ from typing import Any, BinaryIO, Protocol, runtime_checkable
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
 from pipeline.parallel import Task, run_tasks
-from pipeline.run_dir import atomic_write_json, remove_stale_tmp
+from pipeline.run_dir import RunDir, atomic_write_json, remove_stale_tmp
 
 
 class Unit(Protocol):
@@ -55,16 +55,16 @@ class UnitStage(Protocol):
 
     name: str
 
-    def task_count(self, cfg: RunConfig, run_dir: Path) -> int:
+    def task_count(self, cfg: RunConfig, run_dir: RunDir) -> int:
         """How many units, known before the stages upstream ran (SLURM sizes its arrays by it)."""
 
-    def ready(self, cfg: RunConfig, run_dir: Path) -> bool:
+    def ready(self, cfg: RunConfig, run_dir: RunDir) -> bool:
         """Whether units() can be listed: the upstream output they are made from is there."""
 
-    def units(self, cfg: RunConfig, run_dir: Path) -> Sequence[Unit]:
+    def units(self, cfg: RunConfig, run_dir: RunDir) -> Sequence[Unit]:
         """Every unit with its fingerprint, in rank order."""
 
-    def work(self, cfg: RunConfig, run_dir: Path, unit: Any) -> dict[str, Any]:
+    def work(self, cfg: RunConfig, run_dir: RunDir, unit: Any) -> dict[str, Any]:
         """Write the unit's outputs, each by an atomic rename, and its rejects file; return what its
         marker records besides the fingerprint."""
 
@@ -73,11 +73,11 @@ class UnitStage(Protocol):
 _LISTED: dict[str, tuple[tuple[str, str], list[Any]]] = {}
 
 
-def unit_list(stage: UnitStage, cfg: RunConfig, run_dir: Path, refresh: bool = False) -> list[Any]:
+def unit_list(stage: UnitStage, cfg: RunConfig, run_dir: RunDir, refresh: bool = False) -> list[Any]:
     """stage.units(), made once per stage run in each process rather than once per task (every unit's
     fingerprint each time: quadratic in thousands of units). A stage's run refreshes it before any
     task starts; a worker process or SLURM array task makes it at its first task."""
-    key = (cfg.model_dump_json(), str(run_dir))
+    key = (cfg.model_dump_json(), str(run_dir.root))
     listed = _LISTED.get(stage.name)
     if refresh or listed is None or listed[0] != key:
         listed = _LISTED[stage.name] = (key, list(stage.units(cfg, run_dir)))
@@ -98,7 +98,7 @@ def stale(todo: Sequence[Unit]) -> list[int]:
     return [rank for rank, unit in enumerate(todo) if current(unit) is None]
 
 
-def pending(stage: UnitStage, cfg: RunConfig, run_dir: Path) -> list[int]:
+def pending(stage: UnitStage, cfg: RunConfig, run_dir: RunDir) -> list[int]:
     """Ranks without a current marker, what a rerun or a resubmitted job array has to do; all of them
     while the units cannot be listed yet."""
     if not stage.ready(cfg, run_dir):
@@ -106,7 +106,7 @@ def pending(stage: UnitStage, cfg: RunConfig, run_dir: Path) -> list[int]:
     return stale(unit_list(stage, cfg, run_dir, refresh=True))
 
 
-def run_task(stage: UnitStage, cfg: RunConfig, run_dir: Path, rank: int, world_size: int) -> dict[str, Any]:
+def run_task(stage: UnitStage, cfg: RunConfig, run_dir: RunDir, rank: int, world_size: int) -> dict[str, Any]:
     """Task `rank` of `world_size`: unit number `rank` unless its marker is current, the marker last."""
     todo = unit_list(stage, cfg, run_dir)
     assert len(todo) == world_size, (stage.name, len(todo), world_size)
@@ -145,7 +145,7 @@ class Completed:
     ran: int  # how many had no current marker and ran now; the others were reused
 
 
-def run_units(stage: UnitStage, cfg: RunConfig, run_dir: Path, workers: int,
+def run_units(stage: UnitStage, cfg: RunConfig, run_dir: RunDir, workers: int,
               threads: bool = False) -> Completed:
     """Every unit done: the stale outputs cleaned, the units without a current marker run by
     `workers` workers (threads of this process when `threads`), every marker read back."""

@@ -11,8 +11,18 @@ from tests import fixtures
 from tests.config_template import write_from_template
 from tests.helpers import free_port
 
+CLUSTER_DIR = Path(__file__).parent / "cluster"
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(items):
+    """Everything under tests/cluster/ starts a real SLURM cluster: marked `cluster`, so that
+    `pytest -m "not cluster and not multirank"` is the quick loop."""
+    for item in items:
+        if CLUSTER_DIR in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.cluster)
 
 
 @pytest.fixture(scope="session")
@@ -65,14 +75,14 @@ def slurm_cluster(tmp_path_factory):
     yield from _cluster(tmp_path_factory.mktemp("slurm"), nodes=1)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def two_node_cluster(tmp_path_factory):
     """A real 2-node SLURM cluster, each node a network namespace with its own address."""
     yield from _cluster(tmp_path_factory.mktemp("slurm2"), nodes=2)
 
 
 def _cluster(root, nodes: int):
-    from tests.slurm_cluster import Unavailable, running_cluster
+    from tests.cluster.slurm_cluster import Unavailable, running_cluster
 
     try:
         with running_cluster(root, nodes) as cluster:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.parallel import run_tasks
+from pipeline.run_dir import RunDir
 from tests import fixtures
 from tests.helpers import ftpipe, ftpipe_process, manifest
 
@@ -168,5 +169,6 @@ def test_worker_threads_that_fill_the_cores_keep_rust_calls_on_their_thread(monk
     fewer) the calls may spread. The variable is back as it was once the tasks end."""
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
-    done = list(run_tasks(_tokenizers_parallelism, None, Path("."), [0, 1, 2], 3, workers=2, threads=True))
+    tasks = run_tasks(_tokenizers_parallelism, None, RunDir(Path(".")), [0, 1, 2], 3, workers=2, threads=True)
+    done = list(tasks)
     assert {d.result for d in done} == {seen} and os.environ["TOKENIZERS_PARALLELISM"] == "true"

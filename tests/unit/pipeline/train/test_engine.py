@@ -16,7 +16,7 @@ from pipeline import distributed
 from pipeline.config import validate_config
 from pipeline.train.build import build_engine
 from pipeline.train.ds_engine import DeepSpeedEngine
-from pipeline.train.engine import DDPEngine, SingleEngine, TrainEngine
+from pipeline.train.engine import DDPEngine, SingleEngine, TrainEngine, lr_factor
 from pipeline.train.fsdp import FSDPEngine
 from tests.fixtures import causal_config
 from tests.helpers import REPO
@@ -86,3 +86,12 @@ def test_a_built_deepspeed_engine_satisfies_the_protocol(tmp_path, tiny_llama):
     described = json.loads(done.stdout.strip().splitlines()[-1])
     assert described == {"protocol": True, "format": "deepspeed", "world_size": 1, "zero_stage": 2,
                          "tag": "deepspeed"}
+
+
+def test_lr_schedule_warms_up_then_decays_to_zero():
+    factors = [lr_factor(s, 10, 0.2) for s in range(10)]
+    assert factors[:2] == [0.5, 1.0] and factors[2] == 1.0
+    assert all(a >= b for a, b in zip(factors[2:], factors[3:])) and lr_factor(10, 10, 0.2) == 0.0
+    # The schedule follows samples: two steps of 4 samples land where one of 8 does.
+    assert lr_factor(20, 40, 0.1, global_batch=4) == lr_factor(20, 40, 0.1, global_batch=8) < 1.0
+    assert lr_factor(0, 40, 0.5, global_batch=4) == 0.2

@@ -16,7 +16,7 @@ from pipeline.train import ds_engine
 from pipeline.train.ds_engine import build_ds_config, saved_world_size
 from tests.fixtures import causal_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[4]
 
 
 def run_config(tmp_path: Path, deepspeed: dict | None = None, **train) -> RunConfig:

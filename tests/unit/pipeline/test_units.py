@@ -14,6 +14,7 @@ from pipeline import units
 from pipeline.config import validate_config
 from pipeline.errors import UserError
 from pipeline.parallel import run_tasks
+from pipeline.run_dir import RunDir
 from tests import fixtures
 
 
@@ -32,18 +33,18 @@ class Line:
 class Lines:
     name = "lines"
 
-    def task_count(self, cfg, run_dir: Path) -> int:
+    def task_count(self, cfg, run_dir: RunDir) -> int:
         return 3
 
-    def ready(self, cfg, run_dir: Path) -> bool:
-        return (run_dir / "input.txt").exists()
+    def ready(self, cfg, run_dir: RunDir) -> bool:
+        return (run_dir.root / "input.txt").exists()
 
-    def units(self, cfg, run_dir: Path) -> list[Line]:
-        texts, out = (run_dir / "input.txt").read_text().splitlines(), run_dir / "out"
+    def units(self, cfg, run_dir: RunDir) -> list[Line]:
+        texts, out = (run_dir.root / "input.txt").read_text().splitlines(), run_dir.root / "out"
         return [Line(i, out, t, f"fp-{t}", out / f"{i:05d}.json", out / f"{i:05d}.rejects.jsonl")
                 for i, t in enumerate(texts)]
 
-    def work(self, cfg, run_dir: Path, unit: Line) -> dict[str, Any]:
+    def work(self, cfg, run_dir: RunDir, unit: Line) -> dict[str, Any]:
         unit.folder.mkdir(parents=True, exist_ok=True)
         if unit.text == "boom":
             (unit.folder / f"{unit.index:05d}.txt").write_text("half")
@@ -69,46 +70,46 @@ def _write(run_dir: Path, *lines: str) -> None:
 
 
 def test_a_unit_whose_work_fails_leaves_no_marker_and_stays_pending(tmp_path, cfg):
-    run = tmp_path / "run"
-    _write(run, "a", "boom", "c")
+    run = RunDir(tmp_path / "run")
+    _write(run.root, "a", "boom", "c")
     with pytest.raises(RuntimeError):
         units.run_units(LINES, cfg, run, workers=1)
-    assert (run / "out" / "00000.json").exists() and not (run / "out" / "00001.json").exists()
+    assert (run.root / "out" / "00000.json").exists() and not (run.root / "out" / "00001.json").exists()
     assert units.pending(LINES, cfg, run) == [1, 2]  # 2 never ran: the pool stopped at the failure
 
 
 def test_pending_skips_current_markers_and_redoes_changed_ones(tmp_path, cfg):
-    run = tmp_path / "run"
+    run = RunDir(tmp_path / "run")
     assert units.pending(LINES, cfg, run) == [0, 1, 2]  # not ready: every rank
-    _write(run, "a", "b", "c")
+    _write(run.root, "a", "b", "c")
     done = units.run_units(LINES, cfg, run, workers=1)
     assert done.ran == 3 and [r["fingerprint"] for r in done.records] == ["fp-a", "fp-b", "fp-c"]
     assert units.pending(LINES, cfg, run) == []
-    before = (run / "out" / "00000.json").stat().st_mtime_ns
-    _write(run, "a", "B", "c")
+    before = (run.root / "out" / "00000.json").stat().st_mtime_ns
+    _write(run.root, "a", "B", "c")
     assert units.pending(LINES, cfg, run) == [1]
     again = units.run_units(LINES, cfg, run, workers=1)
-    assert again.ran == 1 and (run / "out" / "00001.txt").read_text() == "B"
-    assert (run / "out" / "00000.json").stat().st_mtime_ns == before
+    assert again.ran == 1 and (run.root / "out" / "00001.txt").read_text() == "B"
+    assert (run.root / "out" / "00000.json").stat().st_mtime_ns == before
 
 
 def test_outputs_of_units_that_no_longer_exist_and_temporaries_go(tmp_path, cfg):
-    run = tmp_path / "run"
-    _write(run, "a", "b", "c")
+    run = RunDir(tmp_path / "run")
+    _write(run.root, "a", "b", "c")
     units.run_units(LINES, cfg, run, workers=1)
-    (run / "out" / ".00000.txt.tmp-dead").write_text("left by a killed task")
-    _write(run, "a")
+    (run.root / "out" / ".00000.txt.tmp-dead").write_text("left by a killed task")
+    _write(run.root, "a")
     units.run_units(LINES, cfg, run, workers=1)
-    assert sorted(p.name for p in (run / "out").iterdir()) == ["00000.json", "00000.rejects.jsonl",
+    assert sorted(p.name for p in (run.root / "out").iterdir()) == ["00000.json", "00000.rejects.jsonl",
                                                                "00000.txt"]
 
 
 def test_rejects_merge_in_unit_order(tmp_path, cfg):
-    run = tmp_path / "run"
-    _write(run, "bad1", "ok", "bad2")
+    run = RunDir(tmp_path / "run")
+    _write(run.root, "bad1", "ok", "bad2")
     done = units.run_units(LINES, cfg, run, workers=1)
-    rows = units.merge_rejects(done.units, run / "rejects.jsonl")
-    lines = (run / "rejects.jsonl").read_text().splitlines()
+    rows = units.merge_rejects(done.units, run.root / "rejects.jsonl")
+    lines = (run.root / "rejects.jsonl").read_text().splitlines()
     assert rows == 2 and [json.loads(line)["unit"] for line in lines] == [0, 2]
 
 
@@ -124,8 +125,8 @@ def test_one_reject_fraction_check(cfg):
 
 
 def test_worker_processes_run_the_same_task(tmp_path, cfg):
-    run = tmp_path / "run"
-    _write(run, "a", "b", "c")
+    run = RunDir(tmp_path / "run")
+    _write(run.root, "a", "b", "c")
     done = list(run_tasks(units.task(LINES), cfg, run, [0, 2], 3, workers=2))
     assert sorted(d.result["fingerprint"] for d in done) == ["fp-a", "fp-c"]
     assert units.pending(LINES, cfg, run) == [1]

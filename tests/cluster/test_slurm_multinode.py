@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from tests import fixtures
+from tests.cluster.test_slurm import wait_for
 from tests.helpers import assert_close_weights, ftpipe, losses, manifest, weights
-from tests.test_slurm import wait_for
 
 BATCH = {"max_steps": 4, "micro_batch_size": 2, "global_batch_size": 8, "checkpoint_every": 2, "lr": 1e-3}
 STRATEGIES = {"fsdp": {"strategy": "fsdp"},

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.stages import NAMES, PLUMBING, STAGES, module_path, names
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _imported_modules(module: str) -> set[str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.helpers import ftpipe_imports
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _python(code: str, *args: str) -> dict:

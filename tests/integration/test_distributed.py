@@ -19,6 +19,8 @@ from tests import fixtures
 from tests.helpers import assert_close_weights, ftpipe, losses, manifest, weights
 from tests.processes import kill_tree, output, rank_pid, start_run, wait_for_file, wait_for_lines
 
+pytestmark = pytest.mark.multirank
+
 STRATEGIES = {
     "ddp": {"strategy": "ddp"},
     "fsdp": {"strategy": "fsdp"},

@@ -17,7 +17,7 @@ from pipeline.tokenizer import RustTokenizer, _save, load_tokenizer, saved_token
 from tests import fixtures
 from tests.helpers import ftpipe_imports
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _real_tokenizers() -> list[Path]:

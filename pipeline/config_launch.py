@@ -1,0 +1,95 @@
+"""The `launch` section of the run config: where and how stages run (this machine, torchrun, SLURM)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from pipeline.config_errors import Section
+
+
+def _no_control_chars(value: str, what: str) -> str:
+    # A newline in an #SBATCH value would start a new line of the batch script: a shell command.
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        raise ValueError(f"{what} must not contain newlines or control characters")
+    return value
+
+
+class SlurmConfig(Section):
+    partition: str | None = Field(
+        None, description="Partition of the train job (and of all jobs without cpu_partition); null: the "
+        "cluster's default.")
+    cpu_partition: str | None = Field(
+        None, description="Partition of the CPU stages (shard, tokenize, consolidate, evaluate); null: "
+        "partition.")
+    account: str | None = Field(None, description="Account charged for the jobs (sbatch --account).")
+    qos: str | None = Field(None, description="Quality of service (sbatch --qos).")
+    time: str = Field(
+        "4:00:00", description="Time limit of each job, in sbatch --time syntax (minutes, H:MM:SS, "
+        "D-HH:MM:SS).")
+    cpus_per_task: int | None = Field(
+        None, ge=1, description="CPUs per task; the train job has one task per node. null: the cluster's "
+        "default.")
+    mem: str | None = Field(
+        None, description="Memory per node, in sbatch --mem syntax (e.g. 64G); null: the cluster's default.")
+    constraint: str | None = Field(None, description="Node features the jobs need (sbatch --constraint).")
+    exclusive: bool = Field(False, description="Train job: whole nodes only (sbatch --exclusive).")
+    gpus_per_node: int | None = Field(
+        None, ge=0, description="GPUs per node of the train job; null: none requested.")
+    signal_lead_seconds: int = Field(
+        120, ge=0, description="SLURM sends SIGUSR2 this many seconds before the time limit (sbatch "
+        "--signal); all ranks of the train job then save one checkpoint at the next step boundary, and the "
+        "job requeues itself and resumes there.")
+    max_array_tasks: int = Field(
+        64, ge=1, description="shard and tokenize run as job arrays with at most this many tasks (each takes "
+        "every k-th source file or shard piece); only the pieces without a current completion marker are "
+        "submitted.")
+    max_requeues: int = Field(
+        3, ge=0, description="Times a job is requeued after such a stop signal (time limit, preemption); "
+        "then it fails, and `ftpipe submit` resumes it.")
+    setup: list[str] = Field(
+        default_factory=list, description="Shell lines run in each batch script before the stage (module "
+        "load, source venv/bin/activate).")
+    extra_directives: list[str] = Field(
+        default_factory=list, description="More sbatch options, each 'name=value' or 'name' (e.g. "
+        "'reservation=big', 'requeue'), for every job.")
+
+    @field_validator("partition", "cpu_partition", "account", "qos", "time", "mem", "constraint")
+    @classmethod
+    def _one_line(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _no_control_chars(value, info.field_name)
+
+    @field_validator("setup", "extra_directives")
+    @classmethod
+    def _lines(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return [_no_control_chars(line, info.field_name) for line in value]
+
+    @field_validator("extra_directives")
+    @classmethod
+    def _directive_names(cls, value: list[str]) -> list[str]:
+        for item in value:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*(=.*)?", item.lstrip("-")):
+                raise ValueError(f"{item!r} is not an sbatch option ('name=value' or 'name')")
+        return value
+
+
+class LaunchConfig(Section):
+    backend: Literal["local", "torchrun", "slurm"] = Field(
+        "local", description="local: every stage in this process; torchrun: train under torchrun; "
+        "slurm: `ftpipe submit` sends every stage to SLURM, train as srun + torchrun per node.")
+    nproc_per_node: int = Field(1, ge=1, description="torchrun: ranks per node.")
+    nnodes: int = Field(1, ge=1, description="torchrun: nodes.")
+    node_rank: int = Field(0, ge=0, description="torchrun: this node's rank (multi-node, static rendezvous).")
+    rdzv_endpoint: str | None = Field(
+        None, description="torchrun: HOST:PORT of the rendezvous (multi-node); null: localhost.")
+    local_addr: str | None = Field(
+        None, description="torchrun: the address other nodes reach this one at (multi-node); null: the "
+        "hostname's. The SLURM backend sets it to the node's NodeAddr.")
+    max_restarts: int = Field(
+        0, ge=0, description="torchrun: restarts of all ranks after a rank fails (on one node as fresh "
+        "torchrun launches, across nodes torchrun's own); training resumes from the latest complete "
+        "checkpoint.")
+    slurm: SlurmConfig = Field(
+        default_factory=SlurmConfig, description="backend slurm: how `ftpipe submit` asks for resources.")
