@@ -250,7 +250,7 @@ def verdict(name: str, ratios: dict[str, float]) -> str:
 
 SECTION = """## consolidate
 
-Measured by `python benchmarks/consolidate.py --write-docs`. How each converter reads a DeepSpeed
+Measured by `python benchmarks/consolidate.py --repeats 5 --write-docs`. How each converter reads a DeepSpeed
 checkpoint (from their code):
 
 - ftpipe's reader memory-maps the optimizer files without importing DeepSpeed (its classes in the pickles

@@ -232,9 +232,9 @@ class DeepSpeedReader(CheckpointReader):
     The optimizer files are memory-mapped, so only the fp32 master partitions are ever paged in
     (never the Adam moments beside them), and each parameter's pages are released once copied.
     Why not DeepSpeed's get_fp32_state_dict_from_zero_checkpoint(lazy_mode=True): it needs DeepSpeed
-    imported, is lazy only for ZeRO-3 trainable parameters (ZeRO-1/2 concatenate the whole fp32 model
-    first, frozen ZeRO-3 parameters are gathered up front) and leaves the pages it read resident;
-    it was slower and larger for every stage (docs/benchmarks.md).
+    installed and imported, is lazy only for ZeRO-3 trainable parameters (ZeRO-1/2 concatenate the
+    whole fp32 model first, frozen ZeRO-3 parameters are gathered up front) and leaves the pages it
+    read resident: its peak memory was far higher for every stage (docs/benchmarks.md).
     """
 
     format = "deepspeed"

@@ -21,6 +21,9 @@ from pipeline.context import StageContext
 from pipeline.run_dir import RunDir, atomic_write_json
 from tests import fixtures
 
+# Its fixture trains every strategy under torchrun, with one and with two ranks.
+pytestmark = pytest.mark.multirank
+
 WORKER = textwrap.dedent('''
     """Train a tiny Llama one step per strategy under torchrun and save each checkpoint."""
     import json, os, sys
