@@ -42,11 +42,11 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     checkpoint = ctx.run_dir.stage("train") / train_manifest["final_checkpoint"]
     reader = open_checkpoint(checkpoint)
     adapter = is_peft(reader) and cfg.model.lora is not None and not cfg.model.lora.merge
-    target = ctx.run_dir.stage("consolidate") / "model"
+    target = ctx.run_dir.model_dir
     with atomic_dir(target) as tmp:
         written = (write_adapter if adapter else write_full)(tmp, reader, cfg)
         check = verify(tmp, reader, cfg, ctx.run_dir.stage("train") / "verify.pt", adapter)
-    return {"model_dir": "model", "checkpoint": str(checkpoint.relative_to(ctx.run_dir.root)),
+    return {"model_dir": target.name, "checkpoint": str(checkpoint.relative_to(ctx.run_dir.root)),
             "format": reader.format, "mode": "adapter" if adapter else "full",
             "files": sorted(p.name for p in target.iterdir()), "weight_files": written.files,
             "parameters": written.parameters, "bytes": written.bytes, **check,

@@ -93,7 +93,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
         raise UserError("data: no held-out rows to evaluate; set data.eval or data.eval_fraction > 0")
     pad_id = ctx.run_dir.read_manifest("tokenize")["pad_token_id"]
     out = ctx.run_dir.stage("evaluate")
-    model_dir = ctx.run_dir.stage("consolidate") / "model"
+    model_dir = ctx.run_dir.model_dir
     model = load_consolidated(cfg, model_dir)  # a full model or base + peft adapter
     metrics = score(model, cfg, table, pad_id)
     if cfg.model.task == "causal_lm" and cfg.evaluate.num_generations:
@@ -104,7 +104,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
         # Same seed as training, so a fresh classification head starts where training started.
         seed_everything(cfg.train.seed)
         metrics["base"] = score(load_model(cfg.model, cfg.data.labels), cfg, table, pad_id)
-    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_json(ctx.run_dir.metrics_file, metrics)
     ctx.tracker.log_metrics(scalar_metrics(metrics))
     return {"metrics": metrics}
 

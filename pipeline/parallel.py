@@ -40,7 +40,7 @@ class Done:
 
 def _one_thread_each() -> None:
     # N workers on N cores: each fast tokenizer spinning up its own thread pool on every core
-    # oversubscribes the machine (measured: 2 workers slower than 1).
+    # oversubscribes the machine (docs/benchmarks.md, tokenize: worker threads and the cores).
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -54,9 +54,9 @@ def usable_cores() -> int:
 @contextlib.contextmanager
 def _rust_calls_stay_on_their_thread(workers: int) -> Iterator[None]:
     """With a worker thread per core, each Rust tokenizer call runs on the thread that made it
-    rather than on a pool over every core: the threads already fill the cores (measured, 2 threads
-    on 2 cores, 200k rows: the stage 9.4 s instead of 10.1 s, means of 3). tokenizers reads the
-    variable at every call; the old value is back after."""
+    rather than on a pool over every core: the threads already fill the cores (docs/benchmarks.md,
+    tokenize: worker threads and the cores). tokenizers reads the variable at every call; the old
+    value is back after."""
     old = os.environ.get("TOKENIZERS_PARALLELISM")
     if workers >= usable_cores():
         os.environ["TOKENIZERS_PARALLELISM"] = "false"

@@ -40,19 +40,22 @@ def ftpipe_imports(*args: str) -> dict[str, bool]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def losses(run_dir: Path) -> list[float]:
-    lines = (run_dir / "train" / "metrics.jsonl").read_text().splitlines()
+def _root(run_dir: Path | RunDir) -> Path:
+    return run_dir.root if isinstance(run_dir, RunDir) else run_dir
+
+
+def losses(run_dir: Path | RunDir) -> list[float]:
+    lines = (_root(run_dir) / "train" / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line)["loss"] for line in lines if line.strip()]
 
 
 def manifest(run_dir: Path | RunDir, stage: str) -> dict:
-    root = run_dir.root if isinstance(run_dir, RunDir) else run_dir
-    return json.loads((root / stage / "manifest.json").read_text())
+    return json.loads((_root(run_dir) / stage / "manifest.json").read_text())
 
 
-def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+def weights(run_dir: Path | RunDir) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
-    for path in sorted((run_dir / "consolidate" / "model").glob("*.safetensors")):
+    for path in sorted((_root(run_dir) / "consolidate" / "model").glob("*.safetensors")):
         out.update(load_file(path))
     return out
 

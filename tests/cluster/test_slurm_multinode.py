@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+from pipeline.run_dir import RunDir
 from tests import fixtures
 from tests.cluster.test_slurm import wait_for
 from tests.helpers import assert_close_weights, ftpipe, losses, manifest, weights
@@ -36,7 +37,7 @@ def test_a_two_node_train_job_equals_two_ranks_on_one_machine(two_node_cluster, 
     config = fixtures.write_config(tmp_path / "multi.yaml", fixtures.causal_config(
         tmp_path, tiny_llama, text_data, name=name, train=train, launch=slurm))
     assert ftpipe("submit", config) == 0
-    run = tmp_path / "runs" / name
+    run = RunDir(tmp_path / "runs" / name)
     lines = wait_for(run, timeout=400)
     assert all(" done " in line for line in lines), "\n".join(lines)
     train_job = manifest(run, "train")
