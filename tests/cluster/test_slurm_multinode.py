@@ -36,10 +36,13 @@ def test_a_two_node_train_job_equals_two_ranks_on_one_machine(two_node_cluster, 
              "slurm": {"setup": ["export GLOO_SOCKET_IFNAME=eth1"]}}
     config = fixtures.write_config(tmp_path / "multi.yaml", fixtures.causal_config(
         tmp_path, tiny_llama, text_data, name=name, train=train, launch=slurm))
+    # The data stages as job arrays are test_slurm's business: here they run locally, so the
+    # submission is the train job across two nodes and what follows it.
+    assert ftpipe("run", config, "--stages", "shard,tokenize", "--no-progress") == 0
     assert ftpipe("submit", config) == 0
     run = RunDir(tmp_path / "runs" / name)
     lines = wait_for(run, timeout=400)
-    assert all(" done " in line for line in lines), "\n".join(lines)
+    assert all(line.split()[1] == "done" for line in lines), "\n".join(lines)
     train_job = manifest(run, "train")
     assert train_job["world_size"] == 2
     job_id = next(line.split("job ")[1].split()[0] for line in lines if line.strip().startswith("train"))
