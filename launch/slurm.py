@@ -287,6 +287,11 @@ def _last_line(text: str) -> str:
 # --- the command line for hand-written batch scripts -----------------------------------------
 
 
+def _ran(job: StageJob | ArrayTask) -> int:
+    job()
+    return 0
+
+
 def _prepare(config: str, overrides: list[str]) -> int:
     print(write_run_config(load_config(config, overrides)).root)
     return 0
@@ -300,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         cwd = Path(argv[argv.index("--cwd") + 1]) if "--cwd" in argv else Path.cwd()
         job_class = StageJob if argv[0] == "run-stage" else ArrayTask
         job = job_class(str(Path(argv[1]).resolve()), argv[2], str(cwd))
-        return reporting_errors(lambda: job() and 0)
+        return reporting_errors(lambda: _ran(job))
     print("usage: python -m launch.slurm prepare CONFIG [KEY=VALUE ...] | run-stage RUN_DIR STAGE [--cwd DIR]"
           " | run-array-task RUN_DIR STAGE [--cwd DIR]", file=sys.stderr)
     return 2
