@@ -242,10 +242,6 @@ def shard_unit_fingerprints(cfg: RunConfig, sources: list[SourceFile]) -> list[s
                          "weight": s.weight, "limit": s.limit}) for s in sources]
 
 
-def piece_dir(out: Path, rank: int) -> Path:
-    return out / "parts" / f"{rank:05d}"
-
-
 @dataclass(frozen=True)
 class Piece:
     """The unit: one source file's piece of every shard of both splits, in `parts/NNNNN/`."""
@@ -306,14 +302,15 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     """
     out = ctx.run_dir.stage("shard")
     done = run_units(UNITS, cfg, ctx.run_dir, cfg.data.num_workers)
-    pieces = done.records
+    pieces, homes = done.records, [unit.home for unit in done.units]
     with atomic_dir(out / "data") as tmp:
-        splits = {split: _merge_split(cfg, out, tmp, split, pieces) for split in SPLITS}
+        splits = {split: _merge_split(cfg, homes, tmp, split, pieces) for split in SPLITS}
         merge_rejects(done.units, tmp / "rejects.jsonl")
     manifest = {"splits": splits, "sources": [p["source"] for p in pieces],
                 "rejected": sum(p["source"]["rejected"] for p in pieces),
                 "rejects_file": "data/rejects.jsonl",
-                "pieces": {split: _piece_list(cfg, pieces, split) for split in SPLITS},
+                "pieces": {split: _piece_list(cfg, [h.relative_to(out) for h in homes], pieces, split)
+                           for split in SPLITS},
                 "reused_sources": len(pieces) - done.ran, "ran_sources": done.ran}
     kept = sum(s["rows"] for s in manifest["sources"])
     check_rejects(cfg, splits["train"]["rows"], kept + manifest["rejected"], [manifest["rejected"]],
@@ -325,22 +322,23 @@ def _piece_name(split: str, shard: int, num_shards: int) -> str:
     return f"{split}-{shard:05d}-of-{num_shards:05d}.parquet"
 
 
-def _piece_list(cfg: RunConfig, pieces: list[dict], split: str) -> list[dict[str, Any]]:
+def _piece_list(cfg: RunConfig, homes: list[Path], pieces: list[dict], split: str) -> list[dict[str, Any]]:
     """Shard-major, source-minor: the order of the rows in the merged shard files. Tokenize works
     (and caches) per piece, so a changed source re-tokenizes only its own pieces."""
     n = cfg.data.num_shards
-    return [{"file": f"parts/{rank:05d}/{_piece_name(split, shard, n)}", "fingerprint": piece["fingerprint"],
+    return [{"file": (home / _piece_name(split, shard, n)).as_posix(), "fingerprint": piece["fingerprint"],
              "rows": piece["splits"][split]["rows_per_shard"][shard]}
-            for shard in range(n) for rank, piece in enumerate(pieces)]
+            for shard in range(n) for home, piece in zip(homes, pieces)]
 
 
-def _merge_split(cfg: RunConfig, out: Path, target: Path, split: str, pieces: list[dict]) -> dict[str, Any]:
+def _merge_split(cfg: RunConfig, homes: list[Path], target: Path, split: str,
+                 pieces: list[dict]) -> dict[str, Any]:
     n, schema = cfg.data.num_shards, shard_schema(cfg.data)
     counts = [sum(p["splits"][split]["rows_per_shard"][shard] for p in pieces) for shard in range(n)]
     for shard in range(n):
         with pq.ParquetWriter(target / _piece_name(split, shard, n), schema) as writer:
-            for rank in range(len(pieces)):
-                source = pq.ParquetFile(piece_dir(out, rank) / _piece_name(split, shard, n))
+            for home in homes:
+                source = pq.ParquetFile(home / _piece_name(split, shard, n))
                 for index in range(source.num_row_groups):  # one row group in memory at a time
                     writer.write_table(source.read_row_group(index))
     return {"rows": sum(counts), "files": [_piece_name(split, s, n) for s in range(n)],
