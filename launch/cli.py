@@ -20,9 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline (skipping stages that are up to date)")
     _config_args(run)
-    run.add_argument("--stages", help=f"comma-separated subset of {','.join(NAMES)}")
-    run.add_argument("--force", action="append", default=[], metavar="STAGE",
-                     help="redo STAGE (and what depends on it) even if up to date; repeatable")
+    _stage_args(run)
     run.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     for name in ("validate", "plan"):
@@ -34,8 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("run_dir", type=Path)
     submit = sub.add_parser("submit", help="submit one SLURM job per stage that is not up to date")
     _config_args(submit)
-    submit.add_argument("--force", action="append", default=[], metavar="STAGE",
-                        help="redo STAGE (and what depends on it) even if up to date; repeatable")
+    _stage_args(submit)
     submit.add_argument("--dry-run", action="store_true",
                         help="write the sbatch scripts under RUN_DIR/slurm/dry-run/ and submit nothing")
     submit.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
@@ -52,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
 def _config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="run config (YAML)")
     parser.add_argument("overrides", nargs="*", metavar="KEY.SUB=VALUE", help="config overrides")
+
+
+def _stage_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stages", help=f"comma-separated subset of {','.join(NAMES)}")
+    parser.add_argument("--force", action="append", default=[], metavar="STAGE",
+                        help="delete STAGE's results and redo it (and what depends on it); repeatable")
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
@@ -118,15 +121,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from launch import slurm
     from launch.local import print_plan
-    from pipeline.runner import plan
+    from pipeline.runner import claim_forced, plan
 
     cfg = _load(args)
     if cfg.launch.backend != "slurm":
         raise UserError(f"{args.config}: ftpipe submit needs launch.backend: slurm "
                         f"(it is {cfg.launch.backend!r})")
     if args.sweep:
+        if args.stages:
+            raise UserError("--stages does not combine with --sweep (a sweep submits every stage)")
         return _submit_sweep(args, cfg)
-    planned = plan(cfg, None, tuple(args.force))
+    planned = plan(cfg, _stages(args), tuple(args.force))
     print_plan(cfg, planned)
     stages = slurm.to_submit(planned)
     if args.dry_run:
@@ -136,6 +141,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not stages:
         print("every stage is up to date; nothing submitted")
         return 0
+    claim_forced(cfg, planned)
     _print_jobs(slurm.submit(cfg, stages, Path.cwd()))
     print(f"follow with: ftpipe status {cfg.run_dir}")
     return 0

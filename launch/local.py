@@ -78,6 +78,9 @@ def print_plan(cfg: RunConfig, planned: list[PlannedStage], out=None) -> None:
     for stage in planned:
         target = cfg.run_dir / stage.name
         print(f"  {stage.name:<11} {stage.action:<7} {stage.reason:<34} -> {target}", file=out)
+    for stage in planned:
+        if stage.warning:
+            print(f"ftpipe: warning: {stage.warning}", file=sys.stderr)
 
 
 def print_summary(cfg: RunConfig, out=None) -> None:

@@ -27,7 +27,7 @@ from launch.slurm_jobs import JobRecord, cancel, cancel_jobs
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text
-from pipeline.runner import plan
+from pipeline.runner import claim_forced, fingerprinted, plan
 from pipeline.stages import LAST, names
 from pipeline.tracking import build_tracker, read_parent
 
@@ -76,7 +76,7 @@ def members(config: Path, overrides: list[str], sweeps: list[str]) -> list[tuple
 
 
 def _data_fingerprints(cfg: RunConfig) -> dict[str, str]:
-    return {s.name: s.fingerprint for s in plan(cfg) if s.name in SHARED_STAGES}
+    return {spec.name: fp for spec, fp, _ in fingerprinted(cfg) if spec.name in SHARED_STAGES}
 
 
 def link_shared_data(base: RunDir, member: RunDir) -> None:
@@ -94,14 +94,19 @@ def link_shared_data(base: RunDir, member: RunDir) -> None:
 def submit_sweep(base: RunConfig, found: list[tuple[Member, RunConfig]], cwd: Path,
                  force: tuple[str, ...]) -> dict[str, Any]:
     """Shared data jobs once, then each member's chain after them, then the summary job."""
-    data_stages = [s for s in to_submit(plan(base, None, force)) if s in SHARED_STAGES]
+    base_plan = plan(base, None, tuple(f for f in force if f in SHARED_STAGES))
+    data_stages = [s for s in to_submit(base_plan) if s in SHARED_STAGES]
+    claim_forced(base, base_plan)
     data_jobs = submit(base, data_stages, cwd) if data_stages else []
     parent = parent_run(base)
     after = data_jobs[-1].job_id if data_jobs else None
     chains: dict[str, list[JobRecord]] = {}
     for member, cfg in found:
         link_shared_data(RunDir(base.run_dir.resolve()), RunDir(cfg.run_dir.resolve()))
-        stages = [s for s in to_submit(plan(cfg, None, force)) if s in MEMBER_STAGES]
+        member_plan = plan(cfg, list(MEMBER_STAGES), tuple(f for f in force if f not in SHARED_STAGES),
+                           upstream_submitted=True)
+        stages = to_submit(member_plan)
+        claim_forced(cfg, member_plan)
         chains[member.name] = submit(cfg, stages, cwd, after=after, parent_of=parent) if stages else []
     ends = [jobs[-1].job_id for jobs in chains.values() if jobs]
     # The summary job asks for what the last stage's job gets (no GPU, one node).

@@ -82,24 +82,32 @@ class RunDir:
     def write_manifest(self, name: str, manifest: dict[str, Any]) -> None:
         atomic_write_json(self.manifest_path(name), manifest)
 
-    def claim_stage(self, name: str, fingerprint: str, keep_units: bool = False) -> bool:
-        """Prepare the stage folder for `fingerprint`; True when earlier partial work is reusable.
+    def read_claim(self, name: str) -> dict[str, Any] | None:
+        """What the stage folder's partial work was started for: {fingerprint, covers, version}."""
+        path = self.stage(name) / FINGERPRINT_FILE
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            return None
+        try:
+            claim = json.loads(text)
+        except json.JSONDecodeError:
+            claim = None
+        return claim if isinstance(claim, dict) else {"fingerprint": text}  # a bare fingerprint: older ftpipe
 
-        Partial work (shard markers, checkpoints) from the same fingerprint is kept so the stage
-        resumes; anything from another fingerprint, or a finished manifest being redone, goes.
-        With `keep_units` only the manifest goes: the stage checks each shard's own fingerprint.
+    def claim_stage(self, name: str, claim: dict[str, Any], discard: bool) -> None:
+        """Record what the stage folder now holds work for; with `discard`, first delete what it held.
+
+        Only the runner's plan decides `discard`: a forced stage, or one whose earlier output is
+        derived from inputs that are being redone. A stage that is not discarded loses only its
+        manifest (it is being redone or continued); its partial work stays for the stage to reuse.
         """
         folder = self.stage(name)
-        marker = folder / FINGERPRINT_FILE
-        previous = marker.read_text().strip() if marker.is_file() else None
-        reusable = previous == fingerprint and not self.manifest_path(name).exists()
-        if keep_units:
-            self.manifest_path(name).unlink(missing_ok=True)
-        elif folder.exists() and not reusable:
+        if discard and folder.exists():
             shutil.rmtree(folder)
+        self.manifest_path(name).unlink(missing_ok=True)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(marker, fingerprint + "\n")
-        return reusable and previous is not None
+        atomic_write_json(folder / FINGERPRINT_FILE, claim)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

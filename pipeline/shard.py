@@ -237,7 +237,7 @@ def shard_unit_fingerprints(cfg: RunConfig, sources: list[SourceFile]) -> list[s
     other files)."""
     cache = DigestCache.of(cfg.output_dir)
     base = {"data": cfg.data.model_dump(exclude=NOT_SHARD_KEYS | {"train", "eval"}),
-            "num_labels": cfg.model.num_labels, "code": STAGES["shard"].code_version()}
+            "num_labels": cfg.model.num_labels, "version": STAGES["shard"].version}
     return [fingerprint({**base, "file": str(s.path), "digest": cache.digest(s.path), "held_out": s.held_out,
                          "weight": s.weight, "limit": s.limit}) for s in sources]
 

@@ -41,25 +41,25 @@ def shard_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
     from pipeline.sources import source_files
 
     data = cfg.data.model_dump(exclude=NOT_SHARD_KEYS)
-    return {"data": data, "num_labels": cfg.model.num_labels,
-            "files": {str(s.path): cache.digest(s.path) for s in source_files(cfg)}}
+    return {"data": data, "model": {"num_labels": cfg.model.num_labels},
+            "data files": {str(s.path): cache.digest(s.path) for s in source_files(cfg)}}
 
 
 def tokenize_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
     template = cfg.data.chat_template
     if template and Path(template).is_file():
         template = cache.digest(Path(template))
-    return {"max_seq_len": cfg.data.max_seq_len, "format": cfg.data.format, "loss_on": cfg.data.loss_on,
-            "overlong": cfg.data.overlong, "packing": cfg.data.packing, "chat_template": template,
-            "tokenizer": model_digest(cfg.model.name_or_path, cache, weights=False)}
+    data = {"max_seq_len": cfg.data.max_seq_len, "format": cfg.data.format, "loss_on": cfg.data.loss_on,
+            "overlong": cfg.data.overlong, "packing": cfg.data.packing, "chat_template": template}
+    return {"data": data, "tokenizer files": model_digest(cfg.model.name_or_path, cache, weights=False)}
 
 
 def train_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
     exclude = TRAIN_HOW | (BATCH_LAYOUT if cfg.train.global_batch_size is not None else set())
-    return {"model": cfg.model.model_dump(), "labels": cfg.data.labels,
+    return {"model": cfg.model.model_dump(), "data": {"labels": cfg.data.labels},
             "train": cfg.train.model_dump(exclude=exclude),
-            "weights": model_digest(cfg.model.name_or_path, cache, weights=True),
-            "config": model_digest(cfg.model.name_or_path, cache, weights=False)}
+            "model weights": model_digest(cfg.model.name_or_path, cache, weights=True),
+            "model files": model_digest(cfg.model.name_or_path, cache, weights=False)}
 
 
 def consolidate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def consolidate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
 
 
 def evaluate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
-    return {"evaluate": cfg.evaluate.model_dump(), "seed": cfg.train.seed}
+    return {"evaluate": cfg.evaluate.model_dump(), "train": {"seed": cfg.train.seed}}
 
 
 def _resolve(target: str) -> Any:
@@ -86,6 +86,10 @@ class Stage:
     distributed: bool = False  # runs under torchrun on every node of its job
     shared_by_sweep: bool = False  # sweep members link to the base run's output instead of redoing it
     gpu: bool = False  # its SLURM job goes to the GPU partition
+    # Bumped by us when what the stage writes changes meaning; a code change alone keeps results valid.
+    version: int = 1
+    keeps: str | None = None  # glob (in its folder) of partial work to resume from: never deleted unasked
+    extendable: tuple[str, ...] = ()  # config keys whose increase continues the stage instead of redoing it
 
     def run(self, cfg: RunConfig, ctx: Any) -> dict[str, Any]:
         return _resolve(self.entry)(cfg, ctx)
@@ -95,6 +99,7 @@ class Stage:
         return _resolve(self.units)
 
     def code_version(self) -> str:
+        """A digest of the stage's code: recorded for provenance; a mismatch is a warning, not a rerun."""
         digest = hashlib.sha256(pipeline.__version__.encode())
         for module in sorted(self.code):
             digest.update(module_path(module).read_bytes())
@@ -119,7 +124,8 @@ _DECLARED = (
            "pipeline.train.data", "pipeline.train.ds_engine", "pipeline.train.engine", "pipeline.train.fsdp",
            "pipeline.train.loop", "pipeline.train.objective", "pipeline.train.partial",
            "pipeline.preemption", "pipeline.models", "pipeline.distributed", "pipeline.tokenized"),
-          distributed=True, gpu=True),
+          distributed=True, gpu=True, keeps="checkpoints/step-*/COMPLETE",
+          extendable=("train.max_steps", "train.epochs")),
     Stage("consolidate", "pipeline.consolidate:run", ("train",), consolidate_inputs,
           ("pipeline.consolidate", "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.models",
            "pipeline.tokenizer")),

@@ -115,9 +115,9 @@ def _reject_line(source: Path, rows: dict[str, list], done: int, index: int, rea
 
 
 def tokenize_unit_fingerprints(cfg: RunConfig, piece_fingerprints: list[str]) -> list[str]:
-    """One per shard piece: the piece's own fingerprint, the tokenizer, the tokenize keys and code."""
+    """One per shard piece: the piece's own fingerprint, the tokenizer, the tokenize keys and version."""
     base = {"config": tokenize_inputs(cfg, DigestCache.of(cfg.output_dir)),
-            "code": STAGES["tokenize"].code_version()}
+            "version": STAGES["tokenize"].version}
     return [fingerprint({**base, "piece": piece}) for piece in piece_fingerprints]
 
 
@@ -178,7 +178,7 @@ TOKENIZER_LIBRARIES = ("transformers", "tokenizers", "sentencepiece", "protobuf"
 def _saved_name(cfg: RunConfig) -> str:
     """Names a saved tokenizer by what it is built from: the files' content and the libraries."""
     files = model_digest(cfg.model.name_or_path, DigestCache.of(cfg.output_dir), weights=False)
-    return fingerprint({"files": files, "code": STAGES["tokenize"].code_version(),
+    return fingerprint({"files": files, "version": STAGES["tokenize"].version,
                         "libraries": [_installed(name) for name in TOKENIZER_LIBRARIES]})
 
 

@@ -17,12 +17,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
     """Everything under tests/cluster/ starts a real SLURM cluster: marked `cluster`, so that
-    `pytest -m "not cluster and not multirank"` is the quick loop."""
+    `pytest -m "not cluster and not multirank"` is the quick loop.
+
+    Under `pytest -n N --dist loadgroup` each test file runs in one worker (its module-scoped runs are
+    made once), and all of tests/cluster/ in one worker (one SLURM cluster at a time on the machine)."""
     for item in items:
-        if CLUSTER_DIR in Path(item.fspath).parents:
+        path = Path(item.fspath)
+        if CLUSTER_DIR in path.parents:
             item.add_marker(pytest.mark.cluster)
+        group = "cluster" if CLUSTER_DIR in path.parents else str(path.relative_to(CLUSTER_DIR.parent))
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")

@@ -29,10 +29,11 @@ class LoopState:
     tokens: int = 0
     seconds: float = 0.0
     target_samples: int = 0
+    length: dict[str, Any] = field(default_factory=dict)  # the train.max_steps/epochs target_samples is for
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoopState:
-        keys = ("step", "samples", "tokens", "seconds", "target_samples")
+        keys = ("step", "samples", "tokens", "seconds", "target_samples", "length")
         return cls(**{k: data[k] for k in keys if k in data})
 
 

@@ -7,6 +7,7 @@ in every rank that torchrun starts.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,10 @@ def target_samples(cfg: TrainConfig, num_rows: int, global_batch: int) -> int:
     """Samples the run trains on: max_steps global batches, else `epochs` passes (whole steps)."""
     steps = cfg.max_steps if cfg.max_steps is not None else max(1, int(cfg.epochs * num_rows) // global_batch)
     return steps * global_batch
+
+
+def training_length(cfg: TrainConfig) -> dict[str, Any]:
+    return {"max_steps": cfg.max_steps, "epochs": cfg.epochs}
 
 
 def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
@@ -67,16 +72,20 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
         metrics_file=out / "metrics.jsonl",
         ledger_dir=out / "ledger" if cfg.train.sample_ledger else None, dist=dist,
         progress=ctx.progress and dist.is_main, stop=stop)
-    fresh = LoopState(target_samples=target_samples(cfg.train, table.num_rows, layout.global_batch))
+    def target(train: TrainConfig) -> int:
+        return target_samples(train, table.num_rows, layout.global_batch)
+
+    fresh = LoopState(target_samples=target(cfg.train), length=training_length(cfg.train))
     state, resumed = _resume(engine, settings, latest, fresh)
+    extended = _extend(state, fresh, lambda length: target(cfg.train.model_copy(update=length)))
     state = train_loop(engine, batches, settings, state, ctx.tracker.log_metrics)
     write_verify_logits(engine, ctx, out / VERIFY_FILE, dist)
     return {"steps": state.step, "samples": state.samples, "target_samples": state.target_samples,
             "tokens_trained": state.tokens, "seconds": round(state.seconds, 3),
             "tokens_per_second": state.tokens / max(state.seconds, 1e-9), "global_batch": layout.global_batch,
             "world_size": dist.world_size, "strategy": cfg.train.strategy, "resumed_from_step": resumed,
-            "trainable_parameters": _trainable(engine),
-            "final_checkpoint": f"checkpoints/step-{state.step:06d}"}
+            "trainable_parameters": _trainable(engine), **training_length(cfg.train),
+            "extended_from": extended, "final_checkpoint": f"checkpoints/step-{state.step:06d}"}
 
 
 def _resume(engine: TrainEngine, settings: LoopSettings, latest: Path | None,
@@ -88,6 +97,17 @@ def _resume(engine: TrainEngine, settings: LoopSettings, latest: Path | None,
     state.target_samples = state.target_samples or fresh.target_samples
     truncate_logs(settings, state.step)
     return state, state.step
+
+
+def _extend(state: LoopState, fresh: LoopState, target: Callable[[dict[str, Any]], int]) -> dict | None:
+    """Training was extended since the checkpoint (the runner lets only max_steps/epochs grow): train on
+    for the samples the longer run adds, at this run's global batch, and recompute the schedule for it."""
+    if not state.length or state.length == fresh.length:
+        return None
+    before = {**state.length, "target_samples": state.target_samples}
+    state.target_samples += target(fresh.length) - target(state.length)
+    state.length = fresh.length
+    return before
 
 
 def _trainable(engine: TrainEngine) -> int:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch.sweep import link_shared_data
+from pipeline.run_dir import RunDir
 from pipeline.tokenized import open_split
 from pipeline.train.data import SampleOrder
 from tests import fixtures
@@ -36,23 +38,33 @@ BATCH = {"max_steps": 5, "micro_batch_size": 2, "global_batch_size": 8, "lr": 1e
 
 
 def _config(tmp: Path, model: Path, data: Path, name: str, train: dict, launch: dict | None = None) -> Path:
+    """A run of `name` whose shard/ and tokenize/ link to the module's one prepared dataset (as a sweep
+    member's do): every run here trains on the same tokenized rows, prepared once."""
     cfg = fixtures.causal_config(tmp, model, data, name=name, train={**BATCH, **train})
     cfg["launch"] = launch or {}
     cfg["evaluate"] = {"batch_size": 8, "num_generations": 0}
+    if name != DATA_RUN:
+        link_shared_data(RunDir(tmp / "runs" / DATA_RUN), RunDir(tmp / "runs" / name))
     return fixtures.write_config(tmp / f"{name}.yaml", cfg)
+
+
+DATA_RUN = "data"
+TRAINED = ("--stages", "train,consolidate", "--no-progress")  # what these tests compare; evaluate has its own
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, tiny_llama) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("dist")
     data = fixtures.write_jsonl(tmp / "text.jsonl", [{"text": s} for s in fixtures.sentences(160)])
+    config = _config(tmp, tiny_llama, data, DATA_RUN, {})
+    assert ftpipe("run", config, "--stages", "shard,tokenize", "--no-progress") == 0
     return tmp, data
 
 
 @pytest.fixture(scope="module")
 def single_run(workspace, tiny_llama) -> Path:
     tmp, data = workspace
-    assert ftpipe("run", _config(tmp, tiny_llama, data, "single", {}), "--no-progress") == 0
+    assert ftpipe("run", _config(tmp, tiny_llama, data, "single", {}), *TRAINED) == 0
     return tmp / "runs" / "single"
 
 
@@ -60,7 +72,7 @@ def single_run(workspace, tiny_llama) -> Path:
 def test_two_ranks_match_the_single_process_run(workspace, tiny_llama, single_run, name):
     tmp, data = workspace
     config = _config(tmp, tiny_llama, data, name, STRATEGIES[name], TWO_RANKS)
-    assert ftpipe("run", config, "--no-progress") == 0
+    assert ftpipe("run", config, *TRAINED) == 0
     run = tmp / "runs" / name
     assert manifest(run, "train")["world_size"] == 2
     assert losses(run)[:5] == pytest.approx(losses(single_run)[:5], rel=1e-4)
@@ -76,7 +88,7 @@ def fsdp_whole(workspace, tiny_llama) -> Path:
     """40 uninterrupted FSDP steps on two ranks: what interrupted runs must end up equal to."""
     tmp, data = workspace
     config = _config(tmp, tiny_llama, data, "fsdp-whole", LONG_FSDP, TWO_RANKS)
-    assert ftpipe("run", config, "--no-progress") == 0
+    assert ftpipe("run", config, *TRAINED) == 0
     return tmp / "runs" / "fsdp-whole"
 
 
@@ -91,7 +103,7 @@ def _finish(process) -> None:
 def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(workspace, tiny_llama, fsdp_whole):
     tmp, data = workspace
     killed = _config(tmp, tiny_llama, data, "fsdp-killed", LONG_FSDP, {**TWO_RANKS, "max_restarts": 1})
-    process = start_run(killed)
+    process = start_run(killed, *TRAINED)
     checkpoints = tmp / "runs" / "fsdp-killed" / "train" / "checkpoints"
     wait_for_file(checkpoints / "step-000008" / "COMPLETE", process)
     os.kill(rank_pid(process.pid, 1), signal.SIGKILL)
@@ -112,7 +124,7 @@ def test_a_stop_signal_saves_every_rank_and_the_rerun_resumes_exactly(workspace,
     train = {**LONG_FSDP, **STRATEGIES[name], "checkpoint_every": 1000, "sample_ledger": True}
     config = _config(tmp, tiny_llama, data, f"stop-{name}", train, TWO_RANKS)
     run = tmp / "runs" / f"stop-{name}"
-    process = start_run(config)
+    process = start_run(config, *TRAINED)
     wait_for_lines(run / "train" / "metrics.jsonl", 5, process)
     os.kill(process.pid if receiver == "launcher" else rank_pid(process.pid, 1), signal.SIGUSR2)
     _finish(process)
@@ -123,7 +135,7 @@ def test_a_stop_signal_saves_every_rank_and_the_rerun_resumes_exactly(workspace,
     assert len(saved) == 1, "the stop writes exactly one checkpoint"
     stopped_at = int(saved[0].parent.name.split("-")[1])
     assert 5 <= stopped_at < 40
-    assert ftpipe("run", config, "--no-progress") == 0
+    assert ftpipe("run", config, *TRAINED) == 0
     assert manifest(run, "train")["resumed_from_step"] == stopped_at
     table = open_split(run / "tokenize" / "train")
     expected = SampleOrder(table.num_rows, seed=0).rows(0, 40 * BATCH["global_batch_size"])
@@ -151,13 +163,13 @@ def test_resume_at_another_world_size_loses_and_repeats_no_sample(workspace, tin
     train = {**STRATEGIES[name], "max_steps": 12, "checkpoint_every": 3, "sample_ledger": True,
              "keep_last": 10}
     config = _config(tmp, tiny_llama, data, f"ws-{name}", train, before)
-    process = start_run(config)
+    process = start_run(config, "--stages", "train")
     run = tmp / "runs" / f"ws-{name}"
     wait_for_file(run / "train" / "checkpoints" / "step-000006" / "COMPLETE", process)
     kill_tree(process)
     assert not (run / "train" / "manifest.json").exists()
     moved = [f"launch.{k}={v}" for k, v in (after or {"backend": "local", "nproc_per_node": 1}).items()]
-    assert ftpipe("run", config, "--no-progress", *moved) == 0
+    assert ftpipe("run", config, "--stages", "train", "--no-progress", *moved) == 0
     assert manifest(run, "train")["resumed_from_step"] >= 6
     assert manifest(run, "train")["world_size"] == (2 if after else 1)
     table = open_split(run / "tokenize" / "train")
@@ -179,6 +191,7 @@ def _partial_config(tmp: Path, model: Path, data: Path, name: str, partial: str,
     cfg["model"].update(PARTIAL[partial].get("model", {}))
     cfg["launch"] = launch or {}
     cfg["evaluate"] = {"batch_size": 8, "num_generations": 0}
+    link_shared_data(RunDir(tmp / "runs" / DATA_RUN), RunDir(tmp / "runs" / name))
     return fixtures.write_config(tmp / f"{name}.yaml", cfg)
 
 
@@ -189,9 +202,9 @@ def test_lora_and_freezing_work_with_every_strategy(workspace, tiny_llama, parti
     single = tmp / "runs" / f"{partial}-single"
     if not (single / "evaluate" / "manifest.json").exists():
         assert ftpipe("run", _partial_config(tmp, tiny_llama, data, f"{partial}-single", partial, {}),
-                      "--no-progress") == 0
+                      *TRAINED) == 0
     config = _partial_config(tmp, tiny_llama, data, f"{partial}-{name}", partial, STRATEGIES[name], TWO_RANKS)
-    assert ftpipe("run", config, "--no-progress") == 0
+    assert ftpipe("run", config, *TRAINED) == 0
     run = tmp / "runs" / f"{partial}-{name}"
     assert losses(run)[:5] == pytest.approx(losses(single)[:5], rel=1e-4)
     assert manifest(run, "train")["trainable_parameters"] == manifest(single, "train")["trainable_parameters"]

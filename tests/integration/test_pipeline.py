@@ -68,27 +68,31 @@ def test_rerun_skips_every_stage(tmp_path, lm_config, capsys):
     assert first == {s: manifest(run, s)["run_id"] for s in first}
 
 
-def test_config_change_reruns_that_stage_and_downstream(tmp_path, lm_config, capsys):
+def test_a_forced_changed_stage_reruns_with_what_depends_on_it(tmp_path, lm_config, capsys):
     assert ftpipe("run", lm_config, "--no-progress") == 0
     run = tmp_path / "runs" / "lm"
     before = {s: manifest(run, s)["run_id"]
               for s in ("shard", "tokenize", "train", "consolidate", "evaluate")}
-    assert ftpipe("run", lm_config, "--no-progress", "train.lr=5e-4") == 0
+    assert ftpipe("run", lm_config, "--no-progress", "train.lr=5e-4") == 2  # finished work is kept
+    assert {s: manifest(run, s)["run_id"] for s in before} == before
+    assert ftpipe("run", lm_config, "--no-progress", "train.lr=5e-4", "--force", "train") == 0
     after = {s: manifest(run, s)["run_id"] for s in before}
     assert [s for s in before if before[s] == after[s]] == ["shard", "tokenize"]
-    assert ftpipe("run", lm_config, "--no-progress", "train.lr=5e-4", "data.max_seq_len=16") == 0
+    assert ftpipe("run", lm_config, "--no-progress", "train.lr=5e-4", "data.max_seq_len=16",
+                  "--force", "tokenize") == 0
     again = {s: manifest(run, s)["run_id"] for s in before}
     assert [s for s in before if after[s] == again[s]] == ["shard"]
     assert manifest(run, "tokenize")["splits"]["train"]["max_len"] <= 16
 
 
-def test_data_change_reruns_everything(tmp_path, lm_config, text_data):
+def test_a_data_change_is_refused_until_forced_then_reruns_everything(tmp_path, lm_config, text_data):
     assert ftpipe("run", lm_config, "--no-progress") == 0
     run = tmp_path / "runs" / "lm"
     shard_id = manifest(run, "shard")["run_id"]
     with open(text_data, "a") as handle:
         handle.write(json.dumps({"text": "a brand new row about the river"}) + "\n")
-    assert ftpipe("run", lm_config, "--no-progress") == 0
+    assert ftpipe("run", lm_config, "--no-progress") == 2
+    assert ftpipe("run", lm_config, "--no-progress", "--force", "shard") == 0
     assert manifest(run, "shard")["run_id"] != shard_id
 
 

@@ -317,8 +317,11 @@ def test_chat_template_content_is_part_of_the_tokenize_fingerprint(tmp_path, tin
     cfg = config(tmp_path, tiny_llama, CHAT_ROWS, "chat", chat_template=str(template))
     assert tokenize(cfg) == 0
     template.write_text(TEMPLATE.replace("<|", "<<|"))
-    actions = {p.name: (p.action, p.reason) for p in plan(load_config(cfg), ["shard", "tokenize"])}
-    assert actions["shard"][0] == "skip" and actions["tokenize"] == ("run", "config, inputs or code changed")
+    with pytest.raises(UserError, match=r"^tokenize: data\.chat_template: \w+ -> \w+ since it finished"):
+        plan(load_config(cfg), ["shard", "tokenize"])
+    forced = plan(load_config(cfg), ["shard", "tokenize"], force=("tokenize",))
+    actions = {p.name: (p.action, p.reason) for p in forced}
+    assert actions["shard"][0] == "skip" and actions["tokenize"] == ("run", "forced")
 
 
 def test_chat_without_any_template_is_a_one_line_error(tmp_path, tiny_llama, capsys):

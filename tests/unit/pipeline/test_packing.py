@@ -177,7 +177,10 @@ def test_tokenize_packs_every_example_once_and_reports_efficiency(tmp_path, tiny
 def test_packing_is_part_of_the_tokenize_fingerprint_only(tmp_path, tiny_llama):
     cfg = text_config(tmp_path, tiny_llama, "fp", False)
     assert ftpipe("run", cfg, "--no-progress", "--stages", "shard,tokenize") == 0
-    actions = {p.name: p.action for p in plan(load_config(cfg, ["data.packing=true"]), ["shard", "tokenize"])}
+    packed = load_config(cfg, ["data.packing=true"])
+    with pytest.raises(UserError, match=r"^tokenize: data\.packing: False -> True since it finished"):
+        plan(packed, ["shard", "tokenize"])
+    actions = {p.name: p.action for p in plan(packed, ["shard", "tokenize"], force=("tokenize",))}
     assert actions["shard"] == "skip" and actions["tokenize"] == "run"
 
 

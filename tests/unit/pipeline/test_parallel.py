@@ -121,7 +121,8 @@ def test_only_work_whose_inputs_changed_reruns(tmp_path, tiny_llama):
     # b is source 1: its pieces are units 1 and 3 of each split (shard-major, source-minor)
     old = _mtimes(run)
     b.write_text(b.read_text().replace("cat", "dog"))
-    assert ftpipe("run", cfg, *DATA_STAGES) == 0
+    assert ftpipe("run", cfg, *DATA_STAGES) == 2 and _changed(old, run) == []  # finished work is kept
+    assert ftpipe("run", cfg, *DATA_STAGES, "--force", "shard") == 0  # ...until forced: only what changed
     assert manifest(run, "shard")["reused_sources"] == 1 and manifest(run, "shard")["ran_sources"] == 1
     assert manifest(run, "tokenize")["ran_shards"] == 4
     assert _changed(old, run) == ["eval/00001.json", "eval/00003.json", "train/00001.json",
@@ -129,14 +130,14 @@ def test_only_work_whose_inputs_changed_reruns(tmp_path, tiny_llama):
 
     # a tokenize key: every unit, no shard work
     old = _mtimes(run)
-    assert ftpipe("run", cfg, *DATA_STAGES, "data.max_seq_len=24") == 0
+    assert ftpipe("run", cfg, *DATA_STAGES, "data.max_seq_len=24", "--force", "tokenize") == 0
     assert manifest(run, "shard")["run_id"] and manifest(run, "tokenize")["ran_shards"] == 8
     assert len(_changed(old, run)) == 8
 
     # the tokenizer's files: every unit
     tokenizer = model / "tokenizer.json"
     tokenizer.write_text(json.dumps(json.loads(tokenizer.read_text()), indent=1))
-    assert ftpipe("run", cfg, *DATA_STAGES, "data.max_seq_len=24") == 0
+    assert ftpipe("run", cfg, *DATA_STAGES, "data.max_seq_len=24", "--force", "tokenize") == 0
     assert (manifest(run, "shard")["ran_sources"], manifest(run, "tokenize")["ran_shards"]) == (1, 8)
 
     # nothing changed: both stages skipped; --force tokenize redoes every unit, reuses the shard
@@ -152,7 +153,7 @@ def test_shard_keys_redo_every_source(tmp_path, tiny_llama, key):
     cfg = _config(tmp_path, tiny_llama, "keys", 1)
     run = tmp_path / "runs" / "keys"
     assert ftpipe("run", cfg, *DATA_STAGES) == 0
-    assert ftpipe("run", cfg, *DATA_STAGES, key) == 0
+    assert ftpipe("run", cfg, *DATA_STAGES, key, "--force", "shard") == 0
     shards = 3 if key.endswith("=3") else 2
     assert (manifest(run, "shard")["ran_sources"] == 2
             and manifest(run, "tokenize")["ran_shards"] == 2 * 2 * shards)

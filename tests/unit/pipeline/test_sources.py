@@ -63,7 +63,8 @@ def test_weights_repeat_or_thin_training_rows_and_limits_cap_a_source(tmp_path, 
     assert _rows(run, "train") == train
     changed = _config(tmp_path, tiny_llama, "mix", [str(a), {"path": str(b), "weight": 3.0},
                                                     {"path": str(c), "weight": 0.5, "limit": 60}])
-    assert ftpipe("run", changed, *SHARD_ONLY) == 0
+    assert ftpipe("run", changed, *SHARD_ONLY) == 2  # a finished stage is redone only when forced
+    assert ftpipe("run", changed, *SHARD_ONLY, "--force", "shard") == 0
     assert manifest(run, "shard")["ran_sources"] == 1 and manifest(run, "shard")["reused_sources"] == 2
     assert set(Counter(t for (s, _), t in _rows(run, "train").items() if s == "b.jsonl")) == {3}
 

@@ -145,6 +145,6 @@ def test_a_changed_tokenizer_is_saved_again_and_used(tmp_path, text_data):
     hf = load_tokenizer(model)
     assert hf.add_tokens(["e c"]) == 1  # "the cat", "house cat": ids change across words
     hf.save_pretrained(model)
-    _tokenize(cfg)
+    _tokenize(cfg, "--force", "tokenize")
     assert len(list((tmp_path / "runs" / SAVED_TOKENIZERS).glob("*.tokenizer.json"))) == 2
     assert not _rows(run).equals(before) and _rows(run).equals(_rows_transformers_gives(run, model))
