@@ -171,7 +171,7 @@ def claim_forced(cfg: RunConfig, planned: list[PlannedStage]) -> None:
     run_dir = RunDir(cfg.run_dir)
     for planned_stage in planned:
         if planned_stage.reason == FORCED and planned_stage.action == "run":
-            run_dir.claim_stage(planned_stage.name, planned_stage.claim, discard=True)
+            run_dir.claim_stage(planned_stage.name, planned_stage.claim, discard=planned_stage.discard)
 
 
 StageLauncher = Callable[[Stage, RunConfig, StageContext], dict[str, Any]]
