@@ -113,15 +113,15 @@ class DataConfig(Section):
         description="Label names in index order; rows may give a name or an index.")
     eval_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of train rows held out by a stable hash of the row.")
-    num_shards: int = Field(4, ge=1, le=10_000,
-        description="Number of parquet shards the shard stage writes per split.")
+    num_shards: int = Field(
+        4, ge=1, le=10_000, description="Number of parquet shards the shard stage writes per split.")
     num_workers: int = Field(
         1, ge=1, le=1024,
         description="Workers the shard and tokenize stages spread their work over (one source file "
         "or one shard piece per task; processes, or threads for tokenize with a fast tokenizer); the output "
         "is the same for any value.")
-    max_seq_len: int = Field(128, ge=8, le=1_048_576,
-        description="Tokens per example; see overlong for longer ones.")
+    max_seq_len: int = Field(
+        128, ge=8, le=1_048_576, description="Tokens per example; see overlong for longer ones.")
     overlong: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="Examples longer than max_seq_len: truncate the end, drop them (tokenize "
         "rejects), or stop with an error naming the row.")
@@ -206,21 +206,21 @@ class TrainConfig(Section):
     freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="Partial fine-tuning.")
     sample_ledger: bool = Field(
         False, description="Write train/ledger/rank-N.jsonl: the row ids each rank trained at each step.")
-    epochs: float = Field(1.0, gt=0, le=100_000,
-        description="Passes over the training data (fractions allowed).")
-    max_steps: int | None = Field(None, ge=1, le=10**10,
-        description="Optimizer steps; overrides epochs when set.")
+    epochs: float = Field(
+        1.0, gt=0, le=100_000, description="Passes over the training data (fractions allowed).")
+    max_steps: int | None = Field(
+        None, ge=1, le=10**10, description="Optimizer steps; overrides epochs when set.")
     micro_batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Examples per forward pass per rank.")
-    grad_accum: int = Field(1, ge=1, le=MAX_BATCH,
-        description="Micro-batches accumulated per optimizer step.")
+    grad_accum: int = Field(
+        1, ge=1, le=MAX_BATCH, description="Micro-batches accumulated per optimizer step.")
     global_batch_size: int | None = Field(
         None, ge=1, le=MAX_BATCH,
         description="Examples per optimizer step over all ranks; when set, grad_accum is derived "
         "from it (global / (micro_batch_size x ranks)), so the run resumes unchanged at any world size.")
     lr: float = Field(5.0e-5, gt=0, le=10, description="Peak learning rate (AdamW).")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps with linear warmup.")
-    weight_decay: float = Field(0.0, ge=0.0, le=100,
-        description="AdamW weight decay (not applied to biases/norms).")
+    weight_decay: float = Field(
+        0.0, ge=0.0, le=100, description="AdamW weight decay (not applied to biases/norms).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast.")
