@@ -11,7 +11,6 @@ from launch.process import DEBUG_ENV, quiet_libraries, reporting_errors
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir
-from pipeline.sources import check_paths
 from pipeline.stages import NAMES, names
 
 DEBUG_HELP = "show the traceback of an error too (also in torchrun ranks and SLURM jobs)"
@@ -61,8 +60,10 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
+    from pipeline.preflight import check_inputs
+
     cfg = load_config(args.config, args.overrides)
-    check_paths(cfg)
+    check_inputs(cfg)
     return cfg
 
 
