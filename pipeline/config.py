@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.config_errors import Section, check_expansion, describe_error, yaml_lines
+from pipeline.config_errors import Section, check_expansion, check_nesting, describe_error, yaml_lines
 from pipeline.config_launch import LaunchConfig
 from pipeline.errors import UserError
 
@@ -319,6 +319,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read config: {err}") from None
+    check_nesting(text, path)
     raw = _parse_yaml(path, text)
     lines = yaml_lines(text)
     for item in overrides:

@@ -112,6 +112,23 @@ def _children(node: Any, prefix: tuple[str, ...]) -> list[tuple[tuple[str, ...],
     return []
 
 
+MAX_FLOW_DEPTH = 64  # PyYAML recurses per level (RecursionError near 500) and slows down long before
+_FLOW_TOKENS = re.compile(r'"(?:\\.|[^"\\\n])*"|\'(?:[^\'\n]|\'\')*\'|(?:^|(?<=\s))#[^\n]*|[\[\]{}\n]')
+
+
+def check_nesting(text: str, path: Path | str) -> None:
+    """Refuse `[[[[...` or `{{{{...` nested past MAX_FLOW_DEPTH before PyYAML spends seconds on it;
+    brackets in quoted strings and comments do not count."""
+    depth = line = 0
+    for token in _FLOW_TOKENS.finditer(text):
+        char = token.group()
+        line += char == "\n"
+        depth += (char in "[{") - (char in "]}")
+        if depth > MAX_FLOW_DEPTH:
+            raise UserError(f"{path}:{line + 1}: invalid YAML: nested too deeply (more than "
+                            f"{MAX_FLOW_DEPTH} levels of [ or {{)")
+
+
 MAX_CONFIG_VALUES = 100_000  # a real config has a few hundred; aliases can make billions
 
 
