@@ -25,6 +25,8 @@ RUN_DIR_DEPTH = 200
 def check_inputs(cfg: RunConfig) -> None:
     """Every check a config gets before anything runs; UserError naming the key on the first problem."""
     check_paths(cfg)
+    if cfg.train.deepspeed.config:
+        check_json_file("train.deepspeed.config", Path(cfg.train.deepspeed.config))
     model_config = check_model(cfg.model.name_or_path)
     check_output(cfg)
     if model_config is not None:
@@ -49,6 +51,20 @@ def check_model(name: str) -> dict[str, Any] | None:
     return config
 
 
+def check_json_file(key: str, path: Path) -> dict[str, Any]:
+    """A JSON object in a file the config names (read at train time; checked now)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or err
+        raise UserError(f"{key}: cannot read {_short(str(path))!r}: {reason}") from None
+    except ValueError as err:
+        raise UserError(f"{key}: {path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{key}: {path}: expected a JSON object")
+    return data
+
+
 def _check_hub_id(name: str) -> None:
     # A path that is missing must not be sent to the hub: say that the folder is not there.
     first = name.split("/")[0]
@@ -63,13 +79,7 @@ def _model_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.is_file():
         raise UserError(f"model.name_or_path: {str(folder)!r} has no config.json")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as err:
-        raise UserError(f"model.name_or_path: {path}: not a readable JSON file ({err})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"model.name_or_path: {path}: expected a JSON object")
-    return config
+    return check_json_file("model.name_or_path", path)
 
 
 def _check_weights(folder: Path) -> None:
@@ -120,7 +130,7 @@ def check_output(cfg: RunConfig) -> None:
             return
 
 
-def _short(text: str, limit: int = 60) -> str:
+def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
 
 

@@ -59,7 +59,11 @@ def check_paths(cfg: RunConfig) -> None:
     for source in source_files(cfg):
         check_source(source)
     template = cfg.data.chat_template
-    if template is not None and not Path(template).is_file():
+    try:
+        found = template is None or Path(template).is_file()
+    except OSError as err:  # a name longer than the file system allows
+        raise UserError(f"data.chat_template: {err.strerror}: {template[:60]!r}...") from None
+    if not found:
         raise UserError(f"data.chat_template: no file {template!r}")
 
 
