@@ -25,7 +25,7 @@ from pipeline.errors import UserError
 # the kernel's OOM killer): the sizes of batches, label sets and names.
 MAX_BATCH = 65_536  # examples per forward pass, per optimizer step
 MAX_LABELS = 100_000
-MAX_NAME = 128  # run names; each path component of a run also gets prefixes and suffixes (<= 255 bytes)
+MAX_NAME = 200  # run names; a temporary name adds 14 characters, and a path component holds 255 bytes
 
 
 class LoraConfig(Section):
