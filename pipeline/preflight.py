@@ -18,6 +18,9 @@ from pipeline.sources import check_paths
 HUB_ID = r"[\w.-]+(/[\w.-]+)?"
 NAME_MAX = 255  # bytes in one path component on every file system ftpipe is used on
 PATH_MAX = 4096
+# One of these is in every folder AutoTokenizer loads from (fast, sentencepiece or vocab-file tokenizers).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
 # Longest suffix ftpipe puts under a run directory (stage, parts/NNNNN, temporaries, file names).
 RUN_DIR_DEPTH = 200
 
@@ -48,6 +51,9 @@ def check_model(name: str) -> dict[str, Any] | None:
         raise UserError(f"model.name_or_path: {name!r} is a file, not a model directory")
     config = _model_config(local)
     _check_weights(local)
+    if not any((local / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"model.name_or_path: {name!r} has no tokenizer files "
+                        f"({', '.join(TOKENIZER_FILES[:3])}, ...); tokenize would stop after shard")
     return config
 
 
@@ -123,7 +129,11 @@ def check_output(cfg: RunConfig) -> None:
         raise UserError(f"output_dir: {_short(str(run_dir))!r} is too long a path for the files of a run "
                         f"(at most {PATH_MAX - RUN_DIR_DEPTH} characters)")
     for folder in (run_dir, *run_dir.parents):
-        if folder.exists():
+        try:
+            exists = folder.exists()
+        except OSError as err:  # no permission to look
+            raise UserError(f"output_dir: cannot look at {str(folder)!r}: {err.strerror}") from None
+        if exists:
             if not folder.is_dir():
                 key = "name" if folder == run_dir else "output_dir"
                 raise UserError(f"{key}: {str(folder)!r} is a file, not a folder")

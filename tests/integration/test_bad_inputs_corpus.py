@@ -74,7 +74,7 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path, shared_model, capsys, 
     work = tmp_path / "work"
     argv = prepare(case, work, shared_model)
     monkeypatch.chdir(work)  # relative paths in the cases are relative to the case's folder
-    monkeypatch.delenv("FTPIPE_DEBUG", raising=False)
+    monkeypatch.setenv("FTPIPE_DEBUG", "0")
     before = snapshot(work, shared_model)
     capsys.readouterr()
 
@@ -103,13 +103,13 @@ def test_debug_shows_the_traceback_then_the_line(tmp_path, shared_model, capsys,
     work = tmp_path / "work"
     argv = prepare(case, work, shared_model)
     monkeypatch.chdir(work)
-    monkeypatch.delenv("FTPIPE_DEBUG", raising=False)  # restored after the test: --debug sets it
+    monkeypatch.setenv("FTPIPE_DEBUG", "0")  # --debug sets it to 1; monkeypatch restores it after the test
     capsys.readouterr()
     assert ftpipe("--debug", *argv) == 2
     first = capsys.readouterr().err
     assert first.startswith("Traceback (most recent call last):")
     assert first.splitlines()[-1].startswith("ftpipe: error: model.name_or_path: ")
     assert "raise UserError" in first
-    monkeypatch.delenv("FTPIPE_DEBUG")
+    monkeypatch.setenv("FTPIPE_DEBUG", "0")
     assert ftpipe(*argv, "--debug") == 2  # after the subcommand too
     assert capsys.readouterr().err == first

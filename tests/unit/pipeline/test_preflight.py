@@ -19,6 +19,7 @@ def test_real_safetensors_pass_and_a_cut_one_is_named(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
+    (folder / "tokenizer.json").write_text("{}")
     weights = folder / "model.safetensors"
     save_file({"a": np.ones((64, 64), np.float32), "b": np.zeros(3, np.int64)}, str(weights),
               metadata={"format": "pt"})
