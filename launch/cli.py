@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from launch.process import quiet_libraries, reporting_errors
+from launch.process import DEBUG_ENV, quiet_libraries, reporting_errors
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir
-from pipeline.sources import check_paths
 from pipeline.stages import NAMES, names
+
+DEBUG_HELP = "show the traceback of an error too (also in torchrun ranks and SLURM jobs)"
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftpipe",
                                      description="Fine-tune Hugging Face models from one YAML file.")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline (skipping stages that are up to date)")
     _config_args(run)
@@ -43,6 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="print the SLURM job logs (stdout, stderr) of a stage")
     logs.add_argument("run_dir", type=Path)
     logs.add_argument("stage", choices=NAMES)
+    for command in sub.choices.values():  # `ftpipe run cfg.yaml --debug` as well as `ftpipe --debug run`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
 
 
@@ -58,8 +63,10 @@ def _stage_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace) -> RunConfig:
+    from pipeline.preflight import check_inputs
+
     cfg = load_config(args.config, args.overrides)
-    check_paths(cfg)
+    check_inputs(cfg)
     return cfg
 
 
@@ -208,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    if args.debug:
+        os.environ[DEBUG_ENV] = "1"
     quiet_libraries()
     return reporting_errors(lambda: COMMANDS[args.command](args))
 

@@ -8,6 +8,7 @@ import importlib.abc
 import logging
 import os
 import sys
+import traceback
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from pipeline.errors import StagePreempted, UserError
 
 STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; running again resumes
+DEBUG_ENV = "FTPIPE_DEBUG"  # set by `ftpipe --debug`; torchrun ranks and SLURM jobs inherit it
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -73,12 +75,15 @@ def quiet_libraries() -> None:
 def reporting_errors(command: Callable[[], int],
                      on_user_error: Callable[[UserError], None] | None = None) -> int:
     """Run an entry point's command; a user's mistake is one line on stderr and exit code 2, a stop
-    after a checkpoint is exit code 75 (running again resumes), never a traceback."""
+    after a checkpoint is exit code 75 (running again resumes), never a traceback (unless FTPIPE_DEBUG=1,
+    which `--debug` sets: then the traceback comes before the line)."""
     try:
         return command()
     except UserError as err:
         if on_user_error is not None:
             on_user_error(err)
+        if os.environ.get(DEBUG_ENV) == "1":
+            traceback.print_exc(file=sys.stderr)
         print(f"ftpipe: error: {err}", file=sys.stderr)
         return 2
     except StagePreempted as stopped:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
@@ -16,14 +17,20 @@ from pydantic import (
     model_validator,
 )
 
-from pipeline.config_errors import Section, describe_error, yaml_lines
+from pipeline.config_errors import Section, check_expansion, check_nesting, describe_error, yaml_lines
 from pipeline.config_launch import LaunchConfig
 from pipeline.errors import UserError
 
+# Bounds far above any real run that stop absurd values at `validate` instead of hours later (or in
+# the kernel's OOM killer): the sizes of batches, label sets and names.
+MAX_BATCH = 65_536  # examples per forward pass, per optimizer step
+MAX_LABELS = 100_000
+MAX_NAME = 200  # run names; a temporary name adds 14 characters, and a path component holds 255 bytes
+
 
 class LoraConfig(Section):
-    r: int = Field(8, ge=1, description="Adapter rank.")
-    alpha: float = Field(16.0, gt=0, description="Adapter scaling numerator (scale = alpha / r).")
+    r: int = Field(8, ge=1, le=4096, description="Adapter rank.")
+    alpha: float = Field(16.0, gt=0, le=1e6, description="Adapter scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     target_modules: list[str] | str = Field(
         "all-linear", description="Module names (or 'all-linear') that get adapters.")
@@ -36,7 +43,8 @@ class ModelConfig(Section):
     task: Literal["causal_lm", "sequence_classification"] = Field(
         "causal_lm", description="Head to train: next-token prediction or sequence classification.")
     num_labels: int | None = Field(
-        None, ge=2, description="Classes for sequence_classification; defaults to len(data.labels).")
+        None, ge=2, le=MAX_LABELS,
+        description="Classes for sequence_classification; defaults to len(data.labels).")
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) instead of the full model.")
 
 
@@ -101,15 +109,19 @@ class DataConfig(Section):
         "prompt_completion rows); assistant (the assistant turns of chat rows). null: completion, assistant "
         "or all by format.")
     labels: list[str] | None = Field(
-        None, description="Label names in index order; rows may give a name or an index.")
+        None, max_length=MAX_LABELS,
+        description="Label names in index order; rows may give a name or an index.")
     eval_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of train rows held out by a stable hash of the row.")
-    num_shards: int = Field(4, ge=1, description="Number of parquet shards the shard stage writes per split.")
+    num_shards: int = Field(
+        4, ge=1, le=10_000, description="Number of parquet shards the shard stage writes per split.")
     num_workers: int = Field(
-        1, ge=1, description="Workers the shard and tokenize stages spread their work over (one source file "
+        1, ge=1, le=1024,
+        description="Workers the shard and tokenize stages spread their work over (one source file "
         "or one shard piece per task; processes, or threads for tokenize with a fast tokenizer); the output "
         "is the same for any value.")
-    max_seq_len: int = Field(128, ge=8, description="Tokens per example; see overlong for longer ones.")
+    max_seq_len: int = Field(
+        128, ge=8, le=1_048_576, description="Tokens per example; see overlong for longer ones.")
     overlong: Literal["truncate", "drop", "error"] = Field(
         "truncate", description="Examples longer than max_seq_len: truncate the end, drop them (tokenize "
         "rejects), or stop with an error naming the row.")
@@ -178,7 +190,8 @@ class FreezeConfig(Section):
     patterns: list[str] = Field(
         default_factory=list, description="Parameter-name globs to freeze, e.g. 'model.embed_tokens.*'.")
     train_last_layers: int | None = Field(
-        None, ge=0, description="Freeze everything but the last N transformer layers and the head.")
+        None, ge=0, le=100_000,
+        description="Freeze everything but the last N transformer layers and the head.")
     head_only: bool = Field(False, description="Freeze everything but the task head.")
 
 
@@ -193,30 +206,35 @@ class TrainConfig(Section):
     freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="Partial fine-tuning.")
     sample_ledger: bool = Field(
         False, description="Write train/ledger/rank-N.jsonl: the row ids each rank trained at each step.")
-    epochs: float = Field(1.0, gt=0, description="Passes over the training data (fractions allowed).")
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
-    micro_batch_size: int = Field(8, ge=1, description="Examples per forward pass per rank.")
-    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    epochs: float = Field(
+        1.0, gt=0, le=100_000, description="Passes over the training data (fractions allowed).")
+    max_steps: int | None = Field(
+        None, ge=1, le=10**10, description="Optimizer steps; overrides epochs when set.")
+    micro_batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Examples per forward pass per rank.")
+    grad_accum: int = Field(
+        1, ge=1, le=MAX_BATCH, description="Micro-batches accumulated per optimizer step.")
     global_batch_size: int | None = Field(
-        None, ge=1, description="Examples per optimizer step over all ranks; when set, grad_accum is derived "
+        None, ge=1, le=MAX_BATCH,
+        description="Examples per optimizer step over all ranks; when set, grad_accum is derived "
         "from it (global / (micro_batch_size x ranks)), so the run resumes unchanged at any world size.")
-    lr: float = Field(5.0e-5, gt=0, description="Peak learning rate (AdamW).")
+    lr: float = Field(5.0e-5, gt=0, le=10, description="Peak learning rate (AdamW).")
     warmup_ratio: float = Field(0.0, ge=0.0, lt=1.0, description="Share of steps with linear warmup.")
-    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay (not applied to biases/norms).")
+    weight_decay: float = Field(
+        0.0, ge=0.0, le=100, description="AdamW weight decay (not applied to biases/norms).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
-    seed: int = Field(0, description="Seed for initialisation, data order and dropout.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast.")
-    checkpoint_every: int = Field(100, ge=1, description="Optimizer steps between checkpoints.")
-    keep_last: int = Field(2, ge=1, description="Complete checkpoints kept on disk.")
-    log_every: int = Field(1, ge=1, description="Optimizer steps between logged metrics.")
+    checkpoint_every: int = Field(100, ge=1, le=10**10, description="Optimizer steps between checkpoints.")
+    keep_last: int = Field(2, ge=1, le=10_000, description="Complete checkpoints kept on disk.")
+    log_every: int = Field(1, ge=1, le=10**10, description="Optimizer steps between logged metrics.")
 
 
 class EvaluateConfig(Section):
-    batch_size: int = Field(32, ge=1, description="Examples per evaluation forward pass.")
+    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="Examples per evaluation forward pass.")
     compare_base: bool = Field(False, description="Also score the untouched base model (before/after table).")
     num_generations: int = Field(
-        4, ge=0, description="causal_lm: eval examples continued into samples.jsonl.")
-    max_new_tokens: int = Field(32, ge=1, description="causal_lm: tokens generated per sample.")
+        4, ge=0, le=100_000, description="causal_lm: eval examples continued into samples.jsonl.")
+    max_new_tokens: int = Field(32, ge=1, le=1_048_576, description="causal_lm: tokens generated per sample.")
 
 
 class TrackingConfig(Section):
@@ -228,7 +246,8 @@ class TrackingConfig(Section):
 
 class RunConfig(Section):
     name: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; the run directory's name.")
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=MAX_NAME,
+        description="Run name; the run directory's name.")
     output_dir: str = Field("runs", description="Parent folder of run directories.")
     model: ModelConfig
     data: DataConfig
@@ -261,6 +280,18 @@ class RunConfig(Section):
             raise ValueError("launch.nnodes > 1 needs launch.rdzv_endpoint (HOST:PORT of the first node)")
         if self.train.deepspeed.config and self.train.strategy != "deepspeed":
             raise ValueError("train.deepspeed.config is set but train.strategy is not 'deepspeed'")
+        if self.launch.node_rank >= self.launch.nnodes:
+            raise ValueError(f"launch.node_rank {self.launch.node_rank} must be below launch.nnodes "
+                             f"{self.launch.nnodes}")
+        self._check_batch(ranks)
+
+    def _check_batch(self, ranks: int) -> None:
+        # Training draws a whole optimizer step's row ids at once; more than MAX_BATCH is a mistake.
+        train = self.train
+        step = train.global_batch_size or train.micro_batch_size * train.grad_accum * ranks
+        if step > MAX_BATCH:
+            raise ValueError(f"train: {step} examples per optimizer step (micro_batch_size x grad_accum x "
+                             f"ranks) is more than {MAX_BATCH}; lower train.micro_batch_size or grad_accum")
 
     def _check_labels(self) -> None:
         labels, num = self.data.labels, self.model.num_labels
@@ -288,12 +319,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read config: {err}") from None
+    check_nesting(text, path)
     raw = _parse_yaml(path, text)
     lines = yaml_lines(text)
     for item in overrides:
         key = _apply_override(raw, item)
         for loc in [loc for loc in lines if loc[: len(key)] == key]:
             del lines[loc]  # the value now comes from the command line, not from that line
+    check_expansion(raw, path)
     return validate_config(raw, path, lines)
 
 
@@ -316,6 +349,12 @@ def _parse_yaml(path: Path, text: str) -> dict:
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise UserError(f"{where}: invalid YAML: {problem}") from None
+    except RecursionError:
+        raise UserError(f"{path}: invalid YAML: nested too deeply") from None
+    except ValueError:  # PyYAML's int() of a number longer than Python converts
+        digits = re.search(r"[0-9_]{4301,}", text)
+        where = f"{path}:{text.count(chr(10), 0, digits.start()) + 1}" if digits else str(path)
+        raise UserError(f"{where}: invalid YAML: a number with more than 4300 digits") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the config must be a YAML mapping of sections (name, model, data, ...)")
     return raw

@@ -8,13 +8,25 @@ from pathlib import Path
 from typing import Any, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from pipeline.errors import UserError
 
 
 class Section(BaseModel):
     """A section of the run config: an unknown key in it is an error (with a suggestion), not ignored."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # inf and nan pass `gt`/`le` bounds (nan compares false) and would fail hours later, if at all.
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # Every path API refuses a NUL byte with a ValueError, at whichever stage first opens the path.
+        items = value if isinstance(value, list) else [value]
+        if any(isinstance(item, str) and "\0" in item for item in items):
+            raise ValueError("must not contain a NUL character")
+        return value
 
 def describe_error(error: dict, path: Path | str, lines: dict, root: type[BaseModel],
                    tags: tuple[str, ...] = ()) -> str:
@@ -29,10 +41,14 @@ def describe_error(error: dict, path: Path | str, lines: dict, root: type[BaseMo
         return f"{where}: missing required key '{dotted}'"
     message = re.sub(r"^Value error, ", "", error["msg"])
     got = error.get("input")
-    shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) or got is None else f" (got {_short(repr(got))})"
     if not loc:
         return f"{where}: {message}"
     return f"{where}: {dotted}: {message}{shown}"
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def closest_key(root: type[BaseModel], loc: tuple[str, ...]) -> str | None:
@@ -64,25 +80,82 @@ def nested_model(annotation: Any) -> type[BaseModel] | None:
 
 
 def yaml_lines(text: str | None) -> dict[tuple[str, ...], int]:
-    """Map each key path in the YAML text to its 1-based line, for error messages."""
+    """Map each key path in the YAML text to its 1-based line, for error messages. Each node is
+    visited once: an alias (`*name`) points at its anchor's node, and following aliases again and
+    again costs exponential time in a few hundred bytes ("billion laughs")."""
     if not text:
         return {}
     try:
         root = yaml.compose(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError, ValueError):
         return {}
     found: dict[tuple[str, ...], int] = {}
-
-    def walk(node: Any, prefix: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                here = (*prefix, str(key.value))
-                found[here] = key.start_mark.line + 1
-                walk(value, here)
-        elif isinstance(node, yaml.SequenceNode):
-            for index, value in enumerate(node.value):
-                found[(*prefix, str(index))] = value.start_mark.line + 1
-                walk(value, (*prefix, str(index)))
-
-    walk(root, ())
+    seen: set[int] = set()
+    pending: list[tuple[Any, tuple[str, ...]]] = [(root, ())]
+    while pending:
+        node, prefix = pending.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        for here, line, child in _children(node, prefix):
+            found.setdefault(here, line)
+            pending.append((child, here))
     return found
+
+
+def _children(node: Any, prefix: tuple[str, ...]) -> list[tuple[tuple[str, ...], int, Any]]:
+    if isinstance(node, yaml.MappingNode):
+        return [((*prefix, str(key.value)), key.start_mark.line + 1, value) for key, value in node.value]
+    if isinstance(node, yaml.SequenceNode):
+        return [((*prefix, str(index)), value.start_mark.line + 1, value)
+                for index, value in enumerate(node.value)]
+    return []
+
+
+MAX_FLOW_DEPTH = 64  # PyYAML recurses per level (RecursionError near 500) and slows down long before
+_FLOW_TOKENS = re.compile(r'"(?:\\.|[^"\\\n])*"|\'(?:[^\'\n]|\'\')*\'|(?:^|(?<=\s))#[^\n]*|[\[\]{}\n]')
+
+
+def check_nesting(text: str, path: Path | str) -> None:
+    """Refuse `[[[[...` or `{{{{...` nested past MAX_FLOW_DEPTH before PyYAML spends seconds on it;
+    brackets in quoted strings and comments do not count."""
+    depth = line = 0
+    for token in _FLOW_TOKENS.finditer(text):
+        char = token.group()
+        line += char == "\n"
+        depth += (char in "[{") - (char in "]}")
+        if depth > MAX_FLOW_DEPTH:
+            raise UserError(f"{path}:{line + 1}: invalid YAML: nested too deeply (more than "
+                            f"{MAX_FLOW_DEPTH} levels of [ or {{)")
+
+
+MAX_CONFIG_VALUES = 100_000  # a real config has a few hundred; aliases can make billions
+
+
+def check_expansion(raw: Any, path: Path | str) -> None:
+    """Refuse a config whose aliases expand it past MAX_CONFIG_VALUES values, or that contains
+    itself; counted without expanding (each shared list or mapping once)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    pending: list[tuple[Any, bool]] = [(raw, False)]
+    while pending:
+        node, closing = pending.pop()
+        items = _items(node)
+        if closing:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes.get(id(item), 1) for item in items)
+            if sizes[id(node)] > MAX_CONFIG_VALUES:
+                raise UserError(f"{path}: YAML aliases (*name) expand the config to more than "
+                                f"{MAX_CONFIG_VALUES} values; write the values out")
+        elif id(node) in open_nodes:
+            raise UserError(f"{path}: a YAML alias (*name) makes the config contain itself")
+        elif id(node) not in sizes and items is not None:
+            open_nodes.add(id(node))
+            pending.append((node, True))
+            pending += [(item, False) for item in items if _items(item) is not None]
+
+
+def _items(node: Any) -> list | None:
+    if isinstance(node, dict):
+        return list(node.values())
+    return node if isinstance(node, list) else None

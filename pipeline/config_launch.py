@@ -30,24 +30,28 @@ class SlurmConfig(Section):
         "4:00:00", description="Time limit of each job, in sbatch --time syntax (minutes, H:MM:SS, "
         "D-HH:MM:SS).")
     cpus_per_task: int | None = Field(
-        None, ge=1, description="CPUs per task; the train job has one task per node. null: the cluster's "
+        None, ge=1, le=100_000,
+        description="CPUs per task; the train job has one task per node. null: the cluster's "
         "default.")
     mem: str | None = Field(
         None, description="Memory per node, in sbatch --mem syntax (e.g. 64G); null: the cluster's default.")
     constraint: str | None = Field(None, description="Node features the jobs need (sbatch --constraint).")
     exclusive: bool = Field(False, description="Train job: whole nodes only (sbatch --exclusive).")
     gpus_per_node: int | None = Field(
-        None, ge=0, description="GPUs per node of the train job; null: none requested.")
+        None, ge=0, le=1024, description="GPUs per node of the train job; null: none requested.")
     signal_lead_seconds: int = Field(
-        120, ge=0, description="SLURM sends SIGUSR2 this many seconds before the time limit (sbatch "
+        120, ge=0, le=86_400,
+        description="SLURM sends SIGUSR2 this many seconds before the time limit (sbatch "
         "--signal); all ranks of the train job then save one checkpoint at the next step boundary, and the "
         "job requeues itself and resumes there.")
     max_array_tasks: int = Field(
-        64, ge=1, description="shard and tokenize run as job arrays with at most this many tasks (each takes "
+        64, ge=1, le=100_000,
+        description="shard and tokenize run as job arrays with at most this many tasks (each takes "
         "every k-th source file or shard piece); only the pieces without a current completion marker are "
         "submitted.")
     max_requeues: int = Field(
-        3, ge=0, description="Times a job is requeued after such a stop signal (time limit, preemption); "
+        3, ge=0, le=1000,
+        description="Times a job is requeued after such a stop signal (time limit, preemption); "
         "then it fails, and `ftpipe submit` resumes it.")
     setup: list[str] = Field(
         default_factory=list, description="Shell lines run in each batch script before the stage (module "
@@ -79,8 +83,8 @@ class LaunchConfig(Section):
     backend: Literal["local", "torchrun", "slurm"] = Field(
         "local", description="local: every stage in this process; torchrun: train under torchrun; "
         "slurm: `ftpipe submit` sends every stage to SLURM, train as srun + torchrun per node.")
-    nproc_per_node: int = Field(1, ge=1, description="torchrun: ranks per node.")
-    nnodes: int = Field(1, ge=1, description="torchrun: nodes.")
+    nproc_per_node: int = Field(1, ge=1, le=1024, description="torchrun: ranks per node.")
+    nnodes: int = Field(1, ge=1, le=100_000, description="torchrun: nodes.")
     node_rank: int = Field(0, ge=0, description="torchrun: this node's rank (multi-node, static rendezvous).")
     rdzv_endpoint: str | None = Field(
         None, description="torchrun: HOST:PORT of the rendezvous (multi-node); null: localhost.")
@@ -88,7 +92,8 @@ class LaunchConfig(Section):
         None, description="torchrun: the address other nodes reach this one at (multi-node); null: the "
         "hostname's. The SLURM backend sets it to the node's NodeAddr.")
     max_restarts: int = Field(
-        0, ge=0, description="torchrun: restarts of all ranks after a rank fails (on one node as fresh "
+        0, ge=0, le=1000,
+        description="torchrun: restarts of all ranks after a rank fails (on one node as fresh "
         "torchrun launches, across nodes torchrun's own); training resumes from the latest complete "
         "checkpoint.")
     slurm: SlurmConfig = Field(

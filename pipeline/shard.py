@@ -23,9 +23,10 @@ import pyarrow.parquet as pq
 from pipeline.config import RunConfig
 from pipeline.context import StageContext
 from pipeline.digests import DigestCache, fingerprint
+from pipeline.errors import UserError
 from pipeline.formats import RowValidator, has_surrogates, shard_schema
 from pipeline.run_dir import RunDir, atomic_dir
-from pipeline.sources import SourceFile, source_files
+from pipeline.sources import SourceFile, source_files, source_key
 from pipeline.stages import NOT_SHARD_KEYS, STAGES
 from pipeline.units import check_rejects, merge_rejects, run_units
 
@@ -75,6 +76,12 @@ def _read_jsonl(path: Path) -> Iterator[RawRow]:
         except json.JSONDecodeError as err:
             yield RawRow(number, None, f"malformed JSON: {err.msg} at column {err.colno}", text)
             continue
+        except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits)
+            yield RawRow(number, None, "a number with too many digits", text)
+            continue
+        except RecursionError:
+            yield RawRow(number, None, "nested too deeply", text)
+            continue
         if not isinstance(row, dict):
             yield RawRow(number, None, f"expected a JSON object, got {type(row).__name__}", text)
         else:
@@ -93,7 +100,15 @@ def _read_csv(path: Path, delimiter: str) -> Iterator[RawRow]:
     # surrogateescape keeps undecodable bytes visible so one bad row is rejected, not the file.
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         reader = csv.DictReader(handle, delimiter=delimiter)
-        for row in reader:
+        while True:
+            first = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:  # a field over csv.field_size_limit(): reject it, read on
+                yield RawRow(first, None, f"unreadable CSV row: {err}")
+                continue
             number = reader.line_num
             values = [v for v in row.values() if isinstance(v, str)]
             if any(has_surrogates(v) for v in values):
@@ -194,6 +209,13 @@ class Sharder:
         self.sources: list[dict[str, Any]] = []
 
     def add_file(self, source: SourceFile) -> None:
+        try:
+            self._add_rows(source)
+        except (OSError, pa.ArrowException) as err:  # a file that cannot be opened or whose container broke
+            raise UserError(f"{source_key(source)}: {source.path}: cannot read: "
+                            f"{str(err).splitlines()[0]}") from None
+
+    def _add_rows(self, source: SourceFile) -> None:
         kept = rejected = train_rows = 0
         for item in read_rows(source.path, self.data.text_field):
             if source.limit is not None and kept >= source.limit:

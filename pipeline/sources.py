@@ -4,7 +4,6 @@ and the checks that touch the file system before anything runs."""
 from __future__ import annotations
 
 import glob
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,15 +50,40 @@ def source_files(cfg: RunConfig) -> list[SourceFile]:
             + [SourceFile(path, True) for path, _ in held])
 
 
+# Containers the shard stage does not open: read as text lines, every line would be rejected.
+UNREAD_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip", ".tar", ".7z", ".arrow", ".feather", ".avro")
+
+
 def check_paths(cfg: RunConfig) -> None:
-    """Fail early, naming the key, when an input the run needs is missing."""
-    source_files(cfg)
+    """Fail early, naming the key, when an input file the run reads is missing or cannot be read."""
+    for source in source_files(cfg):
+        check_source(source)
     template = cfg.data.chat_template
-    if template is not None and not Path(template).is_file():
+    try:
+        found = template is None or Path(template).is_file()
+    except OSError as err:  # a name longer than the file system allows
+        raise UserError(f"data.chat_template: {err.strerror}: {template[:60]!r}...") from None
+    if not found:
         raise UserError(f"data.chat_template: no file {template!r}")
-    name = cfg.model.name_or_path
-    local = Path(name)
-    if not local.exists() and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name):
-        raise UserError(f"model.name_or_path: {name!r} is neither a local directory nor a hub id")
-    if local.exists() and not (local / "config.json").is_file():
-        raise UserError(f"model.name_or_path: {name!r} has no config.json")
+
+
+def source_key(source: SourceFile) -> str:
+    return "data.eval" if source.held_out else "data.train"
+
+
+def check_source(source: SourceFile) -> None:
+    """A file the shard stage can open: not a compressed or binary container it does not read, and
+    a parquet file with a readable footer (a few bytes read, not the data)."""
+    suffix = source.path.suffix.lower()
+    if suffix in UNREAD_SUFFIXES:
+        raise UserError(f"{source_key(source)}: {source.path}: {suffix} files are not read; give "
+                        "jsonl, parquet, csv, tsv or txt files (decompressed)")
+    if suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            pq.read_metadata(source.path)
+        except (OSError, pa.ArrowException) as err:
+            raise UserError(f"{source_key(source)}: {source.path}: not a readable parquet file "
+                            f"({str(err).splitlines()[0]})") from None

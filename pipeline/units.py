@@ -8,9 +8,11 @@ tasks both run `run_task`. Every path comes from the stage's units, so this modu
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -189,9 +191,41 @@ def check_rejects(cfg: RunConfig, train_rows: int, total: int, rejected: Sequenc
     rows left, before training starts. `rejected` and `files`: this stage's first, then upstream's;
     `empty` says what is missing when no training row is left."""
     if train_rows == 0:
-        raise UserError(f"data.train: {empty} ({rejected[0]} rejected, see {files[0]})")
+        reasons = commonest_reasons(files[:1])
+        raise UserError(f"data.train: {empty} ({rejected[0]} rejected{reasons}, see {files[0]})")
     share = sum(rejected) / max(1, total)
     if share > cfg.data.max_reject_fraction:
         raise UserError(
             f"data: {sum(rejected)} of {total} rows rejected ({share:.1%} > data.max_reject_fraction "
-            f"{cfg.data.max_reject_fraction:.1%}); see {' and '.join(str(f) for f in files)}")
+            f"{cfg.data.max_reject_fraction:.1%}){commonest_reasons(files)}; "
+            f"see {' and '.join(str(f) for f in files)}")
+
+
+def reason_kind(reason: str) -> str:
+    """A reject reason without what varies from row to row (numbers, the trailing explanation):
+    "malformed JSON: Expecting value at column N", "unknown label N", "missing field 'text'"."""
+    return re.sub(r"(?<![\w-])[0-9]+(?![\w-])", "N", re.sub(r" \(.*\)$", "", reason))
+
+
+def commonest_reasons(files: Sequence[Path], top: int = 3) -> str:
+    """', most often: REASON (COUNT), ...' over the rejects files (those that can be read), or ''."""
+    counts: collections.Counter[str] = collections.Counter()
+    for path in files:
+        try:
+            with open(path, encoding="utf-8", errors="replace") as lines:
+                counts.update(reason_kind(str(_reason(line))) for line in lines if line.strip())
+        except OSError:
+            continue
+    if not counts:
+        return ""
+    shown = ", ".join(f"{reason} ({count})" for reason, count in counts.most_common(top))
+    others = len(counts) - top
+    return f", most often: {shown}" + (f" and {others} more" if others > 0 else "")
+
+
+def _reason(line: str) -> object:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return "unreadable reject record"
+    return record.get("reason") if isinstance(record, dict) else "unreadable reject record"

@@ -44,11 +44,9 @@ def tiny_bert(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def model_dir(tmp_path) -> Path:
-    """Enough of a model for stages that never load it: check_paths wants a config.json."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-    return folder
+    """Enough of a model for stages that never load it: the checks before a run want a config.json
+    and a weights file (here a safetensors file holding no tensors)."""
+    return fixtures.fake_model_dir(tmp_path / "model")
 
 
 @pytest.fixture

@@ -36,6 +36,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def fake_model_dir(folder: Path, config: dict | None = None) -> Path:
+    """A model directory that passes the checks before a run without holding a model: a config.json,
+    a tokenizer_config.json and a safetensors file with no tensors (an 8-byte header length, then the
+    header `{}`)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config or {}))
+    (folder / "tokenizer_config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
+    return folder
+
+
 def build_tiny_llama(folder: Path) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

@@ -315,3 +315,50 @@ def test_csv_with_utf8_bom_is_read(tmp_path, model_dir):
     assert rejects_of(cfg) == []
     assert sorted((r["text"], r["label"]) for rs in shard_rows(cfg).values() for r in rs) == [
         ("good a", 1), ("good b", 0)]
+
+
+# --- hostile rows: each is rejected, the rows around it kept ----------------------------------------
+
+
+def hostile_jsonl(folder: Path) -> list:
+    return write_source(folder / "hostile.jsonl", [
+        (J({"text": "good one"}), ("good one", None)),
+        (b'{"text": "big", "n": ' + b"9" * 5000 + b"}", ["a number with too many digits"]),
+        (b'{"text": "deep", "n": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", ["nested too deeply"]),
+        (b'{"text": "' + b"[" * 100_000 + b'"}', ("[" * 100_000, None)),  # brackets in a string are text
+        (J({"text": "good two"}), ("good two", None)),
+    ])
+
+
+def hostile_csv(folder: Path) -> list:
+    return write_source(folder / "hostile.csv", [
+        (b"good one", ("good one", None)),
+        (b'"' + b"x" * 200_000 + b'"', ["unreadable CSV row", "field larger than field limit"]),
+        (b"good two", ("good two", None)),
+    ], header=b"text")
+
+
+@pytest.mark.parametrize("build", [hostile_jsonl, hostile_csv], ids=["jsonl", "csv"])
+def test_hostile_rows_are_rejected_and_the_others_kept(tmp_path, model_dir, build):
+    expected = build(tmp_path / "src")
+    cfg = make_cfg(tmp_path, model_dir, [Path(expected[0][0])], max_reject_fraction=1.0)
+    run_shard(cfg)
+    rejects = rejects_of(cfg)
+    want = [(line, words) for _, line, words in expected if isinstance(words, list)]
+    assert [r["line"] for r in rejects] == [line for line, _ in want]
+    for record, (_, words) in zip(rejects, want):
+        assert all(word in record["reason"] for word in words), record
+    kept = sorted(r["text"] for rows in shard_rows(cfg).values() for r in rows)
+    assert kept == sorted(outcome[0] for _, _, outcome in expected if isinstance(outcome, tuple))
+
+
+@pytest.mark.parametrize("content", [b"", b"PAR1 not really parquet"], ids=["empty", "garbage"])
+def test_broken_container_file_is_one_line_naming_the_file(tmp_path, model_dir, content):
+    good = write_source(tmp_path / "good.jsonl", [(J({"text": "fine"}), None)])
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(content)
+    cfg = make_cfg(tmp_path, model_dir, [Path(good[0][0]), broken], max_reject_fraction=1.0)
+    with pytest.raises(UserError) as info:
+        run_shard(cfg)  # the stage alone: the file broke after validate read its footer
+    assert str(info.value).startswith(f"data.train: {broken}: cannot read: ")
+    assert "\n" not in str(info.value)

@@ -28,6 +28,9 @@ def _mostly_good(path: Path, good: int, bad_lines: dict[int, bytes]) -> Path:
 
 
 BAD = {3: b"{broken", 20: J({"text": ""}), 47: J([1]), 80: b"\xff", 105: J({"txt": "x"})}
+# The limit's message names the commonest reasons (here all once: the first three in file order).
+BAD_REASONS = (", most often: malformed JSON: Expecting property name enclosed in double quotes at column N "
+               "(1), empty text in field 'text' (1), expected a JSON object, got list (1) and 2 more")
 
 
 def test_too_many_rejects_stop_the_run_and_keep_rejects(tmp_path, model_dir):
@@ -37,8 +40,8 @@ def test_too_many_rejects_stop_the_run_and_keep_rejects(tmp_path, model_dir):
     with pytest.raises(UserError) as info:
         run_shard(cfg)
     where = data_dir(cfg) / "rejects.jsonl"
-    assert str(info.value) == (
-        f"data: 5 of 105 rows rejected (4.8% > data.max_reject_fraction 1.0%); see {where}")
+    assert str(info.value) == (f"data: 5 of 105 rows rejected (4.8% > data.max_reject_fraction 1.0%)"
+                               f"{BAD_REASONS}; see {where}")
     assert [(r["file"], r["line"]) for r in rejects_of(cfg)] == [(str(source), n) for n in sorted(BAD)]
 
 
@@ -67,6 +70,12 @@ NO_VALID_ROWS: dict[str, tuple[str, bytes | list, int]] = {
     "parquet-all-null": ("null.parquet", [None, None, ""], 3),
 }
 EMPTY_KINDS = list(NO_VALID_ROWS)
+NO_VALID_REASONS = {
+    "jsonl-all-bad": ("empty text in field 'text' (1), expected a JSON object, got list (1), "
+                      "invalid UTF-8 at byte N (1)"),
+    "csv-all-bad": "more fields than the header (1), invalid UTF-8 (1)",
+    "parquet-all-null": "missing field 'text' (2), empty text in field 'text' (1)",
+}
 
 
 def _write_all_bad(folder: Path, kind: str) -> tuple[Path, int]:
@@ -87,7 +96,8 @@ def test_no_valid_rows_is_an_error(tmp_path, model_dir, kind):
     with pytest.raises(UserError) as info:
         run_shard(cfg)
     where = data_dir(cfg) / "rejects.jsonl"
-    assert str(info.value) == f"data.train: no valid training rows ({bad} rejected, see {where})"
+    reasons = f", most often: {NO_VALID_REASONS[kind]}" if bad else ""
+    assert str(info.value) == f"data.train: no valid training rows ({bad} rejected{reasons}, see {where})"
     assert len(rejects_of(cfg)) == bad
 
 
@@ -117,8 +127,8 @@ def test_cli_too_many_rejects_exits_2_with_one_line(tmp_path, model_dir, capsys)
     out, err = capsys.readouterr()
     where = tmp_path / "runs" / "lm" / "shard" / "data" / "rejects.jsonl"
     assert rc == 2
-    assert err == (f"ftpipe: error: data: 5 of 105 rows rejected (4.8% > data.max_reject_fraction 1.0%); "
-                   f"see {where}\n")
+    assert err == (f"ftpipe: error: data: 5 of 105 rows rejected (4.8% > data.max_reject_fraction 1.0%)"
+                   f"{BAD_REASONS}; see {where}\n")
     assert "  shard       run" in out
     assert len(where.read_text().splitlines()) == 5
     assert not (tmp_path / "runs" / "lm" / "shard" / "manifest.json").exists()
@@ -132,7 +142,9 @@ def test_cli_no_valid_rows_exits_2_with_one_line(tmp_path, model_dir, capsys, ki
     err = capsys.readouterr().err
     where = tmp_path / "runs" / "lm" / "shard" / "data" / "rejects.jsonl"
     assert rc == 2
-    assert err == f"ftpipe: error: data.train: no valid training rows ({bad} rejected, see {where})\n"
+    reasons = f", most often: {NO_VALID_REASONS[kind]}" if bad else ""
+    assert err == (f"ftpipe: error: data.train: no valid training rows ({bad} rejected{reasons}, "
+                   f"see {where})\n")
 
 
 def test_subprocess_no_valid_rows_exits_2_without_traceback(tmp_path, model_dir):
@@ -142,4 +154,6 @@ def test_subprocess_no_valid_rows_exits_2_without_traceback(tmp_path, model_dir)
     where = tmp_path / "runs" / "lm" / "shard" / "data" / "rejects.jsonl"
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
-    assert proc.stderr == f"ftpipe: error: data.train: no valid training rows (3 rejected, see {where})\n"
+    reasons = NO_VALID_REASONS["jsonl-all-bad"]
+    assert proc.stderr == (f"ftpipe: error: data.train: no valid training rows (3 rejected, most often: "
+                           f"{reasons}, see {where})\n")

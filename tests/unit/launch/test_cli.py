@@ -10,7 +10,7 @@ import pytest
 from launch.cli import main
 from pipeline.config import load_config
 from pipeline.errors import UserError
-from pipeline.sources import check_paths
+from pipeline.preflight import check_inputs
 from tests.helpers import REPO, ftpipe_process
 
 # --- paths ---------------------------------------------------------------------------------------
@@ -19,7 +19,7 @@ from tests.helpers import REPO, ftpipe_process
 def paths_error(path: Path, *overrides: str) -> str:
     cfg = load_config(path, list(overrides))
     with pytest.raises(UserError) as info:
-        check_paths(cfg)
+        check_inputs(cfg)
     return str(info.value)
 
 
@@ -41,7 +41,7 @@ def test_glob_matching_only_a_directory_is_missing(write_cfg, tmp_path):
 def test_missing_model_dir(write_cfg, tmp_path):
     missing = tmp_path / "no-such-model"
     assert paths_error(write_cfg(), f"model.name_or_path={missing}") == (
-        f"model.name_or_path: '{missing}' is neither a local directory nor a hub id")
+        f"model.name_or_path: no directory '{missing}'")
 
 
 def test_model_dir_without_config_json(write_cfg, tmp_path):
@@ -53,7 +53,7 @@ def test_model_dir_without_config_json(write_cfg, tmp_path):
 
 def test_hub_id_is_accepted_without_a_local_directory(write_cfg):
     cfg = load_config(write_cfg(), ["model.name_or_path=HuggingFaceTB/SmolLM2-135M"])
-    check_paths(cfg)
+    check_inputs(cfg)
 
 
 # --- through the CLI -----------------------------------------------------------------------------
@@ -98,8 +98,7 @@ def _cli_cases(tmp_path: Path, data_file: Path) -> dict[str, tuple[dict, list[st
         "missing-data": ({}, ["data.train=[nope/*.jsonl]"],
                          "data.train[0]: no file matches 'nope/*.jsonl'"),
         "missing-model": ({}, [f"model.name_or_path={tmp_path}/absent"],
-                          f"model.name_or_path: '{tmp_path}/absent' is neither a local directory "
-                          "nor a hub id"),
+                          f"model.name_or_path: no directory '{tmp_path}/absent'"),
         "model-no-config-json": ({}, [f"model.name_or_path={data_file.parent}"],
                                  f"model.name_or_path: '{data_file.parent}' has no config.json"),
     }

@@ -245,3 +245,14 @@ def test_the_same_config_runs_on_any_world_size(write_cfg):
                                     "launch.nproc_per_node=4", "train.deepspeed.zero_stage=3",
                                     "train.global_batch_size=32"])
     assert cfg.launch.nproc_per_node == 4 and cfg.train.global_batch_size == 32
+
+
+
+def test_yaml_anchors_that_do_not_explode_still_work(write_cfg, model_dir, data_file):
+    text = (f"name: demo\nmodel: {{name_or_path: {q(model_dir)}}}\n"
+            f"data:\n  train: &files [{q(data_file)}]\n  eval: *files\n"
+            "train:\n  lr: 1.0e-3\n  micro_batch_size: oops\n")
+    path = write_cfg(text=text)
+    assert error_of(path).startswith(f"{path}:8: train.micro_batch_size:")  # lines still found
+    cfg = load_config(path, ["train.micro_batch_size=2"])
+    assert cfg.data.eval == cfg.data.train == [str(data_file)]

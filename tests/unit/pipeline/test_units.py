@@ -130,3 +130,18 @@ def test_worker_processes_run_the_same_task(tmp_path, cfg):
     done = list(run_tasks(units.task(LINES), cfg, run, [0, 2], 3, workers=2))
     assert sorted(d.result["fingerprint"] for d in done) == ["fp-a", "fp-c"]
     assert units.pending(LINES, cfg, run) == [1]
+
+
+def test_reject_limit_names_the_commonest_reasons_with_counts(tmp_path, cfg):
+    here, upstream = tmp_path / "here.jsonl", tmp_path / "upstream.jsonl"
+    reasons = ["malformed JSON: Expecting value at column 5", "missing field 'text'",
+               "malformed JSON: Expecting value at column 12", "unknown label 7 (expected one of 0..1)"]
+    here.write_text("".join(json.dumps({"reason": r, "line": n}) + "\n" for n, r in enumerate(reasons)))
+    upstream.write_text(json.dumps({"reason": "missing field 'text'"}) + "\n{torn\n"
+                        + json.dumps({"reason": "malformed JSON: Expecting value at column 1"}) + "\n")
+    with pytest.raises(UserError) as info:
+        units.check_rejects(cfg, 1, 10, [4, 3], [here, upstream], "none")
+    assert str(info.value) == (
+        "data: 7 of 10 rows rejected (70.0% > data.max_reject_fraction 1.0%), most often: malformed JSON: "
+        "Expecting value at column N (3), missing field 'text' (2), unknown label N (1) and 1 more; "
+        f"see {here} and {upstream}")
