@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.errors import StagePreempted, UserError
+from pipeline.run_dir import os_error_line
 
 STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; running again resumes
 
@@ -73,10 +74,12 @@ def quiet_libraries() -> None:
 def reporting_errors(command: Callable[[], int],
                      on_user_error: Callable[[UserError], None] | None = None) -> int:
     """Run an entry point's command; a user's mistake is one line on stderr and exit code 2, a stop
-    after a checkpoint is exit code 75 (running again resumes), never a traceback."""
+    after a checkpoint is exit code 75 (running again resumes), never a traceback. So is a file the
+    system refused (permissions, a full disk, a read-only filesystem): one line naming it."""
     try:
         return command()
-    except UserError as err:
+    except (UserError, OSError) as caught:
+        err = caught if isinstance(caught, UserError) else UserError(os_error_line(caught))
         if on_user_error is not None:
             on_user_error(err)
         print(f"ftpipe: error: {err}", file=sys.stderr)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pipeline
+from pipeline import units
 from pipeline.config import RunConfig
 from pipeline.context import NullStageTracker, StageContext
 from pipeline.digests import DigestCache, fingerprint
@@ -41,14 +42,14 @@ def plan(cfg: RunConfig, stages: list[str] | None = None, force: tuple[str, ...]
     for name, spec in STAGES.items():
         fp = fingerprint({"config": spec.config_inputs(cfg, cache), "code": spec.code_version(),
                           "inputs": [planned[i].fingerprint for i in spec.inputs]})
-        planned[name] = _decide(run_dir, spec, fp, planned, name in selected, name in force)
+        planned[name] = _decide(cfg, run_dir, spec, fp, planned, name in selected, name in force)
     cache.save()
     result = list(planned.values())
     _check_selection(result)
     return result
 
 
-def _decide(run_dir: RunDir, spec: Stage, fp: str, planned: dict[str, PlannedStage],
+def _decide(cfg: RunConfig, run_dir: RunDir, spec: Stage, fp: str, planned: dict[str, PlannedStage],
             selected: bool, forced: bool) -> PlannedStage:
     manifest = run_dir.read_manifest(spec.name)
     upstream = [i for i in spec.inputs if planned[i].action in ("run", "resume", "stale")]
@@ -63,6 +64,8 @@ def _decide(run_dir: RunDir, spec: Stage, fp: str, planned: dict[str, PlannedSta
     elif any(manifest.get("inputs", {}).get(i) != run_dir.read_manifest(i).get("run_id")
              for i in spec.inputs):
         reason = "input was redone since"
+    elif spec.units is not None and (damage := units.first_problem(spec.unit_stage(), cfg, run_dir)):
+        reason = damage  # the stage reruns with its units kept: only the damaged ones are redone
     else:
         return PlannedStage(spec.name, "skip", "up to date", fp)
     if not selected:
