@@ -109,7 +109,8 @@ def _try_load(folder: Path, engine: TrainEngine, dist: DistEnv) -> tuple[dict | 
     except (UserError, torch.OutOfMemoryError, MemoryError):
         raise  # the checkpoint is not at fault
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:
-        return None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        first_line = str(err).splitlines()[0][:200] if str(err) else ""
+        return None, f"{type(err).__name__}: {first_line}"
 
 
 def _resume(settings: LoopSettings, saved: dict | None, fresh: LoopState) -> tuple[LoopState, int | None]:
