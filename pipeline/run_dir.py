@@ -281,6 +281,23 @@ def vouch_for(paths: list[Path], base: Path) -> dict[str, dict[str, int]]:
     return {path.relative_to(base).as_posix(): file_record(path) for path in paths}
 
 
+def listed_damage(marker: Path) -> str | None:
+    """Why a file that `marker` (a JSON object whose "files" came from vouch_for, about files under
+    its folder) vouches for is missing or differs; None when all match. A marker of an older ftpipe
+    (not JSON) lists no files and vouches for completion only."""
+    try:
+        text = marker.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        return f"{marker} is unreadable ({err})"
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        files = json.loads(text).get("files", {})
+    except (ValueError, AttributeError):
+        return f"{marker} is torn"
+    return damaged_file(files, marker.parent, marker)
+
+
 def damaged_file(records: dict[str, dict[str, int]], base: Path, marker: Path) -> str | None:
     """The first file of `records` (from vouch_for) that is missing or differs, said in one line."""
     for name, expected in records.items():

@@ -26,9 +26,9 @@ from pipeline.distributed import DistEnv
 from pipeline.errors import UserError
 from pipeline.run_dir import (
     atomic_write_json,
-    damaged_file,
     fsync_dir,
     fsync_tree,
+    listed_damage,
     room_for,
     tree_bytes,
     vouch_for,
@@ -58,17 +58,8 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def damage(folder: Path) -> str | None:
-    """Why a complete checkpoint's files differ from what its COMPLETE lists, or None. A COMPLETE of
-    an older ftpipe (one line, no file list) vouches for nothing more than completion."""
-    marker = folder / MARKER
-    try:
-        text = marker.read_text()
-        record = json.loads(text)
-    except (OSError, UnicodeDecodeError) as err:
-        return f"{marker} is unreadable ({err})"
-    except json.JSONDecodeError:
-        return None if text.startswith("step ") else f"{marker} is torn"
-    return damaged_file(record.get("files", {}), folder, marker)
+    """Why a complete checkpoint's files differ from what its COMPLETE lists, or None."""
+    return listed_damage(folder / MARKER)
 
 
 def usable_checkpoint(root: Path, dist: DistEnv = DistEnv()) -> Path | None:

@@ -80,3 +80,13 @@ def test_a_full_disk_leaves_no_partial_and_the_earlier_checkpoints(tmp_path, mon
         checkpoint.save_checkpoint(tmp_path, 4, engine, {"step": 4})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000002"]
     assert checkpoint.damage(tmp_path / "step-000002") is None
+
+
+def test_consolidation_refuses_a_checkpoint_whose_files_changed(tmp_path):
+    from pipeline.checkpoint_readers import open_checkpoint
+
+    folder = checkpoint.save_checkpoint(tmp_path, 2, _TinyEngine(), {"step": 2})
+    state = folder / "trainer_state.json"
+    state.write_text(state.read_text() + " ")
+    with pytest.raises(UserError, match=rf"^{state} has \d+ bytes, but {folder / 'COMPLETE'} vouches for"):
+        open_checkpoint(folder)
