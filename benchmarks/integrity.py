@@ -13,13 +13,18 @@ torch.save and by save_checkpoint (fsync of every file, COMPLETE with the file r
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# Scripts run from benchmarks/ have it first on sys.path, where benchmarks/tokenize.py would shadow
+# the standard library's tokenize module.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
 import argparse
 import shutil
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
