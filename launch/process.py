@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.errors import StagePreempted, UserError
+from pipeline.run_dir import os_error_line
 
 STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; running again resumes
 DEBUG_ENV = "FTPIPE_DEBUG"  # set by `ftpipe --debug`; torchrun ranks and SLURM jobs inherit it
@@ -76,10 +77,12 @@ def reporting_errors(command: Callable[[], int],
                      on_user_error: Callable[[UserError], None] | None = None) -> int:
     """Run an entry point's command; a user's mistake is one line on stderr and exit code 2, a stop
     after a checkpoint is exit code 75 (running again resumes), never a traceback (unless FTPIPE_DEBUG=1,
-    which `--debug` sets: then the traceback comes before the line)."""
+    which `--debug` sets: then the traceback comes before the line). So is a file the system refused
+    (permissions, a full disk, a read-only filesystem): one line naming it."""
     try:
         return command()
-    except UserError as err:
+    except (UserError, OSError) as caught:
+        err = caught if isinstance(caught, UserError) else UserError(os_error_line(caught))
         if on_user_error is not None:
             on_user_error(err)
         if os.environ.get(DEBUG_ENV) == "1":

@@ -26,6 +26,10 @@ from typing import Any
 
 import torch
 
+from pipeline.errors import UserError
+from pipeline.run_dir import listed_damage
+
+COMPLETE = "COMPLETE"  # pipeline.train.checkpoint's marker: the files it lists are checked before use
 DCP_BATCH_BYTES = 64 << 20  # tensors loaded per dcp.load call: fewer calls, bounded memory
 _WRAPPERS = re.compile(r"(?:_orig_mod|_checkpoint_wrapped_module|_fsdp_wrapped_module)\.")
 
@@ -74,6 +78,9 @@ class CheckpointReader:
 
 def open_checkpoint(folder: str | Path) -> CheckpointReader:
     folder = Path(folder)
+    marker = folder / COMPLETE
+    if marker.is_file() and (damage := listed_damage(marker)):
+        raise UserError(f"{damage}: the checkpoint changed since it was written")
     readers = {"torch": TorchReader, "dcp": DCPReader, "deepspeed": DeepSpeedReader}
     fmt = checkpoint_format(folder)
     if fmt not in readers:

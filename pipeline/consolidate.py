@@ -24,7 +24,7 @@ from pipeline.config import RunConfig
 from pipeline.context import StageContext
 from pipeline.hf_writer import ShardedSafetensorsWriter, WriteResult, write_model_dir
 from pipeline.models import MODEL_CLASSES, load_model, load_model_config, prepare_pad_token
-from pipeline.run_dir import atomic_dir
+from pipeline.run_dir import atomic_dir, room_for
 from pipeline.tokenizer import load_tokenizer
 
 VERIFY_ATOL = 1e-4
@@ -43,7 +43,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     reader = open_checkpoint(checkpoint)
     adapter = is_peft(reader) and cfg.model.lora is not None and not cfg.model.lora.merge
     target = ctx.run_dir.model_dir
-    with atomic_dir(target) as tmp:
+    with room_for(target, lambda: None if adapter else model_bytes(cfg)), atomic_dir(target) as tmp:
         written = (write_adapter if adapter else write_full)(tmp, reader, cfg)
         check = verify(tmp, reader, cfg, ctx.run_dir.stage("train") / "verify.pt", adapter)
     return {"model_dir": target.name, "checkpoint": str(checkpoint.relative_to(ctx.run_dir.root)),
@@ -71,6 +71,13 @@ def write_full(folder: Path, reader: CheckpointReader, cfg: RunConfig) -> WriteR
     config = model_config(cfg)
     return write_model_dir(folder, model_tensors(reader, cfg, config), config,
                            load_tokenizer(cfg.model.name_or_path), generation_config(cfg))
+
+
+def model_bytes(cfg: RunConfig) -> int:
+    """What the fp32 weights of the full model take (the files written, within a few KiB)."""
+    with torch.device("meta"):
+        skeleton = MODEL_CLASSES[cfg.model.task].from_config(model_config(cfg))
+    return 4 * sum(p.numel() for p in skeleton.parameters())
 
 
 def generation_config(cfg: RunConfig):

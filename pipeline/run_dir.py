@@ -7,16 +7,24 @@ stage's manifest.json is written last: a folder without a manifest is unfinished
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import UserError
+
 FINGERPRINT_FILE = ".fingerprint"
+# A file record's checksum covers the first and last CHECKED_BYTES of the file (all of a small one):
+# two reads per file whatever its size, yet it catches the torn or NUL-filled tail a crash leaves.
+CHECKED_BYTES = 1 << 16
+FULL_BELOW = 1 << 20  # free bytes under which a failed write is taken for a full disk
 
 
 @dataclass(frozen=True)
@@ -111,14 +119,19 @@ class RunDir:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, rename: readers see the old file or the whole new one."""
+    """Write to a temporary sibling, fsync, rename, fsync the folder: readers see the old file or the
+    whole new one, also after a power loss."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with room_for(path, lambda: len(data)), open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -129,9 +142,16 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.aside")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; rename it to `final` only if the block succeeds."""
+    """Yield a temporary sibling folder; it replaces `final` only if the block succeeds. The old copy is
+    renamed aside before the new one comes in and removed after, so that a crash at any point leaves
+    one whole copy (recover_aside puts the old one back when the new one never arrived)."""
+    recover_aside(final)
     tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
@@ -139,14 +159,173 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_tree(tmp)
+    aside = _aside(final)
     if final.exists():
-        shutil.rmtree(final)
+        os.replace(final, aside)
     os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if aside.exists():
+        shutil.rmtree(aside)
+
+
+def recover_aside(final: Path) -> None:
+    """Finish what a crash inside atomic_dir left: the old copy goes once the new one is in place,
+    and comes back when it is not."""
+    aside = _aside(final)
+    if not aside.exists():
+        return
+    if final.exists():
+        shutil.rmtree(aside)
+    else:
+        os.replace(aside, final)
+        fsync_dir(final.parent)
+
+
+@contextlib.contextmanager
+def room_for(path: Path, needed: Callable[[], int | None] = lambda: None) -> Iterator[None]:
+    """Running out of disk space while the block writes `path` becomes a one-line UserError naming
+    it, the space free there and (estimated only then) what the write needs. Libraries report a
+    full disk in their own ways (torch.save: a RuntimeError), so any error with the disk then full
+    counts."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as err:
+        if not _out_of_space(err, path):
+            raise
+        raise UserError(disk_full_line(path, needed())) from None
+
+
+def _out_of_space(err: Exception, path: Path) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return _free_bytes(path) < FULL_BELOW
+
+
+def _free_bytes(path: Path) -> int:
+    """Free bytes for this user on the filesystem of `path` (or of its nearest existing folder)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+def disk_full_line(path: Path, needed: int | None) -> str:
+    need = f", about {_human(needed)} needed" if needed else ""
+    return (f"{path}: no space left on device ({_human(_free_bytes(path))} free there{need}); free "
+            "some space and run again: finished work is kept")
+
+
+def _human(size: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def os_error_line(err: OSError) -> str:
+    """An OSError in one line: the path, what went wrong, and the free space when the disk is full."""
+    if not err.filename:
+        return f"{err.strerror or err} (the system did not say on which file)"
+    path = Path(os.fsdecode(err.filename))
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return disk_full_line(path, None)
+    return f"{path}: {err.strerror or err}"
+
+
+def tree_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames and new names in `folder` durable (a file's fsync does not cover its name)."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        if err.errno != errno.EINVAL:  # a filesystem that cannot sync folders (some network ones)
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Every file under `folder`, then every folder, bottom-up: the data before the names."""
+    for parent, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            fsync_file(Path(parent) / name)
+        fsync_dir(Path(parent))
+
+
+def file_record(path: Path) -> dict[str, int]:
+    """What a marker vouches for about a file: its size and the CRC-32 of its ends (see CHECKED_BYTES)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        crc = zlib.crc32(handle.read(CHECKED_BYTES))
+        if size > CHECKED_BYTES:
+            handle.seek(max(CHECKED_BYTES, size - CHECKED_BYTES))
+            crc = zlib.crc32(handle.read(CHECKED_BYTES), crc)
+    return {"bytes": size, "crc32": crc}
+
+
+def vouch_for(paths: list[Path], base: Path) -> dict[str, dict[str, int]]:
+    """Flush `paths` (files under `base`) and their folders to disk and record each, by its name
+    relative to `base`: what a marker written next holds."""
+    for path in paths:
+        fsync_file(path)
+    for folder in {path.parent for path in paths}:
+        fsync_dir(folder)
+    return {path.relative_to(base).as_posix(): file_record(path) for path in paths}
+
+
+def listed_damage(marker: Path) -> str | None:
+    """Why a file that `marker` (a JSON object whose "files" came from vouch_for, about files under
+    its folder) vouches for is missing or differs; None when all match. A marker of an older ftpipe
+    (not JSON) lists no files and vouches for completion only."""
+    try:
+        text = marker.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        return f"{marker} is unreadable ({err})"
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        files = json.loads(text).get("files", {})
+    except (ValueError, AttributeError):
+        return f"{marker} is torn"
+    return damaged_file(files, marker.parent, marker)
+
+
+def damaged_file(records: dict[str, dict[str, int]], base: Path, marker: Path) -> str | None:
+    """The first file of `records` (from vouch_for) that is missing or differs, said in one line."""
+    for name, expected in records.items():
+        path = base / name
+        try:
+            found = file_record(path)
+        except FileNotFoundError:
+            return f"{path} is missing, but {marker} vouches for it"
+        if found["bytes"] != expected["bytes"]:
+            return f"{path} has {found['bytes']} bytes, but {marker} vouches for {expected['bytes']}"
+        if found["crc32"] != expected["crc32"]:
+            return f"{path} does not match the checksum in {marker}"
+    return None
 
 
 def remove_stale_tmp(folder: Path) -> None:
-    """Delete temporaries a killed process left behind."""
+    """Delete temporaries a killed process left behind, and settle copies atomic_dir left aside."""
     if folder.is_dir():
+        for aside in folder.glob(".*.aside"):
+            recover_aside(aside.with_name(aside.name[1:-len(".aside")]))
         for child in folder.glob(".*.tmp-*"):
             if child.is_dir():
                 shutil.rmtree(child, ignore_errors=True)

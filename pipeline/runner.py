@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pipeline
+from pipeline import units
 from pipeline.changes import Change, describe, is_extension, stage_changes
 from pipeline.config import RunConfig
 from pipeline.context import NullStageTracker, StageContext
@@ -54,7 +55,7 @@ def plan(cfg: RunConfig, stages: list[str] | None = None, force: tuple[str, ...]
     run_dir = RunDir(cfg.run_dir)
     planned: dict[str, PlannedStage] = {}
     for spec, fp, covers in fingerprinted(cfg):
-        action, reason, discard = _decide(run_dir, spec, fp, covers, planned, spec.name in force)
+        action, reason, discard = _decide(cfg, run_dir, spec, fp, covers, planned, spec.name in force)
         if action != "skip" and spec.name not in selected:
             action, discard = "stale", False
         planned[spec.name] = PlannedStage(spec.name, action, reason, fp, covers, discard,
@@ -82,8 +83,8 @@ def fingerprinted(cfg: RunConfig) -> list[tuple[Stage, str, dict[str, Any]]]:
     return found
 
 
-def _decide(run_dir: RunDir, spec: Stage, fp: str, covers: dict[str, Any], planned: dict[str, PlannedStage],
-            forced: bool) -> tuple[str, str, bool]:
+def _decide(cfg: RunConfig, run_dir: RunDir, spec: Stage, fp: str, covers: dict[str, Any],
+            planned: dict[str, PlannedStage], forced: bool) -> tuple[str, str, bool]:
     """(action, reason, discard) for one stage; a unit-wise stage checks each unit itself, so only
     forcing it discards its units."""
     whole = spec.units is None
@@ -99,6 +100,8 @@ def _decide(run_dir: RunDir, spec: Stage, fp: str, covers: dict[str, Any], plann
         return _changed(run_dir, spec, stage_changes(manifest, covers, spec.version), "it finished")
     if any(manifest.get("inputs", {}).get(i) != run_dir.read_manifest(i).get("run_id") for i in spec.inputs):
         return "run", "input was redone since", whole
+    if not whole and (damage := units.first_problem(spec.unit_stage(), cfg, run_dir)):
+        return "run", damage, False  # units kept: only the damaged ones are redone
     return "skip", "up to date", False
 
 

@@ -285,6 +285,10 @@ class Piece:
     def rejects(self) -> Path:
         return self.home / "rejects.jsonl"
 
+    @property
+    def outputs(self) -> list[Path]:
+        return sorted(path for path in self.home.iterdir() if path.name != MARKER)
+
 
 class ShardUnits:
     """The stage's units (a pipeline.units.UnitStage), one per source file."""

@@ -31,13 +31,16 @@ from pipeline.digests import DigestCache, fingerprint, model_digest
 from pipeline.encoding import EncodedBatch, Encoder
 from pipeline.errors import UserError
 from pipeline.packing import Packer, packed_schema, packing_summary
-from pipeline.run_dir import RunDir, atomic_write_text
+from pipeline.run_dir import RunDir, atomic_write_text, room_for
 from pipeline.sources import source_files
 from pipeline.stages import STAGES, tokenize_inputs
 from pipeline.tokenizer import load_tokenizer, rust_tokenizer, saved_tokenizer
 from pipeline.units import check_rejects, merge_rejects, run_units
 
 BATCH_ROWS = 1000
+# About how many bytes of Arrow a byte of a shard piece's uncompressed parquet makes (measured on
+# English text with a BPE tokenizer); only for saying how much space a full disk lacks.
+ARROW_PER_PARQUET_BYTE = 2
 SPLITS = ("train", "eval")
 SAVED_TOKENIZERS = ".tokenizers"  # in output_dir, beside .digest-cache.json: shared by its runs
 
@@ -57,6 +60,18 @@ def tokenize_shard(source: Path, target: Path, encoder: Encoder) -> dict[str, An
     stats = {"rows": 0, "tokens": 0, "targets": 0, "truncated": 0, "dropped": 0, "rejected": 0, "max_len": 0}
     tmp = target.with_name(f".{target.name}.tmp-w")
     rejects: list[str] = []
+    try:
+        _write_stream(source, tmp, encoder, packer, schema, stats, rejects)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk gets its space back
+        raise
+    atomic_write_text(target.with_suffix(".rejects.jsonl"), "".join(rejects))
+    tmp.replace(target)
+    return stats
+
+
+def _write_stream(source: Path, tmp: Path, encoder: Encoder, packer: Packer | None, schema: pa.Schema,
+                  stats: dict[str, Any], rejects: list[str]) -> None:
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for batch in pq.ParquetFile(source).iter_batches(batch_size=BATCH_ROWS):
             rows = ColumnsOnDemand(batch)
@@ -69,9 +84,6 @@ def tokenize_shard(source: Path, target: Path, encoder: Encoder) -> dict[str, An
         if packer:  # stats count examples; packed_rows counts the rows training samples
             writer.write_batch(pa.RecordBatch.from_pydict(packer.finish(), schema=schema))
             stats["packed_rows"] = packer.rows
-    atomic_write_text(target.with_suffix(".rejects.jsonl"), "".join(rejects))
-    tmp.replace(target)
-    return stats
 
 
 class ColumnsOnDemand(Mapping):
@@ -139,6 +151,14 @@ class Unit:
     @property
     def rejects(self) -> Path:
         return self.folder / f"{self.index:05d}.rejects.jsonl"
+
+    @property
+    def arrow(self) -> Path:
+        return self.folder / f"{self.index:05d}.arrow"
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [self.arrow, self.rejects]
 
 
 def units(cfg: RunConfig, run_dir: RunDir) -> list[Unit]:
@@ -218,11 +238,17 @@ class TokenizeUnits:
     def work(self, cfg: RunConfig, run_dir: RunDir, unit: Unit) -> dict[str, Any]:
         # A SLURM array task may run before the stage's own job has made the folder.
         unit.folder.mkdir(parents=True, exist_ok=True)
-        stats = tokenize_shard(unit.source, unit.folder / f"{unit.index:05d}.arrow", _encoder(cfg))
-        return {**stats, "file": f"{unit.index:05d}.arrow"}
+        with room_for(unit.arrow, lambda: ARROW_PER_PARQUET_BYTE * _uncompressed_bytes(unit.source)):
+            stats = tokenize_shard(unit.source, unit.arrow, _encoder(cfg))
+        return {**stats, "file": unit.arrow.name}
 
 
 UNITS = TokenizeUnits()
+
+
+def _uncompressed_bytes(piece: Path) -> int:
+    metadata = pq.ParquetFile(piece).metadata
+    return sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
 
 
 def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:

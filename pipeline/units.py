@@ -1,7 +1,8 @@
 """The completion base of unit-wise stages (shard, tokenize): work split into units, one marker each.
 
-A unit's completion marker holds its fingerprint and is written last, atomically, after its
-outputs: a marker with the fingerprint the unit has now means done, so a killed or changed run (or
+A unit's completion marker holds its fingerprint and each output's size and checksum, and is
+written last, atomically, after its outputs reached the disk: a marker with the fingerprint the unit
+has now, over outputs that still match it, means done, so a killed or changed run (or
 a resubmitted SLURM array) redoes only the units without one. The local worker pool and SLURM array
 tasks both run `run_task`. Every path comes from the stage's units, so this module imports no stage.
 """
@@ -23,7 +24,15 @@ from typing import Any, BinaryIO, Protocol, runtime_checkable
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
 from pipeline.parallel import Task, run_tasks
-from pipeline.run_dir import RunDir, atomic_write_json, remove_stale_tmp
+from pipeline.run_dir import (
+    RunDir,
+    atomic_write_json,
+    damaged_file,
+    fsync_dir,
+    remove_stale_tmp,
+    room_for,
+    vouch_for,
+)
 
 
 class Unit(Protocol):
@@ -48,6 +57,11 @@ class Unit(Protocol):
     @property
     def rejects(self) -> Path:
         """The rows it rejected, one JSON object a line (it may be empty, never missing once done)."""
+
+    @property
+    def outputs(self) -> list[Path]:
+        """Every file its work wrote (the rejects file too): its marker records their sizes and
+        checksums, and the unit is done only while they match."""
 
 
 @runtime_checkable
@@ -87,12 +101,40 @@ def unit_list(stage: UnitStage, cfg: RunConfig, run_dir: RunDir, refresh: bool =
 
 
 def current(unit: Unit) -> dict[str, Any] | None:
-    """The unit's marker when it exists and has the unit's fingerprint: the unit is done."""
+    """The unit's marker when it has the unit's fingerprint and every output it vouches for is
+    there as written: the unit is done."""
+    record, _ = _checked(unit)
+    return record
+
+
+def problem(unit: Unit) -> str | None:
+    """Why the unit is not done, in one line naming the file; None when it is."""
+    return _checked(unit)[1]
+
+
+def _checked(unit: Unit) -> tuple[dict[str, Any] | None, str | None]:
     try:
         record = json.loads(unit.marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return record if isinstance(record, dict) and record.get("fingerprint") == unit.fingerprint else None
+    except FileNotFoundError:
+        return None, f"{unit.marker} is missing"
+    except (OSError, json.JSONDecodeError) as err:
+        return None, f"{unit.marker} is unreadable ({err})"
+    if not isinstance(record, dict) or record.get("fingerprint") != unit.fingerprint:
+        return None, f"{unit.marker} is from other inputs"
+    if not isinstance(record.get("outputs"), dict):
+        return None, f"{unit.marker} lists no output sizes (written by an older ftpipe)"
+    damage = damaged_file(record["outputs"], unit.marker.parent, unit.marker)
+    return (None, damage) if damage else (record, None)
+
+
+def first_problem(stage: UnitStage, cfg: RunConfig, run_dir: RunDir) -> str | None:
+    """Why a stage whose manifest says done must still run (a unit's file missing, truncated or
+    changed since its marker), or None; the run then redoes only such units."""
+    for unit in unit_list(stage, cfg, run_dir, refresh=True):
+        found = problem(unit)
+        if found:
+            return found
+    return None
 
 
 def stale(todo: Sequence[Unit]) -> list[int]:
@@ -117,6 +159,8 @@ def run_task(stage: UnitStage, cfg: RunConfig, run_dir: RunDir, rank: int, world
     if done is not None:
         return done
     record = {**stage.work(cfg, run_dir, unit), "fingerprint": unit.fingerprint}
+    # The outputs reach the disk before the marker that vouches for them.
+    record["outputs"] = vouch_for(unit.outputs, unit.marker.parent)
     atomic_write_json(unit.marker, record)
     return record
 
@@ -167,11 +211,14 @@ def merge_rejects(todo: Sequence[Unit], target: Path) -> int:
     Returns how many rows it holds."""
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with open(tmp, "wb") as merged:
+        with room_for(target), open(tmp, "wb") as merged:
             rows = sum(_append(unit.rejects, merged) for unit in todo)
+            merged.flush()
+            os.fsync(merged.fileno())
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_dir(target.parent)
     return rows
 
 

@@ -2,15 +2,19 @@
 
 Only folders named step-NNNNNN that hold the COMPLETE marker count; the latest one is found by
 scanning, never from a pointer file (such as DeepSpeed's `latest`) that a crash could leave
-ahead of the data. Rank 0 renames and marks only after a barrier proves every rank finished.
+ahead of the data. Rank 0 renames and marks only after a barrier proves every rank finished and
+flushed its files to disk; COMPLETE lists every file's size and checksum (run_dir.file_record), and a
+checkpoint whose files no longer match is set aside as step-N.corrupt rather than loaded.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +23,19 @@ import torch
 
 from pipeline import distributed
 from pipeline.distributed import DistEnv
-from pipeline.run_dir import atomic_write_json, atomic_write_text
+from pipeline.errors import UserError
+from pipeline.run_dir import (
+    atomic_write_json,
+    fsync_dir,
+    fsync_tree,
+    listed_damage,
+    room_for,
+    tree_bytes,
+    vouch_for,
+)
 from pipeline.train.engine import TrainEngine
+
+log = logging.getLogger("ftpipe.train")
 
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -42,26 +57,81 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def damage(folder: Path) -> str | None:
+    """Why a complete checkpoint's files differ from what its COMPLETE lists, or None."""
+    return listed_damage(folder / MARKER)
+
+
+def usable_checkpoint(root: Path, dist: DistEnv = DistEnv()) -> Path | None:
+    """The latest complete checkpoint whose files match its COMPLETE; newer ones that do not are set
+    aside. Every rank looks, and all agree when any one finds damage."""
+    while (latest := latest_checkpoint(root)) is not None:
+        why = damage(latest)
+        if not distributed.all_reduce_max(int(why is not None)):
+            return latest
+        if dist.is_main:
+            set_aside(latest, why or "another rank found its files damaged")
+        distributed.barrier()
+    return None
+
+
+def set_aside(folder: Path, why: str) -> Path:
+    """Rename a checkpoint that cannot be used to step-N.corrupt (kept for inspection, never deleted)
+    and say so."""
+    target = folder.with_name(f"{folder.name}.corrupt")
+    if target.exists():
+        target = folder.with_name(f"{folder.name}.corrupt-{uuid.uuid4().hex[:8]}")
+    folder.rename(target)
+    fsync_dir(folder.parent)
+    log.warning("%s set aside as %s: %s", folder, target.name, why)
+    return target
+
+
 def save_checkpoint(root: Path, step: int, engine: TrainEngine, state: dict[str, Any],
                     dist: DistEnv = DistEnv()) -> Path:
-    """Every rank writes its part of `step`; rank 0 publishes the folder once all have."""
+    """Every rank writes its part of `step`; rank 0 publishes the folder once all have. A full disk
+    is a one-line error, with the partial folder gone and earlier checkpoints untouched."""
     partial = root / f".step-{step:06d}.partial"
-    final = step_dir(root, step)
     if dist.is_main:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     distributed.barrier()
+    try:
+        with room_for(partial, lambda: checkpoint_bytes(root, engine)):
+            return _write(partial, root, step, engine, state, dist)
+    except UserError:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _write(partial: Path, root: Path, step: int, engine: TrainEngine, state: dict[str, Any],
+           dist: DistEnv) -> Path:
     engine.save(partial)
     torch.save(capture_rng(), partial / f"rng-rank{dist.rank}.pt")
+    distributed.barrier()
+    if dist.local_rank == 0:  # one rank per node flushes what the node wrote (files of any rank)
+        fsync_tree(partial)
     distributed.barrier()
     if dist.is_main:
         atomic_write_json(partial / "meta.json", engine.describe())
         atomic_write_json(partial / "trainer_state.json", state)
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
-        atomic_write_text(final / MARKER, f"step {step}\n")
+        files = sorted(p for p in partial.rglob("*") if p.is_file())
+        record = {"step": step, "files": vouch_for(files, partial)}
+        shutil.rmtree(step_dir(root, step), ignore_errors=True)
+        partial.rename(step_dir(root, step))
+        fsync_dir(root)
+        atomic_write_json(step_dir(root, step) / MARKER, record)
     distributed.barrier()
-    return final
+    return step_dir(root, step)
+
+
+def checkpoint_bytes(root: Path, engine: TrainEngine) -> int:
+    """About what a checkpoint takes: the last one's size, else fp32 weights and AdamW's two moments."""
+    latest = latest_checkpoint(root)
+    if latest is not None:
+        return tree_bytes(latest)
+    params = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in engine.unwrapped.parameters()]
+    return sum(numel * (12 if trainable else 4) for numel, trainable in params)
 
 
 def load_checkpoint(folder: Path, engine: TrainEngine, dist: DistEnv = DistEnv()) -> dict[str, Any]:

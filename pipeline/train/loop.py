@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import time
 from collections.abc import Callable
@@ -16,10 +17,13 @@ from pipeline import distributed
 from pipeline.distributed import DistEnv
 from pipeline.errors import StagePreempted
 from pipeline.preemption import StopRequest
+from pipeline.run_dir import atomic_write_bytes, room_for
 from pipeline.train.checkpoint import prune, save_checkpoint, step_dir
 from pipeline.train.data import TrainBatches
 from pipeline.train.engine import TrainEngine, lr_factor
 from pipeline.train.objective import summed_loss
+
+log = logging.getLogger("ftpipe.train")
 
 
 @dataclass
@@ -129,7 +133,8 @@ def _write_ledger(settings: LoopSettings, state: LoopState, rows: list[int]) -> 
     settings.ledger_dir.mkdir(parents=True, exist_ok=True)
     line = {"step": state.step + 1, "offset": state.samples, "world_size": settings.dist.world_size,
             "rows": rows}
-    with open(settings.ledger_dir / f"rank-{settings.dist.rank}.jsonl", "a", encoding="utf-8") as handle:
+    path = settings.ledger_dir / f"rank-{settings.dist.rank}.jsonl"
+    with room_for(path), open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(line) + "\n")
 
 
@@ -138,19 +143,33 @@ def _record(settings: LoopSettings, state: LoopState, metrics: dict[str, float],
     metrics = {**metrics, "tokens_per_second": state.tokens / max(state.seconds, 1e-9)}
     if not settings.dist.is_main:
         return
-    with open(settings.metrics_file, "a", encoding="utf-8") as handle:
+    with room_for(settings.metrics_file), open(settings.metrics_file, "a", encoding="utf-8") as handle:
         handle.write(json.dumps({"step": state.step, "samples": state.samples, **metrics}) + "\n")
     if state.step % settings.log_every == 0 or state.samples >= state.target_samples:
         log(metrics, state.step)
 
 
 def truncate_log(path: Path, last_step: int) -> None:
-    """Forget lines logged after the checkpoint a resumed run restarts from."""
+    """Forget lines logged after the checkpoint a resumed run restarts from, and lines a kill or a full
+    disk tore or left NUL-filled mid-append (said in a warning); the rewrite is atomic."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(line + "\n" for line in kept))
+    lines = [line for line in path.read_bytes().split(b"\n") if line.strip(b" \t\r\0")]
+    records = [_parsed(line) for line in lines]
+    torn = sum(record is None for record in records)
+    if torn:
+        log.warning("%s: dropped %d torn or unreadable line(s) (a crash or a full disk mid-append)",
+                    path, torn)
+    kept = [line for line, record in zip(lines, records) if record and record["step"] <= last_step]
+    atomic_write_bytes(path, b"".join(line + b"\n" for line in kept))
+
+
+def _parsed(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def truncate_logs(settings: LoopSettings, last_step: int) -> None:

@@ -7,6 +7,7 @@ in every rank that torchrun starts.
 from __future__ import annotations
 
 import io
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from pipeline.preemption import StopRequest
 from pipeline.run_dir import atomic_write_bytes
 from pipeline.tokenized import open_split
 from pipeline.train.build import build_engine
-from pipeline.train.checkpoint import latest_checkpoint, load_checkpoint
+from pipeline.train.checkpoint import load_checkpoint, set_aside, usable_checkpoint
 from pipeline.train.data import TrainBatches, batch_layout, collate
 from pipeline.train.engine import TrainEngine
 from pipeline.train.loop import LoopSettings, LoopState, train_loop, truncate_logs
@@ -60,9 +61,7 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
         raise UserError("data.train: the tokenized training split is empty")
     layout = batch_layout(cfg.train, dist.world_size)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"grad_accum": layout.grad_accum})})
-    latest = latest_checkpoint(out / "checkpoints")
-    distributed.seed_everything(cfg.train.seed)
-    engine = build_engine(cfg, dist, latest)
+    engine, saved = _engine_at_checkpoint(cfg, dist, out / "checkpoints")
     pad_id = ctx.run_dir.read_manifest("tokenize")["pad_token_id"]
     batches = TrainBatches(table, layout, cfg.train.seed, pad_id)
     settings = LoopSettings(
@@ -76,7 +75,7 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
         return target_samples(train, table.num_rows, layout.global_batch)
 
     fresh = LoopState(target_samples=target(cfg.train), length=training_length(cfg.train))
-    state, resumed = _resume(engine, settings, latest, fresh)
+    state, resumed = _resume(settings, saved, fresh)
     extended = _extend(state, fresh, lambda length: target(cfg.train.model_copy(update=length)))
     state = train_loop(engine, batches, settings, state, ctx.tracker.log_metrics)
     write_verify_logits(engine, ctx, out / VERIFY_FILE, dist)
@@ -88,12 +87,46 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
             "extended_from": extended, "final_checkpoint": f"checkpoints/step-{state.step:06d}"}
 
 
-def _resume(engine: TrainEngine, settings: LoopSettings, latest: Path | None,
-            fresh: LoopState) -> tuple[LoopState, int | None]:
-    if latest is None:
+def _engine_at_checkpoint(cfg: RunConfig, dist: DistEnv, root: Path) -> tuple[TrainEngine, dict | None]:
+    """The engine, loaded from the latest usable checkpoint (its trainer state too; None to start
+    fresh). One that fails to load is set aside and the one before it is tried; a second failure
+    stops, since then the cause is likely not in the files."""
+    failed: list[str] = []
+    while True:
+        latest = usable_checkpoint(root, dist)
+        distributed.seed_everything(cfg.train.seed)
+        engine = build_engine(cfg, dist, latest)
+        if latest is None:
+            return engine, None
+        state, error = _try_load(latest, engine, dist)
+        if not distributed.all_reduce_max(int(error is not None)):
+            return engine, state
+        failed.append(f"{latest} ({error or 'failed on another rank'})")
+        if len(failed) > 1:
+            raise UserError(f"train: cannot load {' nor '.join(failed)}; check the files and the "
+                            f"config (rename a .corrupt checkpoint back to use it again)")
+        if dist.is_main:
+            set_aside(latest, f"it fails to load: {error or 'failed on another rank'}")
+        distributed.barrier()
+        del engine
+
+
+def _try_load(folder: Path, engine: TrainEngine, dist: DistEnv) -> tuple[dict | None, str | None]:
+    """load_checkpoint's trainer state, or what a broken file made it raise (in one line)."""
+    try:
+        return load_checkpoint(folder, engine, dist), None
+    except (UserError, torch.OutOfMemoryError, MemoryError):
+        raise  # the checkpoint is not at fault
+    except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:
+        first_line = str(err).splitlines()[0][:200] if str(err) else ""
+        return None, f"{type(err).__name__}: {first_line}"
+
+
+def _resume(settings: LoopSettings, saved: dict | None, fresh: LoopState) -> tuple[LoopState, int | None]:
+    if saved is None:
         truncate_logs(settings, 0)
         return fresh, None
-    state = LoopState.from_dict(load_checkpoint(latest, engine, settings.dist))
+    state = LoopState.from_dict(saved)
     state.target_samples = state.target_samples or fresh.target_samples
     truncate_logs(settings, state.step)
     return state, state.step

@@ -3,12 +3,16 @@ its accelerator chosen before it is first imported."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from launch.process import reporting_errors
 from tests.helpers import ftpipe_imports
 
 REPO = Path(__file__).resolve().parents[3]
@@ -43,3 +47,22 @@ def test_transformers_is_quiet_whether_imported_before_or_after():
                         "from transformers.utils import logging\n"
                         "print(json.dumps([logging.get_verbosity(), logging.is_progress_bar_enabled()]))")
         assert level == [40, False], first  # 40: logging.ERROR
+
+
+@pytest.mark.parametrize("error,line", [
+    (PermissionError(errno.EACCES, "Permission denied", "/runs/x/config.yaml"),
+     "ftpipe: error: /runs/x/config.yaml: Permission denied"),
+    (OSError(errno.EROFS, "Read-only file system", "/runs/x"),
+     "ftpipe: error: /runs/x: Read-only file system"),
+    (OSError(errno.ENOSPC, "No space left on device"),
+     "ftpipe: error: No space left on device (the system did not say on which file)"),
+])
+def test_an_os_error_is_one_line_and_exit_2(capsys, error, line):
+    seen = []
+
+    def command() -> int:
+        raise error
+
+    assert reporting_errors(command, seen.append) == 2
+    assert capsys.readouterr().err == line + "\n"
+    assert [str(e) for e in seen] == [line.removeprefix("ftpipe: error: ")]  # a worker leaves it too

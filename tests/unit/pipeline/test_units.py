@@ -4,6 +4,7 @@ outputs, merged rejects, the reject-fraction check, and the same task in a proce
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,10 @@ class Line:
     fingerprint: str
     marker: Path
     rejects: Path
+
+    @property
+    def outputs(self) -> list[Path]:
+        return [self.folder / f"{self.index:05d}.txt", self.rejects]
 
 
 class Lines:
@@ -145,3 +150,31 @@ def test_reject_limit_names_the_commonest_reasons_with_counts(tmp_path, cfg):
         "data: 7 of 10 rows rejected (70.0% > data.max_reject_fraction 1.0%), most often: malformed JSON: "
         "Expecting value at column N (3), missing field 'text' (2), unknown label N (1) and 1 more; "
         f"see {here} and {upstream}")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "overwrite"])
+def test_a_unit_whose_output_changed_under_its_marker_is_pending_and_named(tmp_path, cfg, damage):
+    run = RunDir(tmp_path / "run")
+    _write(run.root, "a", "bbbb", "c")
+    units.run_units(LINES, cfg, run, workers=1)
+    output = run.root / "out" / "00001.txt"
+    if damage == "truncate":
+        output.write_text("bb")
+    elif damage == "delete":
+        output.unlink()
+    else:  # same size, other bytes: only the checksum tells
+        output.write_text("BBBB")
+    assert units.pending(LINES, cfg, run) == [1]
+    assert str(output) in units.first_problem(LINES, cfg, run)
+    again = units.run_units(LINES, cfg, run, workers=1)
+    assert again.ran == 1 and output.read_text() == "bbbb"
+    assert units.first_problem(LINES, cfg, run) is None
+
+
+def test_markers_record_each_output_size_and_checksum(tmp_path, cfg):
+    run = RunDir(tmp_path / "run")
+    _write(run.root, "abc")
+    units.run_units(LINES, cfg, run, workers=1)
+    record = json.loads((run.root / "out" / "00000.json").read_text())
+    assert record["outputs"] == {"00000.txt": {"bytes": 3, "crc32": zlib.crc32(b"abc")},
+                                 "00000.rejects.jsonl": {"bytes": 0, "crc32": 0}}
