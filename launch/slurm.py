@@ -25,7 +25,7 @@ import submitit
 from launch.local import write_run_config
 from launch.process import reporting_errors
 from launch.slurm_arrays import ArrayTask, enter_job, pending_ranks, task_count, task_groups
-from launch.slurm_jobs import JobRecord, active_jobs, read_jobs, record_jobs
+from launch.slurm_jobs import JobRecord, active_jobs, read_jobs, record_jobs, record_outcome
 from launch.torchrun import run_torchrun, torchrun_command
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import StagePreempted, UserError
@@ -49,11 +49,16 @@ class StageJob(submitit.helpers.Checkpointable):
         self.run_dir, self.stage, self.cwd = run_dir, stage, cwd
 
     def __call__(self) -> str:
+        run_dir = RunDir(Path(self.run_dir))
         try:
-            run_stage_job(Path(self.run_dir), self.stage, Path(self.cwd))
+            run_stage_job(run_dir.root, self.stage, Path(self.cwd))
         except StagePreempted as stopped:
-            cfg = load_config(RunDir(Path(self.run_dir)).config_file)
-            requeue_this_job(str(stopped), cfg.launch.slurm.max_requeues)
+            record_outcome(run_dir, "stopped")
+            requeue_this_job(str(stopped), load_config(run_dir.config_file).launch.slurm.max_requeues)
+        except BaseException:
+            record_outcome(run_dir, "failed")
+            raise
+        record_outcome(run_dir, "done")
         return self.stage
 
 
