@@ -7,6 +7,7 @@ in every rank that torchrun starts.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from pipeline.config import RunConfig, TrainConfig
 from pipeline.context import StageContext
 from pipeline.distributed import DistEnv
 from pipeline.errors import UserError
-from pipeline.preemption import StopRequest
+from pipeline.preemption import LeadCheck, StopRequest
 from pipeline.run_dir import atomic_write_bytes
 from pipeline.tokenized import open_split
 from pipeline.train.build import build_engine
@@ -66,7 +67,7 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
         log_every=cfg.train.log_every, checkpoint_root=out / "checkpoints",
         metrics_file=out / "metrics.jsonl",
         ledger_dir=out / "ledger" if cfg.train.sample_ledger else None, dist=dist,
-        progress=ctx.progress and dist.is_main, stop=stop)
+        progress=ctx.progress and dist.is_main, stop=stop, lead=_lead_check(cfg, dist))
     fresh = LoopState(target_samples=target_samples(cfg.train, table.num_rows, layout.global_batch))
     state, resumed = _resume(engine, settings, latest, fresh)
     state = train_loop(engine, batches, settings, state, ctx.tracker.log_metrics)
@@ -77,6 +78,12 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
             "world_size": dist.world_size, "strategy": cfg.train.strategy, "resumed_from_step": resumed,
             "trainable_parameters": _trainable(engine),
             "final_checkpoint": f"checkpoints/step-{state.step:06d}"}
+
+
+def _lead_check(cfg: RunConfig, dist: DistEnv) -> LeadCheck:
+    # Only a SLURM job gets its stop signal signal_lead_seconds ahead; rank 0 speaks for all.
+    in_job = "SLURM_JOB_ID" in os.environ and dist.is_main
+    return LeadCheck(cfg.launch.slurm.signal_lead_seconds if in_job else None)
 
 
 def _resume(engine: TrainEngine, settings: LoopSettings, latest: Path | None,
