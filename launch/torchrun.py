@@ -87,7 +87,6 @@ def run_torchrun(cmd: list[str], env: dict[str, str] | None = None) -> tuple[int
                     _signal_descendants(proc.pid, stop.signum)
         except BaseException:
             proc.send_signal(signal.SIGINT)  # torchrun ignores SIGTERM; on SIGINT it stops its ranks
-
             proc.wait(timeout=60)
             raise
 

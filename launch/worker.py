@@ -23,7 +23,8 @@ URI_ENV = "FTPIPE_MLFLOW_URI"
 
 
 def run_rank(run_dir: RunDir, stage: str, progress: bool = True) -> dict | None:
-    """Run `stage` as this rank; rank 0 leaves the result (or why it stopped) for the launcher."""
+    """Run `stage` as this rank; rank 0 leaves the result (or why it stopped) for the launcher. A rank
+    that stopped on a signal exits here."""
     from pipeline import distributed
     from pipeline.config import load_config
     from pipeline.context import NullStageTracker, StageContext

@@ -64,16 +64,19 @@ def ignore_stop_signals() -> None:
 
 @dataclass
 class LeadCheck:
-    """Warns once when the slowest step plus a checkpoint takes longer than the time a stop signal
-    leaves to save (launch.slurm.signal_lead_seconds); None: not in a SLURM job, nothing to check."""
+    """Warns once when the slowest step (but the first) plus a checkpoint takes longer than the time a
+    stop signal leaves to save (launch.slurm.signal_lead_seconds); None: not in a SLURM job."""
 
     lead_seconds: float | None = None
     slowest_step: float = 0.0
     save: float | None = None
     warned: bool = False
+    steps: int = 0
 
     def step_took(self, seconds: float) -> None:
-        self.slowest_step = max(self.slowest_step, seconds)
+        self.steps += 1
+        if self.steps > 1:  # the first step warms up (allocations, kernels, communicators): not typical
+            self.slowest_step = max(self.slowest_step, seconds)
         self._check()
 
     def save_took(self, seconds: float) -> None:
