@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +24,9 @@ from typing import Any, NoReturn
 import submitit
 
 from launch.local import write_run_config
-from launch.process import reporting_errors
+from launch.process import STOPPED_EXIT, reporting_errors
 from launch.slurm_arrays import ArrayTask, enter_job, pending_ranks, task_count, task_groups
-from launch.slurm_jobs import JobRecord, active_jobs, read_jobs, record_jobs
+from launch.slurm_jobs import JobRecord, active_jobs, read_jobs, record_jobs, record_outcome
 from launch.torchrun import run_torchrun, torchrun_command
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import StagePreempted, UserError
@@ -43,18 +44,35 @@ log = logging.getLogger("ftpipe")
 
 
 class StageJob(submitit.helpers.Checkpointable):
-    """A picklable (run_dir, stage, cwd); requeued on timeout/preemption, the stage then resumes."""
+    """A picklable (run_dir, stage, cwd); requeued after the time-limit signal (SIGUSR1/2), the stage
+    then resumes. After SIGTERM it saves and stops with exit code 75, not requeued."""
 
     def __init__(self, run_dir: str, stage: str, cwd: str):
         self.run_dir, self.stage, self.cwd = run_dir, stage, cwd
 
     def __call__(self) -> str:
+        run_dir = RunDir(Path(self.run_dir))
         try:
-            run_stage_job(Path(self.run_dir), self.stage, Path(self.cwd))
+            run_stage_job(run_dir.root, self.stage, Path(self.cwd))
         except StagePreempted as stopped:
-            cfg = load_config(RunDir(Path(self.run_dir)).config_file)
-            requeue_this_job(str(stopped), cfg.launch.slurm.max_requeues)
+            record_outcome(run_dir, "stopped")
+            requeue_unless_ending(stopped, load_config(run_dir.config_file).launch.slurm.max_requeues)
+        except BaseException:
+            record_outcome(run_dir, "failed")
+            raise
+        record_outcome(run_dir, "done")
         return self.stage
+
+
+def requeue_unless_ending(stopped: StagePreempted, max_requeues: int) -> NoReturn:
+    """After the time-limit signal requeue the job; after SIGTERM exit 75: the job is ending for good
+    (scancel, or preemption, where SLURM requeues the job itself if PreemptMode=REQUEUE), and what
+    the user or the cluster asked for stands."""
+    if stopped.signum == signal.SIGTERM:
+        log.warning("%s; job %s not requeued (SIGTERM: cancelled or preempted); `ftpipe submit` resumes it",
+                    stopped, os.environ.get("SLURM_JOB_ID"))
+        raise SystemExit(STOPPED_EXIT)
+    requeue_this_job(str(stopped), max_requeues)
 
 
 def requeue_this_job(why: str, max_requeues: int) -> NoReturn:
@@ -64,7 +82,11 @@ def requeue_this_job(why: str, max_requeues: int) -> NoReturn:
     if restarts >= max_requeues:
         raise UserError(f"{why}; not requeued: job {job_id} already ran {restarts + 1} times "
                         f"(launch.slurm.max_requeues is {max_requeues}); `ftpipe submit` again resumes it")
-    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60)
+    done = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:  # the checkpoint is there either way; say why the job is not back
+        said = done.stderr.strip().removeprefix("scontrol: error: ") or f"scontrol exit {done.returncode}"
+        log.warning("%s; job %s not requeued (%s); `ftpipe submit` resumes it", why, job_id, said)
+        raise SystemExit(STOPPED_EXIT)
     log.warning("%s; requeued job %s (requeue %d of %d)", why, job_id, restarts + 1, max_requeues)
     # SystemExit, not a return: submitit would record the stage as finished.
     raise SystemExit(0)

@@ -2,13 +2,14 @@
 
 States come from sacct when accounting works, else from squeue (which still lists finished jobs
 for MinJobAge seconds), else from the run directory itself: a stage with a manifest is done, and
-submitit's result file says whether a finished job's function raised.
+the outcome file each stage job writes says whether it failed. (Never submitit's result pickle:
+unpickling a file in the run directory could run whatever code someone put there.)
 """
 
 from __future__ import annotations
 
 import json
-import pickle
+import os
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from pipeline.stages import stage as declared_stage
 
 QUEUED = {"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "SUSPENDED"}
 RUNNING = {"RUNNING", "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESIZING"}
+OUTCOME_FILE = "outcome.json"  # slurm/JOB_ID/outcome.json, written by the stage job itself
 
 
 @dataclass(frozen=True)
@@ -95,13 +97,18 @@ def active_jobs(jobs: list[JobRecord]) -> list[JobRecord]:
     return [j for j in jobs if any(states.get(i, ("", ""))[0] in QUEUED | RUNNING for i in j.job_ids)]
 
 
-def _result(job: JobRecord) -> str | None:
-    """'success' or 'error' from submitit's result pickle of task 0, None while there is none."""
-    path = Path(job.stdout).with_name(f"{job.job_id}_0_result.pkl")
+def record_outcome(run_dir: RunDir, outcome: str) -> None:
+    """Inside a stage job (node 0): 'done', 'failed' or 'stopped', for `ftpipe status` to read."""
+    job_id = os.environ.get("SLURM_JOB_ID")
+    if job_id and os.environ.get("SLURM_NODEID", "0") == "0":
+        atomic_write_json(run_dir.slurm_dir / job_id / OUTCOME_FILE, {"job_id": job_id, "outcome": outcome})
+
+
+def _outcome(job: JobRecord) -> str | None:
+    """What the job's outcome file says, None while there is none (beside its logs: slurm/ID/)."""
     try:
-        with open(path, "rb") as handle:
-            return pickle.load(handle)[0]
-    except (OSError, EOFError, pickle.UnpicklingError, IndexError, TypeError):
+        return str(json.loads(Path(job.stdout).with_name(OUTCOME_FILE).read_text())["outcome"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -124,7 +131,10 @@ def stage_state(run_dir: RunDir, stage: str, job: JobRecord | None, slurm: tuple
         return "partial" if run_dir.stage(stage).exists() else "pending"
     if state and state != "COMPLETED":
         return state.lower()  # failed, cancelled, timeout, out_of_memory, node_fail, ...
-    return "failed" if _result(job) == "error" or state == "COMPLETED" else "unknown (job gone from squeue)"
+    outcome = _outcome(job)
+    if outcome == "stopped":
+        return "stopped (submit again to resume)"
+    return "failed" if outcome == "failed" or state == "COMPLETED" else "unknown (job gone from squeue)"
 
 
 def status_lines(run_dir: RunDir) -> list[str]:

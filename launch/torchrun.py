@@ -1,7 +1,8 @@
 """Start the train stage under torchrun; every other stage runs in the pipeline's process.
 
-`python -m launch.torchrun ARGS` is torchrun itself, made deaf to the stop signals (SIGUSR1/2)
-that its workers act on: by default those signals would end torchrun.
+`python -m launch.torchrun ARGS` is torchrun itself, made deaf to the stop signals (SIGUSR1/2,
+SIGTERM) that its workers act on: by default those signals would end torchrun, and on SIGTERM it
+would kill the workers before they could save.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -59,31 +61,32 @@ def launch_stage(spec: Stage, cfg: RunConfig, ctx: StageContext) -> dict[str, An
     args = [str(ctx.run_dir.root), spec.name] + ([] if ctx.progress else ["--no-progress"])
     env = _worker_env(ctx)
     for relaunch in range(cfg.launch.max_restarts + 1):
-        code, stopping = run_torchrun(torchrun_command(cfg.launch, cfg.name, args), env)
-        if code == 0 or stopping or (folder / ERROR_FILE).is_file() or cfg.launch.nnodes > 1 \
+        code, signum = run_torchrun(torchrun_command(cfg.launch, cfg.name, args), env)
+        if code == 0 or signum or (folder / ERROR_FILE).is_file() or cfg.launch.nnodes > 1 \
                 or relaunch == cfg.launch.max_restarts:
             break
         # A fresh torchrun (new store, new ports) resumes from the latest complete checkpoint.
         log.warning("%s: torchrun exited with code %d; relaunching (%d of %d)", spec.name, code,
                     relaunch + 1, cfg.launch.max_restarts)
-    return _result(folder, spec.name, code)
+    return _result(folder, spec.name, code, signum)
 
 
-def run_torchrun(cmd: list[str], env: dict[str, str] | None = None) -> tuple[int, bool]:
-    """Run torchrun; pass stop signals this process gets on to its ranks. (exit code, stop requested)"""
+def run_torchrun(cmd: list[str], env: dict[str, str] | None = None) -> tuple[int, int | None]:
+    """Run torchrun; pass stop signals this process gets on to its ranks. (exit code, the stop signal
+    this process got or None)"""
     with StopRequest().listening() as stop, subprocess.Popen(cmd, env=env) as proc:
         forwarded = -FORWARD_AGAIN_SECONDS
         try:
             while True:
                 try:
-                    return proc.wait(timeout=0.5), stop.requested
+                    return proc.wait(timeout=0.5), stop.signum
                 except subprocess.TimeoutExpired:
                     pass
                 if stop.requested and time.monotonic() - forwarded >= FORWARD_AGAIN_SECONDS:
                     forwarded = time.monotonic()
                     _signal_descendants(proc.pid, stop.signum)
         except BaseException:
-            proc.terminate()  # torchrun takes its ranks down with it
+            proc.send_signal(signal.SIGINT)  # torchrun ignores SIGTERM; on SIGINT it stops its ranks
             proc.wait(timeout=60)
             raise
 
@@ -110,12 +113,12 @@ def _worker_env(ctx: StageContext) -> dict[str, str]:
     return env
 
 
-def _result(folder: Path, stage: str, code: int) -> dict[str, Any]:
+def _result(folder: Path, stage: str, code: int, signum: int | None = None) -> dict[str, Any]:
     error, stopped = folder / ERROR_FILE, folder / STOPPED_FILE
     if error.is_file():
         raise UserError(error.read_text().strip())
     if stopped.is_file():
-        raise StagePreempted(stopped.read_text().strip())
+        raise StagePreempted(stopped.read_text().strip(), signum)
     if code != 0:
         raise RuntimeError(f"{stage}: torchrun exited with code {code}; the ranks' errors are printed above")
     return json.loads((folder / RESULT_FILE).read_text())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from launch.process import quiet_libraries, reporting_errors
 from pipeline.errors import StagePreempted, UserError
@@ -22,7 +23,8 @@ URI_ENV = "FTPIPE_MLFLOW_URI"
 
 
 def run_rank(run_dir: RunDir, stage: str, progress: bool = True) -> dict | None:
-    """Run `stage` as this rank; rank 0 leaves the result (or why it stopped) for the launcher."""
+    """Run `stage` as this rank; rank 0 leaves the result (or why it stopped) for the launcher. A rank
+    that stopped on a signal exits here."""
     from pipeline import distributed
     from pipeline.config import load_config
     from pipeline.context import NullStageTracker, StageContext
@@ -47,6 +49,8 @@ def run_rank(run_dir: RunDir, stage: str, progress: bool = True) -> dict | None:
         atomic_write_text(run_dir.stage(stage) / STOPPED_FILE, stopped)
     elif rank == 0:
         atomic_write_json(run_dir.stage(stage) / RESULT_FILE, result)
+    if stopped is not None:
+        leave_now()
     return result
 
 
@@ -72,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return reporting_errors(command, leave_error)
+
+
+def leave_now() -> NoReturn:
+    """Exit at once after a stop: SIGKILL follows the stop signal within the cluster's KillWait, and
+    the interpreter's teardown (torch, threads, modules) took 5-7 s of it on a loaded 2-core machine.
+    Everything is written (atomically, fsynced) and the process group is shut down by now."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,13 @@ import re
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
 from pipeline.errors import UserError
 from pipeline.run_dir import listed_damage
+from pipeline.unpickling import allowlist_pickle, refuse_untrusted
 
 COMPLETE = "COMPLETE"  # pipeline.train.checkpoint's marker: the files it lists are checked before use
 DCP_BATCH_BYTES = 64 << 20  # tensors loaded per dcp.load call: fewer calls, bounded memory
@@ -116,6 +116,7 @@ class DCPReader(CheckpointReader):
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path = folder / "dcp" if (folder / "dcp").is_dir() else folder
+        refuse_untrusted(self.path)  # DCP reads its .metadata with plain pickle.load
         meta = FileSystemReader(str(self.path)).read_metadata().state_dict_metadata
         self.entries = {k: m for k, m in meta.items()
                         if k.startswith(self.PREFIX) and isinstance(m, TensorStorageMetadata)}
@@ -164,34 +165,13 @@ def _ranked(folder: Path, pattern: str) -> list[Path]:
     return sorted(folder.glob(pattern), key=_rank_of)
 
 
-class _Opaque:
-    """Stands in for a DeepSpeed class inside a checkpoint pickle.
-
-    Unpickling the real classes imports all of DeepSpeed (seconds) for objects we never read;
-    an int-valued enum member (ZeroStageEnum) comes back as its plain value.
-    """
-
-    def __new__(cls, *args: Any) -> Any:
-        if len(args) == 1 and isinstance(args[0], (int, str)):
-            return args[0]
-        return object.__new__(cls)
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
-class _Unpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if module.split(".")[0] == "deepspeed":
-            return _Opaque
-        return super().find_class(module, name)
-
-
-_pickle_module = SimpleNamespace(Unpickler=_Unpickler, load=pickle.load, __name__="pickle")
-
-
 def _mmap_load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=False, pickle_module=_pickle_module)
+    try:
+        # weights_only=False only to let our pickle module through: its allowlist is the check.
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False,
+                          pickle_module=allowlist_pickle)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{path}: {err}") from None
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True)

@@ -43,7 +43,8 @@ class SlurmConfig(Section):
         120, ge=0, le=86_400,
         description="SLURM sends SIGUSR2 this many seconds before the time limit (sbatch "
         "--signal); all ranks of the train job then save one checkpoint at the next step boundary, and the "
-        "job requeues itself and resumes there.")
+        "job requeues itself and resumes there. The train job warns when its slowest step plus a checkpoint "
+        "takes longer.")
     max_array_tasks: int = Field(
         64, ge=1, le=100_000,
         description="shard and tokenize run as job arrays with at most this many tasks (each takes "

@@ -6,7 +6,12 @@ class UserError(ValueError):
 
 
 class StagePreempted(RuntimeError):
-    """A stage stopped on request (SLURM's time-limit signal, preemption) after a complete checkpoint.
+    """A stage stopped on request (SLURM's time-limit signal, preemption, scancel) after a complete
+    checkpoint; `signum` is the signal that asked, where known.
 
     Nothing is wrong: running the stage again resumes where it stopped.
     """
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum

@@ -123,16 +123,17 @@ _DECLARED = (
           ("pipeline.train", "pipeline.train.stage", "pipeline.train.build", "pipeline.train.checkpoint",
            "pipeline.train.data", "pipeline.train.ds_engine", "pipeline.train.engine", "pipeline.train.fsdp",
            "pipeline.train.loop", "pipeline.train.objective", "pipeline.train.partial",
-           "pipeline.preemption", "pipeline.models", "pipeline.distributed", "pipeline.tokenized"),
+           "pipeline.preemption", "pipeline.models", "pipeline.distributed", "pipeline.tokenized",
+           "pipeline.unpickling"),
           distributed=True, gpu=True, keeps="checkpoints/step-*/COMPLETE",
           extendable=("train.max_steps", "train.epochs")),
     Stage("consolidate", "pipeline.consolidate:run", ("train",), consolidate_inputs,
           ("pipeline.consolidate", "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.models",
-           "pipeline.tokenizer")),
+           "pipeline.tokenizer", "pipeline.unpickling")),
     Stage("evaluate", "pipeline.evaluate:run", ("consolidate",), evaluate_inputs,
           ("pipeline.evaluate", "pipeline.consolidate", "pipeline.checkpoint_readers", "pipeline.hf_writer",
            "pipeline.models", "pipeline.tokenizer", "pipeline.tokenized", "pipeline.distributed",
-           "pipeline.train", "pipeline.train.data", "pipeline.train.objective")),
+           "pipeline.train", "pipeline.train.data", "pipeline.train.objective", "pipeline.unpickling")),
 )
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in _DECLARED}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import random
 import re
 import shutil
@@ -34,6 +35,7 @@ from pipeline.run_dir import (
     vouch_for,
 )
 from pipeline.train.engine import TrainEngine
+from pipeline.unpickling import make_private, refusal
 
 log = logging.getLogger("ftpipe.train")
 
@@ -115,6 +117,7 @@ def _write(partial: Path, root: Path, step: int, engine: TrainEngine, state: dic
     if dist.is_main:
         atomic_write_json(partial / "meta.json", engine.describe())
         atomic_write_json(partial / "trainer_state.json", state)
+        make_private(partial)
         files = sorted(p for p in partial.rglob("*") if p.is_file())
         record = {"step": step, "files": vouch_for(files, partial)}
         shutil.rmtree(step_dir(root, step), ignore_errors=True)
@@ -139,7 +142,7 @@ def load_checkpoint(folder: Path, engine: TrainEngine, dist: DistEnv = DistEnv()
     engine.load(folder)
     rng_file = folder / f"rng-rank{dist.rank}.pt"
     if rng_file.is_file():
-        restore_rng(torch.load(rng_file, weights_only=False))
+        restore_rng(_load_rng(rng_file))
     return json.loads((folder / "trainer_state.json").read_text())
 
 
@@ -152,13 +155,35 @@ def prune(root: Path, keep_last: int) -> None:
 
 
 def capture_rng() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every generator's state as tensors, ints and lists: loadable with weights_only=True."""
+    numpy = np.random.get_state(legacy=False)
+    return {"python": random.getstate(),
+            "numpy": {"key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+                      "pos": numpy["state"]["pos"], "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"]},
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    if isinstance(numpy, dict):
+        key = numpy["key"].numpy().astype(np.uint32)
+        np.random.set_state({"bit_generator": "MT19937", "state": {"key": key, "pos": numpy["pos"]},
+                             "has_gauss": numpy["has_gauss"], "gauss": numpy["gauss"]})
+    else:  # written by ftpipe before 2026-11: numpy's legacy tuple
+        np.random.set_state(numpy)
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_rng(path: Path) -> dict[str, Any]:
+    # Older files hold numpy's state as an array: let just its reconstruction through (the last item
+    # is the function numpy arrays pickle through, whichever module this numpy keeps it in).
+    legacy = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), np.zeros(1).__reduce__()[0]]
+    try:
+        with torch.serialization.safe_globals(legacy):
+            return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(f"{path}: not a random-state file ftpipe wrote, refused ({refusal(err)})") from None

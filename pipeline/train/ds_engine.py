@@ -25,6 +25,7 @@ from pipeline.config import RunConfig
 from pipeline.distributed import DistEnv
 from pipeline.errors import UserError
 from pipeline.train.engine import build_optimizer
+from pipeline.unpickling import make_private, refuse_untrusted
 
 TAG = "deepspeed"
 UNIVERSAL = "deepspeed_universal"
@@ -261,6 +262,9 @@ class DeepSpeedEngine:
         self.model.save_checkpoint(str(folder), tag=TAG, save_latest=False)
 
     def load(self, folder: Path) -> None:
+        for part in (TAG, UNIVERSAL):  # DeepSpeed's loader and converter unpickle every file there
+            if (folder / part).is_dir():
+                refuse_untrusted(folder / part)
         if not self.universal and saved_world_size(folder) != self.dist.world_size:
             raise RuntimeError(f"{folder}: saved by another world size; pass it as resume_from")
         source = self._universal_folder(folder) if self.universal else folder
@@ -312,5 +316,6 @@ def _convert_to_universal(source: Path, target: Path) -> str | None:
         shutil.rmtree(temp, ignore_errors=True)
         tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         return f"{source}: converting to a universal checkpoint failed: {tail[0]}"
+    make_private(temp)
     temp.rename(target)
     return None

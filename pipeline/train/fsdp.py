@@ -25,6 +25,7 @@ from torch.distributed.tensor import DTensor
 from pipeline.config import TrainConfig
 from pipeline.distributed import DistEnv
 from pipeline.train.engine import Engine
+from pipeline.unpickling import refuse_untrusted
 
 DCP_FOLDER = "dcp"
 
@@ -91,6 +92,7 @@ class FSDPEngine(Engine):
                  storage_writer=dcp.FileSystemWriter(str(folder / DCP_FOLDER)))
 
     def load(self, folder: Path) -> None:
+        refuse_untrusted(folder / DCP_FOLDER)  # DCP unpickles its .metadata file
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optim_state}
         dcp.load(state, storage_reader=dcp.FileSystemReader(str(folder / DCP_FOLDER)))

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from pipeline import distributed
 from pipeline.distributed import DistEnv
 from pipeline.errors import StagePreempted
-from pipeline.preemption import StopRequest
+from pipeline.preemption import LeadCheck, StopRequest
 from pipeline.run_dir import atomic_write_bytes, room_for
 from pipeline.train.checkpoint import prune, save_checkpoint, step_dir
 from pipeline.train.data import TrainBatches
@@ -55,6 +55,7 @@ class LoopSettings:
     dist: DistEnv = field(default_factory=DistEnv)
     progress: bool = True
     stop: StopRequest = field(default_factory=StopRequest)
+    lead: LeadCheck = field(default_factory=LeadCheck)
 
 
 def run_step(engine: TrainEngine, batches: TrainBatches, offset: int, rank: int,
@@ -96,12 +97,15 @@ def train_loop(engine: TrainEngine, batches: TrainBatches, settings: LoopSetting
         state.samples += global_batch
         state.tokens += int(distributed.all_reduce_sum(tokens))
         state.seconds += time.perf_counter() - started
+        settings.lead.step_took(time.perf_counter() - started)
         _record(settings, state, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, log)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         due = state.step % settings.checkpoint_every == 0 or state.samples >= state.target_samples
         if due:
+            saving = time.perf_counter()
             checkpoint(engine, settings, state)
+            settings.lead.save_took(time.perf_counter() - saving)
         stop_signal = distributed.all_reduce_max(settings.stop.signum or 0)  # any rank's signal stops all
         if stop_signal and state.samples < state.target_samples:
             bar.close()
@@ -116,7 +120,7 @@ def stop_here(engine: TrainEngine, settings: LoopSettings, state: LoopState, sav
     folder = step_dir(settings.checkpoint_root, state.step) if saved else checkpoint(engine, settings, state)
     raise StagePreempted(f"train: stopped on {signal.Signals(signum).name} at step {state.step} "
                          f"after writing {folder.name} ({state.samples} of {state.target_samples} samples); "
-                         "run again to resume there")
+                         "run again to resume there", signum)
 
 
 def checkpoint(engine: TrainEngine, settings: LoopSettings, state: LoopState) -> Path:

@@ -7,6 +7,7 @@ in every rank that torchrun starts.
 from __future__ import annotations
 
 import io
+import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ from pipeline.config import RunConfig, TrainConfig
 from pipeline.context import StageContext
 from pipeline.distributed import DistEnv
 from pipeline.errors import UserError
-from pipeline.preemption import StopRequest
+from pipeline.preemption import LeadCheck, StopRequest
 from pipeline.run_dir import atomic_write_bytes
 from pipeline.tokenized import open_split
 from pipeline.train.build import build_engine
@@ -70,7 +71,8 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
         log_every=cfg.train.log_every, checkpoint_root=out / "checkpoints",
         metrics_file=out / "metrics.jsonl",
         ledger_dir=out / "ledger" if cfg.train.sample_ledger else None, dist=dist,
-        progress=ctx.progress and dist.is_main, stop=stop)
+        progress=ctx.progress and dist.is_main, stop=stop, lead=_lead_check(cfg, dist))
+
     def target(train: TrainConfig) -> int:
         return target_samples(train, table.num_rows, layout.global_batch)
 
@@ -120,6 +122,12 @@ def _try_load(folder: Path, engine: TrainEngine, dist: DistEnv) -> tuple[dict | 
     except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as err:
         first_line = str(err).splitlines()[0][:200] if str(err) else ""
         return None, f"{type(err).__name__}: {first_line}"
+
+
+def _lead_check(cfg: RunConfig, dist: DistEnv) -> LeadCheck:
+    # Only a SLURM job gets its stop signal signal_lead_seconds ahead; rank 0 speaks for all.
+    in_job = "SLURM_JOB_ID" in os.environ and dist.is_main
+    return LeadCheck(cfg.launch.slurm.signal_lead_seconds if in_job else None)
 
 
 def _resume(settings: LoopSettings, saved: dict | None, fresh: LoopState) -> tuple[LoopState, int | None]:

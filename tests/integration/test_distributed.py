@@ -115,21 +115,24 @@ def test_a_killed_rank_is_restarted_and_the_run_ends_as_if_uninterrupted(workspa
     assert_close_weights(weights(run), weights(fsdp_whole), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name,receiver", [("fsdp", "launcher"), ("zero3", "rank 1")])
+@pytest.mark.parametrize("name,receiver,signum", [("fsdp", "launcher", signal.SIGTERM),
+                                                  ("zero3", "rank 1", signal.SIGUSR2)])
 def test_a_stop_signal_saves_every_rank_and_the_rerun_resumes_exactly(workspace, tiny_llama, fsdp_whole,
-                                                                      name, receiver):
-    """SLURM's --signal (or a preemption notice) reaches the launcher or any one rank: all ranks save the
-    same step together, the run stops with exit code 75, and running again loses and repeats nothing."""
+                                                                      name, receiver, signum):
+    """SLURM's --signal (SIGUSR2), or SIGTERM (preemption, scancel, kill), reaches the launcher or any one
+    rank: all ranks save the same step together, the run stops with exit code 75, and running again
+    loses and repeats nothing. The launcher passes SIGTERM on to torchrun too, which must not turn it
+    into killing its ranks."""
     tmp, data = workspace
     train = {**LONG_FSDP, **STRATEGIES[name], "checkpoint_every": 1000, "sample_ledger": True}
     config = _config(tmp, tiny_llama, data, f"stop-{name}", train, TWO_RANKS)
     run = tmp / "runs" / f"stop-{name}"
     process = start_run(config, *TRAINED)
     wait_for_lines(run / "train" / "metrics.jsonl", 5, process)
-    os.kill(process.pid if receiver == "launcher" else rank_pid(process.pid, 1), signal.SIGUSR2)
+    os.kill(process.pid if receiver == "launcher" else rank_pid(process.pid, 1), signum)
     _finish(process)
     assert process.returncode == 75, output(process)[-3000:]
-    assert "stopped on SIGUSR2 at step" in output(process) and "Traceback" not in output(process)
+    assert f"stopped on {signum.name} at step" in output(process) and "Traceback" not in output(process)
     assert not (run / "train" / "manifest.json").exists()
     saved = sorted((run / "train" / "checkpoints").glob("step-*/COMPLETE"))
     assert len(saved) == 1, "the stop writes exactly one checkpoint"

@@ -60,32 +60,53 @@ def test_built_engines_satisfy_the_protocol(tmp_path, tiny_llama, strategy):
 
 
 DEEPSPEED = textwrap.dedent('''
-    import json, sys
+    import json, os, shlex, sys
     from pathlib import Path
+    import torch
     from pipeline import distributed
     from pipeline.config import validate_config
+    from pipeline.errors import UserError
     from pipeline.train.build import build_engine
     from pipeline.train.engine import TrainEngine
 
+    class Payload:  # unpickling it touches the marker file
+        def __reduce__(self):
+            return os.system, (f"touch {shlex.quote(sys.argv[3])}",)
+
     cfg = validate_config(json.loads(Path(sys.argv[1]).read_text()))
     engine = build_engine(cfg, distributed.init(need_group=True))
-    print(json.dumps({"protocol": isinstance(engine, TrainEngine), **engine.describe()}))
+    folder = Path(sys.argv[2])
+    engine.save(folder)
+    engine.load(folder)  # what it wrote itself loads
+    # DeepSpeed's loader unpickles anything: a file others could have written is refused first.
+    target = folder / "deepspeed" / "mp_rank_00_model_states.pt"
+    torch.save({"module": Payload()}, target)
+    target.chmod(0o664)
+    try:
+        engine.load(folder)
+        refused = ""
+    except UserError as err:
+        refused = str(err)
+    print(json.dumps({"protocol": isinstance(engine, TrainEngine), **engine.describe(), "refused": refused}))
     distributed.shutdown()
 ''')
 
 
-def test_a_built_deepspeed_engine_satisfies_the_protocol(tmp_path, tiny_llama):
+def test_a_built_deepspeed_engine_satisfies_the_protocol_and_refuses_foreign_files(tmp_path, tiny_llama):
     # Its own process: DeepSpeed keeps global state that must not leak into other tests.
-    config = tmp_path / "config.json"
+    config, marker = tmp_path / "config.json", tmp_path / "payload-ran"
     train = {"strategy": "deepspeed", "deepspeed": {"zero_stage": 2}}
     config.write_text(json.dumps(causal_config(tmp_path, tiny_llama, tmp_path / "data.jsonl", train=train)))
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", DEEPSPEED, str(config)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", DEEPSPEED, str(config), str(tmp_path / "step-000001"),
+                           str(marker)], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     described = json.loads(done.stdout.strip().splitlines()[-1])
+    refused = described.pop("refused")
     assert described == {"protocol": True, "format": "deepspeed", "world_size": 1, "zero_stage": 2,
                          "tag": "deepspeed"}
+    assert "mp_rank_00_model_states.pt: writable by group or others" in refused
+    assert not marker.exists(), "the payload ran"
 
 
 def test_lr_schedule_warms_up_then_decays_to_zero():
