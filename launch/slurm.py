@@ -24,6 +24,7 @@ import submitit
 
 from launch.local import write_run_config
 from launch.process import reporting_errors
+from launch.run_lock import holding, this_job, this_process
 from launch.slurm_arrays import ArrayTask, enter_job, pending_ranks, task_count, task_groups
 from launch.slurm_jobs import JobRecord, active_jobs, read_jobs, record_jobs
 from launch.torchrun import run_torchrun, torchrun_command
@@ -79,10 +80,12 @@ def run_stage_job(run_dir: Path, stage: str, cwd: Path) -> None:
     node = int(os.environ.get("SLURM_NODEID", "0"))
     if STAGES[stage].distributed and cfg.launch.backend == "slurm":
         cfg = cfg.model_copy(update={"launch": slurm_rendezvous(cfg, node)})
-    if node != 0:
-        _torchrun_only(cfg, run_dir, stage)
-        return
-    run_pipeline(cfg, plan(cfg, [stage]), progress=False)
+    # Every node's task holds the job's lock; node 0 lets go once the stage is done.
+    with holding(RunDir(run_dir), this_job(), keep=node != 0):
+        if node != 0:
+            _torchrun_only(cfg, run_dir, stage)
+            return
+        run_pipeline(cfg, plan(cfg, [stage]), progress=False)
 
 
 def slurm_rendezvous(cfg: RunConfig, node: int) -> Any:
@@ -218,12 +221,28 @@ def submit(cfg: RunConfig, stages: list[str], cwd: Path, after: str | None = Non
     """Submit one job per stage, each after the previous one succeeded (shard and tokenize after
     their job arrays), the first after job `after`; record them in jobs.json. Their MLflow stage
     runs go under one parent run (nested under `parent_of`, a sweep's, when given)."""
-    run_dir = write_run_config(cfg)
-    busy = active_jobs(read_jobs(run_dir))
+    run_dir = RunDir(cfg.run_dir.resolve())
+    with holding(run_dir, this_process()):
+        check_idle(run_dir)
+        # Only now: queued jobs read config.yaml when they start.
+        write_run_config(cfg)
+        return _submit_stages(cfg, run_dir, stages, cwd, after, parent_of)
+
+
+def check_idle(run_dir: RunDir) -> None:
+    """A UserError when jobs of this run are queued or running, or SLURM cannot say."""
+    try:
+        busy = active_jobs(read_jobs(run_dir))
+    except UserError as err:  # never assume that nothing runs
+        raise UserError(f"{run_dir.root}: not submitting: {err}; retry when SLURM answers") from None
     if busy:
         ids = ", ".join(j.job_id for j in busy)
-        raise UserError(f"{run_dir}: jobs {ids} of this run are still queued or running; "
-                        f"wait, or `ftpipe cancel {run_dir}` first")
+        raise UserError(f"{run_dir.root}: jobs {ids} of this run are still queued or running; "
+                        f"wait, or `ftpipe cancel {run_dir.root}` first")
+
+
+def _submit_stages(cfg: RunConfig, run_dir: RunDir, stages: list[str], cwd: Path, after: str | None,
+                   parent_of: str | None) -> list[JobRecord]:
     parent_run(cfg, parent_of)
     records: list[JobRecord] = []
     previous: str | None = after
@@ -293,7 +312,9 @@ def _ran(job: StageJob | ArrayTask) -> int:
 
 
 def _prepare(config: str, overrides: list[str]) -> int:
-    print(write_run_config(load_config(config, overrides)).root)
+    cfg = load_config(config, overrides)
+    with holding(RunDir(cfg.run_dir.resolve()), this_process()):
+        print(write_run_config(cfg).root)
     return 0
 
 

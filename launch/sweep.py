@@ -21,6 +21,7 @@ from typing import Any
 
 import submitit
 
+from launch.run_lock import holding, this_job
 from launch.slurm import parent_run, submit, submit_job, to_submit
 from launch.slurm_arrays import enter_job
 from launch.slurm_jobs import JobRecord, cancel, cancel_jobs
@@ -120,7 +121,9 @@ class SweepSummary(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         base_dir = Path(self.base_dir)
-        return write_summary(RunDir(base_dir), enter_job(base_dir, Path(self.cwd)))
+        cfg = enter_job(base_dir, Path(self.cwd))
+        with holding(RunDir(base_dir), this_job()):
+            return write_summary(RunDir(base_dir), cfg)
 
 
 def read_sweep(base_dir: RunDir) -> list[Member]:

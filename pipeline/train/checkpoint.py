@@ -11,6 +11,7 @@ import json
 import random
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +46,11 @@ def latest_checkpoint(root: Path) -> Path | None:
 def save_checkpoint(root: Path, step: int, engine: TrainEngine, state: dict[str, Any],
                     dist: DistEnv = DistEnv()) -> Path:
     """Every rank writes its part of `step`; rank 0 publishes the folder once all have."""
-    partial = root / f".step-{step:06d}.partial"
+    # Rank 0 names the folder for all ranks: a name of its own, never another writer's partial save.
+    token = distributed.broadcast_object(uuid.uuid4().hex[:8])
+    partial = root / f".step-{step:06d}.partial-{token}"
     final = step_dir(root, step)
     if dist.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     distributed.barrier()
     engine.save(partial)
@@ -77,7 +79,7 @@ def prune(root: Path, keep_last: int) -> None:
     """Drop old complete checkpoints beyond keep_last, and partial ones a crash left behind."""
     for folder in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(folder, ignore_errors=True)
-    for folder in root.glob(".step-*.partial"):
+    for folder in root.glob(".step-*.partial*"):
         shutil.rmtree(folder, ignore_errors=True)
 
 
