@@ -117,7 +117,7 @@ def holding(run_dir: RunDir, holder: Holder, keep: bool = False) -> Iterator[Non
 
 def acquire(run_dir: RunDir, holder: Holder) -> None:
     """Take the lock for `holder`, share it with its own job, take over a stale one, or refuse."""
-    path = run_dir.lock_file
+    path = run_dir.lock_file.resolve()  # one key per file, however the run directory is spelled
     if _HELD.get(path, ("", 0))[0] == holder.key:
         _HELD[path] = (holder.key, _HELD[path][1] + 1)
         return
@@ -138,7 +138,7 @@ def release(run_dir: RunDir, holder: Holder, remove: bool = True) -> None:
     """Let go of the lock (at the outermost block of this process): the file goes when `remove` and it
     is still ours; without `remove` it stays for the holder's other tasks (or until SLURM says the
     job ended)."""
-    path = run_dir.lock_file
+    path = run_dir.lock_file.resolve()
     key, depth = _HELD.pop(path, (holder.key, 1))
     if depth > 1:
         _HELD[path] = (key, depth - 1)

@@ -21,7 +21,7 @@ from typing import Any
 
 import submitit
 
-from launch.run_lock import holding, this_job
+from launch.run_lock import holding, this_job, this_process
 from launch.slurm import parent_run, submit, submit_job, to_submit
 from launch.slurm_arrays import enter_job
 from launch.slurm_jobs import JobRecord, cancel, cancel_jobs
@@ -101,9 +101,11 @@ def submit_sweep(base: RunConfig, found: list[tuple[Member, RunConfig]], cwd: Pa
     after = data_jobs[-1].job_id if data_jobs else None
     chains: dict[str, list[JobRecord]] = {}
     for member, cfg in found:
-        link_shared_data(RunDir(base.run_dir.resolve()), RunDir(cfg.run_dir.resolve()))
-        stages = [s for s in to_submit(plan(cfg, None, force)) if s in MEMBER_STAGES]
-        chains[member.name] = submit(cfg, stages, cwd, after=after, parent_of=parent) if stages else []
+        member_dir = RunDir(cfg.run_dir.resolve())
+        with holding(member_dir, this_process()):  # its links too are its own to write
+            link_shared_data(RunDir(base.run_dir.resolve()), member_dir)
+            stages = [s for s in to_submit(plan(cfg, None, force)) if s in MEMBER_STAGES]
+            chains[member.name] = submit(cfg, stages, cwd, after=after, parent_of=parent) if stages else []
     ends = [jobs[-1].job_id for jobs in chains.values() if jobs]
     # The summary job asks for what the last stage's job gets (no GPU, one node).
     summary = submit_job(base, LAST, SweepSummary(str(base.run_dir.resolve()), str(cwd)),

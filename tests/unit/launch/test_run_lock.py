@@ -54,7 +54,8 @@ def failing_slurm(tmp_path, monkeypatch) -> Path:
     folder.mkdir()
     for name in ("squeue", "sacct"):
         script = folder / name
-        script.write_text(f"#!/bin/sh\necho '{name}: error: Unable to contact slurm controller' >&2\nexit 1\n")
+        script.write_text(f"#!/bin/sh\necho '{name}: error: Unable to contact slurm controller' >&2\n"
+                          "exit 1\n")
         script.chmod(0o755)
     sbatch = folder / "sbatch"
     sbatch.write_text(f"#!/bin/sh\ntouch {folder / 'sbatch-called'}\nexit 1\n")
