@@ -124,7 +124,11 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if cfg.launch.backend != "slurm":
         raise UserError(f"{args.config}: ftpipe submit needs launch.backend: slurm "
                         f"(it is {cfg.launch.backend!r})")
-    with holding(RunDir(cfg.run_dir.resolve()), this_process()):
+    from launch.slurm import check_idle, submitting
+
+    run_dir = RunDir(cfg.run_dir.resolve())
+    check_idle(run_dir)  # before the lock, which a running job holds: this line also names the queued ones
+    with submitting(run_dir):
         return _submit_sweep(args, cfg) if args.sweep else _submit(args, cfg)
 
 

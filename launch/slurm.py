@@ -12,11 +12,13 @@ Also a command line for batch scripts written by hand (slurm/*.sbatch):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -222,7 +224,7 @@ def submit(cfg: RunConfig, stages: list[str], cwd: Path, after: str | None = Non
     their job arrays), the first after job `after`; record them in jobs.json. Their MLflow stage
     runs go under one parent run (nested under `parent_of`, a sweep's, when given)."""
     run_dir = RunDir(cfg.run_dir.resolve())
-    with holding(run_dir, this_process()):
+    with submitting(run_dir):
         check_idle(run_dir)
         # Only now: queued jobs read config.yaml when they start.
         write_run_config(cfg)
@@ -276,17 +278,53 @@ def parent_run(cfg: RunConfig, parent_of: str | None = None) -> str | None:
     return run_id
 
 
+_on_hold: list[str] | None = None  # jobs the `submitting` block in progress submitted on hold
+
+
+@contextlib.contextmanager
+def submitting(run_dir: RunDir) -> Iterator[None]:
+    """Hold the run's lock while submitting. The jobs go in on hold and are released only once the
+    lock is let go: a job that started meanwhile would find the lock taken by this very submission.
+    Nested blocks (a sweep's members) take their own run's lock; the outermost releases the jobs."""
+    global _on_hold
+    outermost = _on_hold is None
+    if outermost:
+        _on_hold = []
+    try:
+        with holding(run_dir, this_process()):
+            yield
+    finally:
+        if outermost:
+            held, _on_hold = _on_hold, None
+            if held:
+                _release(held)
+
+
+def _release(job_ids: list[str]) -> None:
+    listed = ",".join(job_ids)
+    done = subprocess.run(["scontrol", "release", listed], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise UserError(f"jobs {listed} were submitted on hold and could not be released "
+                        f"({_last_line(done.stderr)}): `scontrol release {listed}`")
+
+
 def submit_job(cfg: RunConfig, stage: str, fn: Any, after: str | None, how: Any,
                kind: str = "afterok") -> Any:
     """Submit `fn` with STAGE's job parameters, after job(s) `after` (a:b:c) under dependency `kind`."""
     executor = submitit.SlurmExecutor(folder=cfg.run_dir.resolve() / "slurm" / "%j",
                                       max_num_timeout=cfg.launch.slurm.max_requeues)
-    executor.update_parameters(**job_parameters(cfg, stage),
-                               **({"dependency": f"{kind}:{after}"} if after else {}))
+    params = job_parameters(cfg, stage)
+    if _on_hold is not None:
+        params["additional_parameters"] = {**params.get("additional_parameters", {}), "hold": True}
+    executor.update_parameters(**params, **({"dependency": f"{kind}:{after}"} if after else {}))
     try:
-        return how(executor, fn)
+        submitted = how(executor, fn)
     except submitit.core.utils.FailedJobError as err:
         raise UserError(f"sbatch refused the {stage} job: {_last_line(str(err))}") from None
+    if _on_hold is not None:
+        first = submitted[0] if isinstance(submitted, list) else submitted
+        _on_hold.append(first.job_id.split("_")[0])  # an array's id releases all its tasks
+    return submitted
 
 
 def _submit_array(cfg: RunConfig, run_dir: RunDir, stage: str, cwd: Path, ranks: list[int],
