@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
 
 from launch.process import DEBUG_ENV, quiet_libraries, reporting_errors
+from launch.run_lock import holding, this_process
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir
@@ -79,11 +81,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import plan
 
     cfg = _load(args)
-    planned = plan(cfg, _stages(args), tuple(args.force))
-    print_plan(cfg, planned)
-    if args.dry_run:
-        return 0
-    run_pipeline(cfg, planned, progress=not args.no_progress)
+    # A dry run writes nothing: it needs no lock and works beside a running writer.
+    with contextlib.nullcontext() if args.dry_run else holding(RunDir(cfg.run_dir.resolve()), this_process()):
+        planned = plan(cfg, _stages(args), tuple(args.force))
+        print_plan(cfg, planned)
+        if args.dry_run:
+            return 0
+        run_pipeline(cfg, planned, progress=not args.no_progress)
     print_summary(cfg)
     return 0
 
@@ -126,18 +130,25 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from launch import slurm
-    from launch.local import print_plan
-    from pipeline.runner import claim_forced, plan
-
     cfg = _load(args)
     if cfg.launch.backend != "slurm":
         raise UserError(f"{args.config}: ftpipe submit needs launch.backend: slurm "
                         f"(it is {cfg.launch.backend!r})")
-    if args.sweep:
-        if args.stages:
-            raise UserError("--stages does not combine with --sweep (a sweep submits every stage)")
-        return _submit_sweep(args, cfg)
+    if args.sweep and args.stages:
+        raise UserError("--stages does not combine with --sweep (a sweep submits every stage)")
+    from launch.slurm import check_idle, submitting
+
+    run_dir = RunDir(cfg.run_dir.resolve())
+    check_idle(run_dir)  # before the lock, which a running job holds: this line also names the queued ones
+    with submitting(run_dir):
+        return _submit_sweep(args, cfg) if args.sweep else _submit(args, cfg)
+
+
+def _submit(args: argparse.Namespace, cfg: RunConfig) -> int:
+    from launch import slurm
+    from launch.local import print_plan
+    from pipeline.runner import claim_forced, plan
+
     planned = plan(cfg, _stages(args), tuple(args.force))
     print_plan(cfg, planned)
     stages = slurm.to_submit(planned)

@@ -12,12 +12,14 @@ Also a command line for batch scripts written by hand (slurm/*.sbatch):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,6 +27,7 @@ import submitit
 
 from launch.local import write_run_config
 from launch.process import STOPPED_EXIT, reporting_errors
+from launch.run_lock import holding, this_job, this_process
 from launch.slurm_arrays import ArrayTask, enter_job, pending_ranks, task_count, task_groups
 from launch.slurm_jobs import JobRecord, active_jobs, read_jobs, record_jobs, record_outcome
 from launch.torchrun import run_torchrun, torchrun_command
@@ -101,10 +104,12 @@ def run_stage_job(run_dir: Path, stage: str, cwd: Path) -> None:
     node = int(os.environ.get("SLURM_NODEID", "0"))
     if STAGES[stage].distributed and cfg.launch.backend == "slurm":
         cfg = cfg.model_copy(update={"launch": slurm_rendezvous(cfg, node)})
-    if node != 0:
-        _torchrun_only(cfg, run_dir, stage)
-        return
-    run_pipeline(cfg, plan(cfg, [stage]), progress=False)
+    # Every node's task holds the job's lock; node 0 lets go once the stage is done.
+    with holding(RunDir(run_dir), this_job(), keep=node != 0):
+        if node != 0:
+            _torchrun_only(cfg, run_dir, stage)
+            return
+        run_pipeline(cfg, plan(cfg, [stage]), progress=False)
 
 
 def slurm_rendezvous(cfg: RunConfig, node: int) -> Any:
@@ -240,12 +245,28 @@ def submit(cfg: RunConfig, stages: list[str], cwd: Path, after: str | None = Non
     """Submit one job per stage, each after the previous one succeeded (shard and tokenize after
     their job arrays), the first after job `after`; record them in jobs.json. Their MLflow stage
     runs go under one parent run (nested under `parent_of`, a sweep's, when given)."""
-    run_dir = write_run_config(cfg)
-    busy = active_jobs(read_jobs(run_dir))
+    run_dir = RunDir(cfg.run_dir.resolve())
+    with submitting(run_dir):
+        check_idle(run_dir)
+        # Only now: queued jobs read config.yaml when they start.
+        write_run_config(cfg)
+        return _submit_stages(cfg, run_dir, stages, cwd, after, parent_of)
+
+
+def check_idle(run_dir: RunDir) -> None:
+    """A UserError when jobs of this run are queued or running, or SLURM cannot say."""
+    try:
+        busy = active_jobs(read_jobs(run_dir))
+    except UserError as err:  # never assume that nothing runs
+        raise UserError(f"{run_dir.root}: not submitting: {err}; retry when SLURM answers") from None
     if busy:
         ids = ", ".join(j.job_id for j in busy)
-        raise UserError(f"{run_dir}: jobs {ids} of this run are still queued or running; "
-                        f"wait, or `ftpipe cancel {run_dir}` first")
+        raise UserError(f"{run_dir.root}: jobs {ids} of this run are still queued or running; "
+                        f"wait, or `ftpipe cancel {run_dir.root}` first")
+
+
+def _submit_stages(cfg: RunConfig, run_dir: RunDir, stages: list[str], cwd: Path, after: str | None,
+                   parent_of: str | None) -> list[JobRecord]:
     parent_run(cfg, parent_of)
     records: list[JobRecord] = []
     previous: str | None = after
@@ -279,17 +300,53 @@ def parent_run(cfg: RunConfig, parent_of: str | None = None) -> str | None:
     return run_id
 
 
+_on_hold: list[str] | None = None  # jobs the `submitting` block in progress submitted on hold
+
+
+@contextlib.contextmanager
+def submitting(run_dir: RunDir) -> Iterator[None]:
+    """Hold the run's lock while submitting. The jobs go in on hold and are released only once the
+    lock is let go: a job that started meanwhile would find the lock taken by this very submission.
+    Nested blocks (a sweep's members) take their own run's lock; the outermost releases the jobs."""
+    global _on_hold
+    outermost = _on_hold is None
+    if outermost:
+        _on_hold = []
+    try:
+        with holding(run_dir, this_process()):
+            yield
+    finally:
+        if outermost:
+            held, _on_hold = _on_hold, None
+            if held:
+                _release(held)
+
+
+def _release(job_ids: list[str]) -> None:
+    listed = ",".join(job_ids)
+    done = subprocess.run(["scontrol", "release", listed], capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        raise UserError(f"jobs {listed} were submitted on hold and could not be released "
+                        f"({_last_line(done.stderr)}): `scontrol release {listed}`")
+
+
 def submit_job(cfg: RunConfig, stage: str, fn: Any, after: str | None, how: Any,
                kind: str = "afterok") -> Any:
     """Submit `fn` with STAGE's job parameters, after job(s) `after` (a:b:c) under dependency `kind`."""
     executor = submitit.SlurmExecutor(folder=cfg.run_dir.resolve() / "slurm" / "%j",
                                       max_num_timeout=cfg.launch.slurm.max_requeues)
-    executor.update_parameters(**job_parameters(cfg, stage),
-                               **({"dependency": f"{kind}:{after}"} if after else {}))
+    params = job_parameters(cfg, stage)
+    if _on_hold is not None:
+        params["additional_parameters"] = {**params.get("additional_parameters", {}), "hold": True}
+    executor.update_parameters(**params, **({"dependency": f"{kind}:{after}"} if after else {}))
     try:
-        return how(executor, fn)
+        submitted = how(executor, fn)
     except submitit.core.utils.FailedJobError as err:
         raise UserError(f"sbatch refused the {stage} job: {_last_line(str(err))}") from None
+    if _on_hold is not None:
+        first = submitted[0] if isinstance(submitted, list) else submitted
+        _on_hold.append(first.job_id.split("_")[0])  # an array's id releases all its tasks
+    return submitted
 
 
 def _submit_array(cfg: RunConfig, run_dir: RunDir, stage: str, cwd: Path, ranks: list[int],
@@ -315,7 +372,9 @@ def _ran(job: StageJob | ArrayTask) -> int:
 
 
 def _prepare(config: str, overrides: list[str]) -> int:
-    print(write_run_config(load_config(config, overrides)).root)
+    cfg = load_config(config, overrides)
+    with holding(RunDir(cfg.run_dir.resolve()), this_process()):
+        print(write_run_config(cfg).root)
     return 0
 
 

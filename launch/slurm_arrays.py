@@ -15,6 +15,7 @@ from pathlib import Path
 
 import submitit
 
+from launch.run_lock import holding, this_job
 from pipeline import units
 from pipeline.config import RunConfig, load_config
 from pipeline.run_dir import RunDir
@@ -66,6 +67,9 @@ class ArrayTask(submitit.helpers.Checkpointable):
         if ranks is None:
             task, count = int(os.environ["SLURM_ARRAY_TASK_ID"]), int(os.environ["SLURM_ARRAY_TASK_COUNT"])
             ranks = list(range(world_size))[task::count]
-        for rank in ranks:
-            units.run_task(unit_stage, cfg, run_dir, rank, world_size)
+        # The array's tasks, running at once, share its lock; it ends with the array (the stage's own
+        # job then takes it over).
+        with holding(run_dir, this_job(), keep=True):
+            for rank in ranks:
+                units.run_task(unit_stage, cfg, run_dir, rank, world_size)
         return ranks

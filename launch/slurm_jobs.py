@@ -54,12 +54,18 @@ def record_jobs(run_dir: RunDir, new: list[JobRecord]) -> None:
     atomic_write_json(run_dir.jobs_file, {"jobs": jobs})
 
 
-def _run(cmd: list[str]) -> str | None:
+def _run(cmd: list[str]) -> tuple[str | None, str]:
+    """(stdout, '') or, when the command gave no answer, (None, why). `squeue -j` of jobs SLURM has
+    forgotten (MinJobAge) fails with 'Invalid job id': an answer, they are neither queued nor running."""
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return done.stdout if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return None, f"{cmd[0]}: {err}"
+    if done.returncode == 0 or "Invalid job id" in done.stderr:
+        return (done.stdout if done.returncode == 0 else ""), ""
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    why = lines[-1] if lines else f"exit code {done.returncode}"
+    return None, why if why.startswith(cmd[0]) else f"{cmd[0]}: {why}"
 
 
 def _telling(a: tuple[str, str] | None, b: tuple[str, str]) -> tuple[str, str]:
@@ -81,19 +87,27 @@ def _collect(out: str, job_ids: list[str]) -> dict[str, tuple[str, str]]:
     return found
 
 
-def slurm_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
-    """job id -> (state, reason) from squeue, completed by sacct where accounting is on."""
+def slurm_states(job_ids: list[str], strict: bool = False) -> dict[str, tuple[str, str]]:
+    """job id -> (state, reason) from squeue, completed by sacct where accounting is on. `strict`:
+    a UserError when neither answers (no state is then not the same as not running)."""
     if not job_ids:
         return {}
     ids = ",".join(job_ids)
-    states = _collect(_run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ids]) or "", job_ids)
+    accounted, sacct_error = _run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ids])
     # %i is ID_N for array tasks (and ID_[1-3] while pending); the base id groups them.
-    states.update(_collect(_run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r", "-j", ids]) or "", job_ids))
+    queued, squeue_error = _run(["squeue", "-h", "-t", "all", "-o", "%i|%T|%r", "-j", ids])
+    if strict and accounted is None and queued is None:
+        jobs = f"job{'s' if len(job_ids) > 1 else ''} {', '.join(job_ids)}"
+        raise UserError(f"SLURM cannot be asked about {jobs}: squeue and sacct gave no answer "
+                        f"({squeue_error}; {sacct_error})")
+    states = _collect(accounted or "", job_ids)
+    states.update(_collect(queued or "", job_ids))
     return states
 
 
 def active_jobs(jobs: list[JobRecord]) -> list[JobRecord]:
-    states = slurm_states([i for j in jobs for i in j.job_ids])
+    """Those of `jobs` queued or running; a UserError when SLURM cannot be asked."""
+    states = slurm_states([i for j in jobs for i in j.job_ids], strict=True)
     return [j for j in jobs if any(states.get(i, ("", ""))[0] in QUEUED | RUNNING for i in j.job_ids)]
 
 

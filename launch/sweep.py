@@ -21,6 +21,7 @@ from typing import Any
 
 import submitit
 
+from launch.run_lock import holding, this_job, this_process
 from launch.slurm import parent_run, submit, submit_job, to_submit
 from launch.slurm_arrays import enter_job
 from launch.slurm_jobs import JobRecord, cancel, cancel_jobs
@@ -102,12 +103,14 @@ def submit_sweep(base: RunConfig, found: list[tuple[Member, RunConfig]], cwd: Pa
     after = data_jobs[-1].job_id if data_jobs else None
     chains: dict[str, list[JobRecord]] = {}
     for member, cfg in found:
-        link_shared_data(RunDir(base.run_dir.resolve()), RunDir(cfg.run_dir.resolve()))
-        member_plan = plan(cfg, list(MEMBER_STAGES), tuple(f for f in force if f not in SHARED_STAGES),
-                           upstream_submitted=True)
-        stages = to_submit(member_plan)
-        claim_forced(cfg, member_plan)
-        chains[member.name] = submit(cfg, stages, cwd, after=after, parent_of=parent) if stages else []
+        member_dir = RunDir(cfg.run_dir.resolve())
+        with holding(member_dir, this_process()):  # its links too are its own to write
+            link_shared_data(RunDir(base.run_dir.resolve()), member_dir)
+            member_plan = plan(cfg, list(MEMBER_STAGES), tuple(f for f in force if f not in SHARED_STAGES),
+                               upstream_submitted=True)
+            stages = to_submit(member_plan)
+            claim_forced(cfg, member_plan)
+            chains[member.name] = submit(cfg, stages, cwd, after=after, parent_of=parent) if stages else []
     ends = [jobs[-1].job_id for jobs in chains.values() if jobs]
     # The summary job asks for what the last stage's job gets (no GPU, one node).
     summary = submit_job(base, LAST, SweepSummary(str(base.run_dir.resolve()), str(cwd)),
@@ -125,7 +128,9 @@ class SweepSummary(submitit.helpers.Checkpointable):
 
     def __call__(self) -> str:
         base_dir = Path(self.base_dir)
-        return write_summary(RunDir(base_dir), enter_job(base_dir, Path(self.cwd)))
+        cfg = enter_job(base_dir, Path(self.cwd))
+        with holding(RunDir(base_dir), this_job()):
+            return write_summary(RunDir(base_dir), cfg)
 
 
 def read_sweep(base_dir: RunDir) -> list[Member]:

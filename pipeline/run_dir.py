@@ -61,6 +61,11 @@ class RunDir:
         return self.root / "sweep"
 
     @property
+    def lock_file(self) -> Path:
+        """Who writes this run directory now (launch/run_lock.py)."""
+        return self.root / ".ftpipe.lock"
+
+    @property
     def model_dir(self) -> Path:
         return self.stage("consolidate") / "model"
 

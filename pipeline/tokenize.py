@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -58,7 +59,8 @@ def tokenize_shard(source: Path, target: Path, encoder: Encoder) -> dict[str, An
     packer = Packer(encoder.max_len, encoder.masked) if encoder.data.packing else None
     schema = packed_schema(encoder.schema) if packer else encoder.schema
     stats = {"rows": 0, "tokens": 0, "targets": 0, "truncated": 0, "dropped": 0, "rejected": 0, "max_len": 0}
-    tmp = target.with_name(f".{target.name}.tmp-w")
+    # A name of its own: a fixed one would be written and renamed away by another writer of this unit.
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     rejects: list[str] = []
     try:
         _write_stream(source, tmp, encoder, packer, schema, stats, rejects)

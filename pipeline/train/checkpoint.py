@@ -93,9 +93,10 @@ def save_checkpoint(root: Path, step: int, engine: TrainEngine, state: dict[str,
                     dist: DistEnv = DistEnv()) -> Path:
     """Every rank writes its part of `step`; rank 0 publishes the folder once all have. A full disk
     is a one-line error, with the partial folder gone and earlier checkpoints untouched."""
-    partial = root / f".step-{step:06d}.partial"
+    # Rank 0 names the folder for all ranks: a name of its own, never another writer's partial save.
+    token = distributed.broadcast_object(uuid.uuid4().hex[:8])
+    partial = root / f".step-{step:06d}.partial-{token}"
     if dist.is_main:
-        shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     distributed.barrier()
     try:
@@ -150,7 +151,7 @@ def prune(root: Path, keep_last: int) -> None:
     """Drop old complete checkpoints beyond keep_last, and partial ones a crash left behind."""
     for folder in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(folder, ignore_errors=True)
-    for folder in root.glob(".step-*.partial"):
+    for folder in root.glob(".step-*.partial*"):
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
 import shutil
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -303,8 +303,8 @@ class DeepSpeedEngine:
 
 def _convert_to_universal(source: Path, target: Path) -> str | None:
     """Run ds_to_universal into a temp folder renamed into place; an error message or None."""
-    temp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(temp, ignore_errors=True)
+    # uuid, not the pid: pids of two hosts writing one shared filesystem can be equal.
+    temp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
     # A subprocess: the converter forks workers and prints a lot, neither welcome in a rank.
     # --inject_missing_state: for ZeRO-1/2 it wants a Megatron-only 'universal_checkpoint_info'
     # entry; the flag supplies it in memory and never rewrites the source files.

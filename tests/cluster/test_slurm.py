@@ -62,6 +62,11 @@ def test_submit_runs_the_pipeline_like_run(slurm_cluster, tmp_path, tiny_llama, 
     lines = wait_for(run)
     assert all(" done " in line for line in lines), "\n".join(lines)
     assert ftpipe("status", run) == 0 and capsys.readouterr().out.count(" done ") == 5
+    # The shard array's tasks shared its lock and left it; the shard job took it over once SLURM
+    # said the array had ended, and the last job let go of it.
+    shard = jobs[0]
+    assert f"taking over the lock of SLURM job {shard.array_job_id} " in Path(shard.stderr).read_text()
+    assert not run.lock_file.exists()
     assert losses(run) == losses(tmp_path / "local" / "runs" / "lm")
     assert_same_weights(weights(run), weights(tmp_path / "local" / "runs" / "lm"))
     assert manifest(run, "evaluate")["metrics"] == (

@@ -33,3 +33,19 @@ def test_tokenize_resumes_only_missing_shards(tmp_path, tiny_llama, text_data):
     (folder / "00001.json").unlink()
     again = tokenize.run(cfg, ctx)
     assert again["reused_shards"] == 3 and again["splits"] == first["splits"]
+
+
+def test_a_unit_is_written_under_a_temporary_name_of_its_own(tmp_path, tiny_llama, text_data):
+    """Another writer's half-written file of the same unit (the fixed name tokenize used to share) is
+    neither overwritten nor renamed away."""
+    cfg = validate_config(fixtures.causal_config(tmp_path, tiny_llama, text_data))
+    ctx = stage_context(cfg)
+    run_stage(shard, cfg, ctx)
+    unit = tokenize.UNITS.units(cfg, ctx.run_dir)[0]
+    unit.folder.mkdir(parents=True)
+    theirs = unit.folder / f".{unit.index:05d}.arrow.tmp-w"
+    theirs.write_bytes(b"another writer's rows")
+    stats = tokenize.UNITS.work(cfg, ctx.run_dir, unit)
+    assert theirs.read_bytes() == b"another writer's rows"
+    assert tokenized.open_split(unit.folder).num_rows == stats["rows"] > 0
+    assert list(unit.folder.glob(".*.tmp-*")) == [theirs]

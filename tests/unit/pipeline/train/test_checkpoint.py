@@ -26,6 +26,18 @@ class _TinyEngine:
         return {"format": "custom"}
 
 
+def test_a_checkpoint_is_written_under_a_temporary_name_of_its_own(tmp_path):
+    """Another writer's partial save of the same step (the fixed name every save used to share) is not
+    deleted under it."""
+    theirs = tmp_path / ".step-000002.partial"
+    theirs.mkdir()
+    (theirs / "engine.pt").write_bytes(b"another writer's half")
+    checkpoint.save_checkpoint(tmp_path, 2, _TinyEngine(), {"step": 2})
+    assert (theirs / "engine.pt").read_bytes() == b"another writer's half"
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step-000002"
+    assert list(tmp_path.glob(".step-*")) == [theirs]
+
+
 def test_checkpoints_count_only_with_marker_and_are_pruned(tmp_path):
     engine = _TinyEngine()
     for step in (2, 4, 6):
