@@ -163,8 +163,8 @@ def write_summary(base_dir: RunDir, cfg: RunConfig) -> str:
     tracker = build_tracker(cfg)
     parent = read_parent(base_dir, tracker.uri) if tracker else None
     if tracker and parent:
-        tracker.start({}, base_dir.config_file, {}, attach_to=parent)
-        tracker.submit(lambda: tracker.client.log_artifact(parent, str(folder / "summary.md"), "sweep"))
+        tracker.start({}, {}, attach_to=parent)
+        tracker.log_artifact(folder / "summary.md", "sweep")
         tracker.close("FINISHED" if all(r["state"] == "done" for r in rows) else "FAILED")
     atomic_write_json(folder / "summary.json", rows)
     print(table)
