@@ -38,6 +38,8 @@ RETRY_DELAYS_S = (0.5, 1.0, 2.0)
 PROBE_INTERVAL_S = 30.0
 # ftpipe retries itself; MLflow's defaults (7 retries, 120 s timeout) would hold a call for minutes.
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# MLflow prints each ended run's URL, credentials included, on stdout.
+QUIET_MLFLOW = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
 
 def default_tracking_uri(output_dir: Path) -> str:
@@ -59,6 +61,7 @@ class _Sender:
     def __init__(self, uri: str, spool: Spool, ids: dict[str, str] | None = None):
         for name, value in MLFLOW_HTTP_DEFAULTS.items():
             os.environ.setdefault(name, value)
+        os.environ.update(QUIET_MLFLOW)
         self.uri, self.spool = uri, spool
         self.ids: dict[str, str] = ids or {}
         self.session: ops.Session | None = None

@@ -64,8 +64,9 @@ class Spool:
 
     def _drop(self) -> None:
         if not self.dropped:
-            log.warning("tracking spool %s is full (%d MiB): further tracking data of this run is dropped",
-                        self.folder, self.limit // 2**20)
+            size = f"{self.limit // 2**20} MiB" if self.limit >= 2**20 else f"{self.limit} bytes"
+            log.warning("tracking spool %s is full (%s): further tracking data of this run is dropped",
+                        self.folder, size)
         self.dropped += 1
 
 
