@@ -81,7 +81,7 @@ def _data_fingerprints(cfg: RunConfig) -> dict[str, str]:
 
 def link_shared_data(base: RunDir, member: RunDir) -> None:
     """member/shard and member/tokenize -> the base run's (relative links: the output dir may move)."""
-    member.root.mkdir(parents=True, exist_ok=True)
+    member.root.mkdir(mode=0o750, parents=True, exist_ok=True)
     for stage in SHARED_STAGES:
         link, target = member.stage(stage), base.stage(stage)
         if link.exists() and not link.is_symlink():

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 from pipeline.errors import UserError
@@ -110,8 +109,3 @@ def private_files() -> Iterator[None]:
     finally:
         os.umask(previous)
 
-
-def ensure_private(path: Path) -> None:
-    """chmod 0600 a file that some library wrote with the default mode."""
-    with contextlib.suppress(OSError):
-        os.chmod(path, 0o600)

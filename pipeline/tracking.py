@@ -220,6 +220,7 @@ class Tracker:
             self.sender.ids[self.parent_key] = attach_to
             return
         shared = shared_config(config)
+        self.run_dir.tracking_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         config_file = self.run_dir.tracking_dir / "config.yaml"
         atomic_write_text(config_file, yaml.safe_dump(shared, sort_keys=False), private=True)
         location = self.artifact_root.resolve().as_uri() if self.artifact_root else None

@@ -1,25 +1,15 @@
 """Credentials in the tracking URI and the SLURM setup lines stay out of messages and files."""
 
 import os
-import stat
 
 from pipeline.config import load_config
 from pipeline.run_dir import RunDir
 from pipeline.secrets import redact, secret_setup_names
 from pipeline.tracking import tracking_uri
 from tests import fixtures
-from tests.helpers import free_port, ftpipe
+from tests.helpers import file_mode, files_holding, free_port, ftpipe
 
 PASSWORD = "pw-5d1e0c"
-
-
-def _files_holding(root, secret: str) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
-                  if p.is_file() and secret.encode() in p.read_bytes())
-
-
-def _mode(path) -> int:
-    return stat.S_IMODE(os.stat(path).st_mode)
 
 
 def test_redact_replaces_userinfo_of_every_uri():
@@ -58,7 +48,7 @@ def test_password_in_uri_of_a_dead_server_stays_secret(tmp_path, model_dir, data
     assert PASSWORD not in out + err
     run_dir = RunDir(tmp_path / "runs" / "lm")
     assert list(run_dir.spool_dir.glob("*.jsonl"))
-    assert _files_holding(tmp_path / "runs", PASSWORD) == ["lm/tracking/credentials.json"]
-    assert _mode(run_dir.credentials_file) == 0o600 and _mode(run_dir.tracking_dir) == 0o700
-    assert _mode(run_dir.root) == 0o750 and _mode(run_dir.config_file) == 0o600
+    assert files_holding(tmp_path / "runs", PASSWORD) == ["lm/tracking/credentials.json"]
+    assert file_mode(run_dir.credentials_file) == 0o600 and file_mode(run_dir.tracking_dir) == 0o700
+    assert file_mode(run_dir.root) == 0o750 and file_mode(run_dir.config_file) == 0o600
     assert tracking_uri(load_config(run_dir.config_file), run_dir) == uri
