@@ -156,6 +156,8 @@ class _Sender:
                 break
             if isinstance(item, dict):
                 pending.append(item)
+            elif item is not None:
+                item()  # a waiter's event
         for op in pending:
             self._spool(op)
 

@@ -52,3 +52,9 @@ def test_password_in_uri_of_a_dead_server_stays_secret(tmp_path, model_dir, data
     assert file_mode(run_dir.credentials_file) == 0o600 and file_mode(run_dir.tracking_dir) == 0o700
     assert file_mode(run_dir.root) == 0o750 and file_mode(run_dir.config_file) == 0o600
     assert tracking_uri(load_config(run_dir.config_file), run_dir) == uri
+    spooled = sorted(run_dir.spool_dir.iterdir())
+    # `ftpipe sync` while the server is still down: one line, nothing lost, no password.
+    assert ftpipe("sync", run_dir) == 2
+    err = capsys.readouterr().err
+    assert "did not answer" in err and "again later" in err and PASSWORD not in err
+    assert sorted(run_dir.spool_dir.iterdir()) == spooled
