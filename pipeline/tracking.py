@@ -37,7 +37,7 @@ EXIT_STALL_S = 5.0  # at exit, a server that answers nothing for this long gets 
 RETRY_DELAYS_S = (0.5, 1.0, 2.0)
 PROBE_INTERVAL_S = 30.0
 # ftpipe retries itself; MLflow's defaults (7 retries, 120 s timeout) would hold a call for minutes.
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 # MLflow prints each ended run's URL, credentials included, on stdout.
 QUIET_MLFLOW = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 
@@ -127,15 +127,16 @@ class _Sender:
         known = {"run_id": self.ids.get(op["key"]), "parent_id": self.ids.get(op.get("parent") or "")}
         self.spool.add({**op, **{k: v for k, v in known.items() if v}})
 
-    def close(self) -> bool:
-        """Send what is queued while the server keeps answering; spool the rest. True if all was sent."""
+    def close(self, stall_s: float = EXIT_STALL_S) -> bool:
+        """Send what is queued while the server keeps answering (none for `stall_s`: it is down, or
+        hangs); spool the rest. True if all was sent."""
         self.closing = True
         self.queue.put(None)
         deadline, handled, progressed = time.monotonic() + FLUSH_TIMEOUT_S, -1, time.monotonic()
         while self.thread.is_alive() and time.monotonic() < deadline:
             if self.handled != handled:
                 handled, progressed = self.handled, time.monotonic()
-            if time.monotonic() - progressed > EXIT_STALL_S:
+            if time.monotonic() - progressed > stall_s:
                 break
             self.thread.join(0.1)
         if self.thread.is_alive():
@@ -248,18 +249,19 @@ class Tracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self.submit(ops.artifact(self.parent_key, str(path), artifact_path))
 
-    def close(self, status: str | None) -> bool:
+    def close(self, status: str | None, stall_s: float = EXIT_STALL_S) -> bool:
         """Flush; end the parent run with `status` (None leaves it running for later jobs). True when
         everything reached MLflow."""
         if status is not None:
             self.submit(ops.terminate(self.parent_key, status))
-        return self.sender.close()
+        return self.sender.close(stall_s)
 
 
 def create_parent_run(tracker: Tracker, config: dict[str, Any], tags: dict[str, str]) -> str | None:
-    """Create the parent run now and leave it running; None (after one warning) if MLflow fails."""
+    """Create the parent run now and leave it running; None (after one warning) if MLflow fails.
+    `ftpipe submit` waits for a slow server here: without the parent, each job makes its own."""
     tracker.start(config, tags)
-    tracker.close(None)
+    tracker.close(None, stall_s=FLUSH_TIMEOUT_S)
     return tracker.parent_id
 
 

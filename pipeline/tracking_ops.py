@@ -107,12 +107,21 @@ class Session:
         runs = self.client.search_runs([experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}'")
         return runs[0].info.run_id if runs else None
 
-    def experiment_id(self, name: str, artifact_location: str | None) -> str:
+    def experiment_id(self, name: str, location: str | None) -> str:
         if name not in self.experiments:
             found = self.client.get_experiment_by_name(name)
-            self.experiments[name] = (found.experiment_id if found is not None
-                                      else self.client.create_experiment(name, artifact_location))
+            self.experiments[name] = found.experiment_id if found else self._create_experiment(name, location)
         return self.experiments[name]
+
+    def _create_experiment(self, name: str, location: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id  # another job created it just now
 
     def _batch(self, op: dict[str, Any]) -> None:
         from mlflow.entities import Metric, Param, RunTag
