@@ -134,7 +134,8 @@ class _Sender:
         self.queue.put(None)
         deadline, handled, progressed = time.monotonic() + FLUSH_TIMEOUT_S, -1, time.monotonic()
         while self.thread.is_alive() and time.monotonic() < deadline:
-            if self.handled != handled:
+            # Importing MLflow (seconds on a busy node) is not the server's silence.
+            if self.handled != handled or self.session is None:
                 handled, progressed = self.handled, time.monotonic()
             if time.monotonic() - progressed > stall_s:
                 break
