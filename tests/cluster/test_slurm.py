@@ -351,7 +351,8 @@ def test_a_sweep_shares_one_dataset_and_one_mlflow_parent(slurm_cluster, tmp_pat
     assert sum(r.data.tags["mlflow.parentRunId"] in members for r in stages) == 6
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1, "one parent for the sweep"
     runs_dir = tmp_path / "runs"
-    assert files_holding(runs_dir, password) == [f"{n}/tracking/credentials.json" for n in ["sw", *names]]
+    kept = sorted(f"{n}/tracking/credentials.json" for n in ["sw", *names])
+    assert files_holding(runs_dir, password) == kept
     assert password not in capsys.readouterr().err
     job_files = [p for p in (runs_dir / "sw" / "slurm").glob("*/*") if p.is_file()]  # slurm/<job id>/*
     assert job_files and all(file_mode(p) & 0o077 == 0 for p in job_files), "scripts, pickles, logs"
