@@ -69,7 +69,8 @@ class _Sender:
         self.offline_until = 0.0
         self.closing = self.stopped = False
         self.handled, self.refused = 0, 0
-        self.current: dict[str, Any] | None = None
+        self.current: dict[str, Any] | None = None  # the record being sent
+        self.lock = threading.Lock()  # a record is spooled once, by this thread or by close()
         self.thread = threading.Thread(target=self._loop, name="ftpipe-mlflow", daemon=True)
         self.thread.start()
 
@@ -81,9 +82,11 @@ class _Sender:
             if callable(item):
                 item()
                 continue
-            self.current = item
+            with self.lock:
+                self.current = item
             self._deliver(item)
-            self.current = None
+            with self.lock:
+                self.current = None
             self.handled += 1
 
     def _deliver(self, op: dict[str, Any]) -> None:
@@ -124,6 +127,13 @@ class _Sender:
         self.offline_until = time.monotonic() + PROBE_INTERVAL_S
 
     def _spool(self, op: dict[str, Any]) -> None:
+        with self.lock:
+            if op is not self.current:  # close() spooled it already
+                return
+            self.current = None
+            self._write(op)
+
+    def _write(self, op: dict[str, Any]) -> None:
         known = {"run_id": self.ids.get(op["key"]), "parent_id": self.ids.get(op.get("parent") or "")}
         self.spool.add({**op, **{k: v for k, v in known.items() if v}})
 
@@ -149,8 +159,10 @@ class _Sender:
 
     def _spool_queued(self) -> None:
         # The call in flight may still get through: spooled too, `ftpipe sync` skips what arrived.
-        self.stopped = True
-        pending = [self.current] if self.current else []
+        with self.lock:
+            self.stopped = True
+            pending = [self.current] if self.current else []
+            self.current = None
         while True:
             try:
                 item = self.queue.get_nowait()
@@ -161,7 +173,7 @@ class _Sender:
             elif item is not None:
                 item()  # a waiter's event
         for op in pending:
-            self._spool(op)
+            self._write(op)
 
 
 class StageRun:
