@@ -1,4 +1,4 @@
-"""`ftpipe run | validate | plan | status | submit | cancel | logs`: the command line."""
+"""`ftpipe run | validate | plan | status | submit | cancel | logs | sync`: the command line."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from launch.run_lock import holding, this_process
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import UserError
 from pipeline.run_dir import RunDir
+from pipeline.secrets import warn_secret_setup
 from pipeline.stages import NAMES, names
 
 DEBUG_HELP = "show the traceback of an error too (also in torchrun ranks and SLURM jobs)"
@@ -48,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="print the SLURM job logs (stdout, stderr) of a stage")
     logs.add_argument("run_dir", type=Path)
     logs.add_argument("stage", choices=NAMES)
+    sync = sub.add_parser("sync", help="send the tracking data a run could not send (RUN_DIR/tracking/spool) "
+                                       "to MLflow; safe to repeat")
+    sync.add_argument("run_dir", type=Path)
     for command in sub.choices.values():  # `ftpipe run cfg.yaml --debug` as well as `ftpipe --debug run`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
@@ -98,6 +102,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     print(f"{args.config}: config is valid")
+    if cfg.launch.backend == "slurm":
+        warn_secret_setup(cfg.launch.slurm.setup)
     print_plan(cfg, plan(cfg, _stages(args)))
     return 0
 
@@ -134,6 +140,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if cfg.launch.backend != "slurm":
         raise UserError(f"{args.config}: ftpipe submit needs launch.backend: slurm "
                         f"(it is {cfg.launch.backend!r})")
+    warn_secret_setup(cfg.launch.slurm.setup)
     if args.sweep and args.stages:
         raise UserError("--stages does not combine with --sweep (a sweep submits every stage)")
     from launch.slurm import check_idle, submitting
@@ -213,8 +220,27 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sync(args: argparse.Namespace) -> int:
+    from pipeline.secrets import redact
+    from pipeline.tracking import tracking_uri
+    from pipeline.tracking_spool import replay, spool_files
+
+    run_dir = _run_dir(args.run_dir)
+    if not spool_files(run_dir.spool_dir):
+        print(f"nothing to send: {run_dir.spool_dir} holds no unsent tracking data")
+        return 0
+    uri = tracking_uri(load_config(run_dir.config_file), run_dir)
+    try:
+        sent, refused = replay(run_dir.spool_dir, uri)
+    except ConnectionError as err:
+        raise UserError(f"{err}; nothing was lost, run `ftpipe sync {args.run_dir}` again later") from None
+    refusals = f"; MLflow refused {refused} (warnings above)" if refused else ""
+    print(f"sent {sent} tracking records to {redact(uri)}{refusals}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_validate, "status": cmd_status,
-            "submit": cmd_submit, "cancel": cmd_cancel, "logs": cmd_logs}
+            "submit": cmd_submit, "cancel": cmd_cancel, "logs": cmd_logs, "sync": cmd_sync}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,11 +7,14 @@ import logging
 import sys
 from typing import Any
 
+import yaml
+
 from launch.torchrun import launch_stage
-from pipeline.config import RunConfig, dump_config
+from pipeline.config import RunConfig
 from pipeline.errors import StagePreempted
 from pipeline.run_dir import RunDir
 from pipeline.runner import PlannedStage, execute
+from pipeline.secrets import has_credentials, stored_config, write_credentials
 from pipeline.stages import LAST
 from pipeline.tracking import Tracker, build_tracker, read_parent
 
@@ -19,9 +22,12 @@ log = logging.getLogger("ftpipe")
 
 
 def write_run_config(cfg: RunConfig) -> RunDir:
-    """The resolved config, which every later process (torchrun ranks, SLURM jobs) reads."""
+    """The resolved config, which every later process (torchrun ranks, SLURM jobs) reads; the tracking
+    URI's credentials only in the owner-only credentials file."""
     run_dir = RunDir(cfg.run_dir.resolve())
-    run_dir.write_config(dump_config(cfg))
+    run_dir.write_config(yaml.safe_dump(stored_config(cfg.model_dump(mode="json")), sort_keys=False))
+    if has_credentials(cfg.tracking.mlflow_uri):
+        write_credentials(run_dir, cfg.tracking.mlflow_uri)
     return run_dir
 
 
@@ -32,8 +38,7 @@ def run_pipeline(cfg: RunConfig, planned: list[PlannedStage], progress: bool = T
     tracker = build_tracker(cfg)
     attached = read_parent(run_dir, tracker.uri) if tracker else None
     if tracker:
-        tracker.start(cfg.model_dump(mode="json"), run_dir.config_file, {"ftpipe.run_dir": str(run_dir.root)},
-                      attach_to=attached)
+        tracker.start(cfg.model_dump(mode="json"), {"ftpipe.run_dir": str(run_dir.root)}, attach_to=attached)
     status = "FAILED"
     try:
         manifests = execute(cfg, planned, tracker, progress, on_stage=lambda s, m: _report(s, m, tracker),

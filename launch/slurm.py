@@ -35,6 +35,7 @@ from pipeline.config import RunConfig, load_config
 from pipeline.errors import StagePreempted, UserError
 from pipeline.run_dir import RunDir, atomic_write_text
 from pipeline.runner import PlannedStage
+from pipeline.secrets import private_files
 from pipeline.stages import STAGES
 from pipeline.tracking import build_tracker, create_parent_run, read_parent, write_parent
 
@@ -235,7 +236,8 @@ def dry_run(cfg: RunConfig, stages: list[str], cwd: Path) -> list[Path]:
         # submit adds the dependency on the command line; an #SBATCH line cannot hold a job id not yet known.
         how = (f"sbatch --dependency=afterok:<job id of {index - 1:02d}-{scripts[index - 1][0]}> {path.name}"
                if index else f"sbatch {path.name}")
-        atomic_write_text(path, f"{header}\n# ftpipe submit --dry-run; by hand: {how}\n{body}")
+        # owner-only, as submitted scripts are: setup lines may export tokens
+        atomic_write_text(path, f"{header}\n# ftpipe submit --dry-run; by hand: {how}\n{body}", private=True)
         written.append(path)
     return written
 
@@ -294,7 +296,7 @@ def parent_run(cfg: RunConfig, parent_of: str | None = None) -> str | None:
     if found:
         return found
     tags = {"ftpipe.run_dir": str(run_dir.root), **({"mlflow.parentRunId": parent_of} if parent_of else {})}
-    run_id = create_parent_run(tracker, cfg.model_dump(mode="json"), run_dir.config_file, tags)
+    run_id = create_parent_run(tracker, cfg.model_dump(mode="json"), tags)
     if run_id:
         write_parent(run_dir, tracker.uri, run_id)
     return run_id
@@ -332,7 +334,9 @@ def _release(job_ids: list[str]) -> None:
 
 def submit_job(cfg: RunConfig, stage: str, fn: Any, after: str | None, how: Any,
                kind: str = "afterok") -> Any:
-    """Submit `fn` with STAGE's job parameters, after job(s) `after` (a:b:c) under dependency `kind`."""
+    """Submit `fn` with STAGE's job parameters, after job(s) `after` (a:b:c) under dependency `kind`.
+    The batch script (setup lines may export tokens), the job's pickle and its logs are owner-only:
+    sbatch hands its umask on to the job."""
     executor = submitit.SlurmExecutor(folder=cfg.run_dir.resolve() / "slurm" / "%j",
                                       max_num_timeout=cfg.launch.slurm.max_requeues)
     params = job_parameters(cfg, stage)
@@ -340,7 +344,8 @@ def submit_job(cfg: RunConfig, stage: str, fn: Any, after: str | None, how: Any,
         params["additional_parameters"] = {**params.get("additional_parameters", {}), "hold": True}
     executor.update_parameters(**params, **({"dependency": f"{kind}:{after}"} if after else {}))
     try:
-        submitted = how(executor, fn)
+        with private_files():
+            submitted = how(executor, fn)
     except submitit.core.utils.FailedJobError as err:
         raise UserError(f"sbatch refused the {stage} job: {_last_line(str(err))}") from None
     if _on_hold is not None:

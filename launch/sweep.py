@@ -82,7 +82,7 @@ def _data_fingerprints(cfg: RunConfig) -> dict[str, str]:
 
 def link_shared_data(base: RunDir, member: RunDir) -> None:
     """member/shard and member/tokenize -> the base run's (relative links: the output dir may move)."""
-    member.root.mkdir(parents=True, exist_ok=True)
+    member.root.mkdir(mode=0o750, parents=True, exist_ok=True)
     for stage in SHARED_STAGES:
         link, target = member.stage(stage), base.stage(stage)
         if link.exists() and not link.is_symlink():
@@ -173,8 +173,8 @@ def write_summary(base_dir: RunDir, cfg: RunConfig) -> str:
     tracker = build_tracker(cfg)
     parent = read_parent(base_dir, tracker.uri) if tracker else None
     if tracker and parent:
-        tracker.start({}, base_dir.config_file, {}, attach_to=parent)
-        tracker.submit(lambda: tracker.client.log_artifact(parent, str(folder / "summary.md"), "sweep"))
+        tracker.start({}, {}, attach_to=parent)
+        tracker.log_artifact(folder / "summary.md", "sweep")
         tracker.close("FINISHED" if all(r["state"] == "done" for r in rows) else "FAILED")
     atomic_write_json(folder / "summary.json", rows)
     print(table)

@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from launch.worker import ERROR_FILE, RESULT_FILE, RUN_ID_ENV, STOPPED_FILE, URI_ENV
+from launch.worker import ERROR_FILE, RESULT_FILE, RUN_ID_ENV, RUN_KEY_ENV, STOPPED_FILE, URI_ENV
 from pipeline.config import RunConfig
 from pipeline.config_launch import LaunchConfig
 from pipeline.context import StageContext
@@ -105,11 +105,15 @@ def _signal_descendants(pid: int, signum: int) -> None:
 
 
 def _worker_env(ctx: StageContext) -> dict[str, str]:
+    """The ranks' environment; with tracking, the stage run to log to (the URI with its credentials
+    travels in the environment only, never on a command line or in a file)."""
     env = dict(os.environ)
-    run_id = getattr(ctx.tracker, "wait_for_id", lambda: None)()
-    if run_id:
-        env[RUN_ID_ENV] = run_id
-        env[URI_ENV] = ctx.tracker.tracker.uri
+    reference = getattr(ctx.tracker, "reference", None)
+    if reference is not None:
+        key, run_id = reference()
+        env.update({RUN_KEY_ENV: key, URI_ENV: ctx.tracker.tracker.uri})
+        if run_id:
+            env[RUN_ID_ENV] = run_id
     return env
 
 

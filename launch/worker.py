@@ -19,6 +19,7 @@ RESULT_FILE = ".result.json"
 ERROR_FILE = ".error.txt"
 STOPPED_FILE = ".stopped.txt"  # the stage stopped on a signal after a complete checkpoint
 RUN_ID_ENV = "FTPIPE_MLFLOW_RUN_ID"
+RUN_KEY_ENV = "FTPIPE_MLFLOW_RUN_KEY"
 URI_ENV = "FTPIPE_MLFLOW_URI"
 
 
@@ -33,7 +34,7 @@ def run_rank(run_dir: RunDir, stage: str, progress: bool = True) -> dict | None:
 
     cfg = load_config(run_dir.config_file)
     rank = int(os.environ.get("RANK", "0"))
-    tracker = _tracker() if rank == 0 else None
+    tracker = _tracker(run_dir) if rank == 0 else None
     ctx = StageContext(run_dir, rank, int(os.environ.get("WORLD_SIZE", "1")), tracker or NullStageTracker(),
                        progress)
     result, stopped = None, None
@@ -54,13 +55,13 @@ def run_rank(run_dir: RunDir, stage: str, progress: bool = True) -> dict | None:
     return result
 
 
-def _tracker():
-    run_id, uri = os.environ.get(RUN_ID_ENV), os.environ.get(URI_ENV)
-    if not run_id or not uri:
+def _tracker(run_dir: RunDir):
+    key, uri = os.environ.get(RUN_KEY_ENV), os.environ.get(URI_ENV)
+    if not key or not uri:
         return None
     from pipeline.tracking import AttachedStageRun
 
-    return AttachedStageRun(uri, run_id)
+    return AttachedStageRun(uri, run_dir, key, os.environ.get(RUN_ID_ENV))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -240,7 +240,9 @@ class EvaluateConfig(Section):
 class TrackingConfig(Section):
     enabled: bool = Field(True, description="Record the run in MLflow.")
     mlflow_uri: str | None = Field(
-        None, description="Tracking URI; null: MLFLOW_TRACKING_URI, else a sqlite file in output_dir.")
+        None, description="Tracking URI; null: MLFLOW_TRACKING_URI, else a sqlite file in output_dir. Give "
+        "credentials as MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD; userinfo in the URI (user:pass@) "
+        "is kept only in RUN_DIR/tracking/credentials.json (0600) and redacted everywhere else.")
     experiment: str | None = Field(None, description="MLflow experiment; null: the run name.")
 
 

@@ -56,7 +56,8 @@ class SlurmConfig(Section):
         "then it fails, and `ftpipe submit` resumes it.")
     setup: list[str] = Field(
         default_factory=list, description="Shell lines run in each batch script before the stage (module "
-        "load, source venv/bin/activate).")
+        "load, source venv/bin/activate). Never sent to MLflow; lines that set *TOKEN*/*SECRET*/*PASSWORD*/"
+        "*KEY* variables get a warning: export those in the submitting shell instead.")
     extra_directives: list[str] = Field(
         default_factory=list, description="More sbatch options, each 'name=value' or 'name' (e.g. "
         "'reservation=big', 'requeue'), for every job.")

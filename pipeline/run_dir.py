@@ -52,6 +52,19 @@ class RunDir:
         return self.slurm_dir / "mlflow.json"
 
     @property
+    def tracking_dir(self) -> Path:
+        """What tracking keeps for later: credentials (owner-only) and the spool `ftpipe sync` sends."""
+        return self.root / "tracking"
+
+    @property
+    def credentials_file(self) -> Path:
+        return self.tracking_dir / "credentials.json"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.tracking_dir / "spool"
+
+    @property
     def sweep_file(self) -> Path:
         """A sweep's base run: its members and summary job (`ftpipe submit --sweep`)."""
         return self.root / "sweep.json"
@@ -77,8 +90,9 @@ class RunDir:
         return self.root / name
 
     def write_config(self, text: str) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.config_file, text)
+        # Owner and group only: the config may hold SLURM setup lines that export tokens.
+        self.root.mkdir(mode=0o750, parents=True, exist_ok=True)
+        atomic_write_text(self.config_file, text, private=True)
 
     def manifest_path(self, name: str) -> Path:
         return self.stage(name) / "manifest.json"
@@ -123,13 +137,15 @@ class RunDir:
         atomic_write_json(folder / FINGERPRINT_FILE, claim)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, private: bool = False) -> None:
     """Write to a temporary sibling, fsync, rename, fsync the folder: readers see the old file or the
-    whole new one, also after a power loss."""
+    whole new one, also after a power loss. `private`: mode 0600 from the start (the file holds or may
+    hold credentials)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    opener = (lambda name, flags: os.open(name, flags, 0o600)) if private else None
     try:
-        with room_for(path, lambda: len(data)), open(tmp, "wb") as handle:
+        with room_for(path, lambda: len(data)), open(tmp, "wb", opener=opener) as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
@@ -139,12 +155,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, private: bool = False) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), private)
 
 
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+def atomic_write_json(path: Path, obj: Any, private: bool = False) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n", private)
 
 
 def _aside(final: Path) -> Path:

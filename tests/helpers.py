@@ -78,3 +78,13 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def files_holding(root: Path, secret: str) -> list[str]:
+    """Files under `root` whose bytes contain `secret`, relative to `root`."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if p.is_file() and secret.encode() in p.read_bytes())
+
+
+def file_mode(path: Path) -> int:
+    return os.stat(path).st_mode & 0o777

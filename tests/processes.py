@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,12 +13,14 @@ from pathlib import Path
 from tests.helpers import REPO
 
 
-def start_run(config: Path, *overrides: str) -> subprocess.Popen:
+def start_run(config: Path, *overrides: str, script: str | None = None) -> subprocess.Popen:
+    """`ftpipe run CONFIG` in a process of its own; `script` runs first (e.g. to inject a fault)."""
     # Output goes to a file: an unread pipe would fill up and block the ranks.
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     log = open(config.with_suffix(".log"), "w")  # noqa: SIM115 - closed with the process
-    process = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", str(config), "--no-progress",
-                                *overrides],
+    entry = ["-c", f"{script}\nimport sys\nfrom launch.cli import main\nsys.exit(main(sys.argv[1:]))\n"] \
+        if script else ["-m", "launch.cli"]
+    process = subprocess.Popen([sys.executable, *entry, "run", str(config), "--no-progress", *overrides],
                                env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     process.log_path = Path(log.name)
@@ -89,3 +92,23 @@ def rank_pid(root: int, rank: int) -> int:
         if b"launch.worker" in cmdline and f"RANK={rank}".encode() in environ:
             return pid
     raise AssertionError(f"no worker with RANK={rank}")
+
+
+def start_mlflow_server(folder: Path, port: int) -> subprocess.Popen:
+    """A real `mlflow server` on 127.0.0.1:`port` whose store lives in `folder` (started again on the
+    same folder, it serves the same runs); returns once it accepts connections."""
+    log = open(folder / "mlflow-server.log", "a")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "server-artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = Path(log.name)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc
+        except OSError:
+            assert proc.poll() is None, proc.log_path.read_text()
+            time.sleep(0.5)
+    raise AssertionError(f"mlflow server did not listen on port {port}: {proc.log_path.read_text()}")

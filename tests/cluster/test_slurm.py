@@ -12,7 +12,16 @@ import pytest
 from launch.slurm_jobs import log_files, read_jobs, status_lines
 from pipeline.run_dir import RunDir
 from tests import fixtures
-from tests.helpers import REPO, assert_same_weights, ftpipe, losses, manifest, weights
+from tests.helpers import (
+    REPO,
+    assert_same_weights,
+    file_mode,
+    files_holding,
+    ftpipe,
+    losses,
+    manifest,
+    weights,
+)
 
 STAGES = ("shard", "tokenize", "train", "consolidate", "evaluate")
 
@@ -354,9 +363,11 @@ def test_a_sweep_shares_one_dataset_and_one_mlflow_parent(slurm_cluster, tmp_pat
                                                           mlflow_server, capsys):
     from mlflow.tracking import MlflowClient
 
+    # A password in the URI: the jobs get it from each run's owner-only credentials file.
+    password = "pw-31b7d2"
     cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name="sw", launch={"backend": "slurm"},
-                                 tracking={"enabled": True, "mlflow_uri": mlflow_server,
-                                           "experiment": "sweep"})
+                                 tracking={"enabled": True, "experiment": "sweep",
+                                           "mlflow_uri": mlflow_server.replace("//", f"//u:{password}@")})
     config = fixtures.write_config(tmp_path / "sw.yaml", cfg)
     assert ftpipe("submit", config, "--sweep", "data.max_seq_len=16,32") == 2
     assert "changes the data" in capsys.readouterr().err
@@ -395,3 +406,9 @@ def test_a_sweep_shares_one_dataset_and_one_mlflow_parent(slurm_cluster, tmp_pat
                   == parent.info.run_id) == ["shard", "tokenize"]
     assert sum(r.data.tags["mlflow.parentRunId"] in members for r in stages) == 6
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1, "one parent for the sweep"
+    runs_dir = tmp_path / "runs"
+    kept = sorted(f"{n}/tracking/credentials.json" for n in ["sw", *names])
+    assert files_holding(runs_dir, password) == kept
+    assert password not in capsys.readouterr().err
+    job_files = [p for p in (runs_dir / "sw" / "slurm").glob("*/*") if p.is_file()]  # slurm/<job id>/*
+    assert job_files and all(file_mode(p) & 0o077 == 0 for p in job_files), "scripts, pickles, logs"
