@@ -177,7 +177,7 @@ def squeue_ids_active(slurm_cluster) -> set[str]:
 
 def test_multi_node_rendezvous_uses_the_first_expanded_host(slurm_cluster, tmp_path, tiny_llama, text_data,
                                                             monkeypatch):
-    from launch.slurm import slurm_rendezvous
+    from launch.slurm_rendezvous import slurm_rendezvous
     from launch.torchrun import torchrun_command
     from pipeline.config import load_config
     from pipeline.errors import UserError
