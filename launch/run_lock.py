@@ -121,7 +121,7 @@ def acquire(run_dir: RunDir, holder: Holder) -> None:
     if _HELD.get(path, ("", 0))[0] == holder.key:
         _HELD[path] = (holder.key, _HELD[path][1] + 1)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.create()  # whoever comes first makes it, with the run directory's own mode
     mine = path.with_name(f"{path.name}.{uuid.uuid4().hex[:8]}")
     _write_synced(mine, json.dumps(asdict(holder), indent=2) + "\n")
     try:

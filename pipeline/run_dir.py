@@ -89,9 +89,12 @@ class RunDir:
     def stage(self, name: str) -> Path:
         return self.root / name
 
-    def write_config(self, text: str) -> None:
+    def create(self) -> None:
         # Owner and group only: the config may hold SLURM setup lines that export tokens.
         self.root.mkdir(mode=0o750, parents=True, exist_ok=True)
+
+    def write_config(self, text: str) -> None:
+        self.create()
         atomic_write_text(self.config_file, text, private=True)
 
     def manifest_path(self, name: str) -> Path:
