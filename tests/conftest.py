@@ -19,13 +19,19 @@ def pytest_collection_modifyitems(items):
     `pytest -m "not cluster and not multirank"` is the quick loop.
 
     Under `pytest -n N --dist loadgroup` each test file runs in one worker (its module-scoped runs are
-    made once), and all of tests/cluster/ in one worker (one SLURM cluster at a time on the machine)."""
+    made once), and the tests of each SLURM cluster in one worker (each cluster started once)."""
     for item in items:
         path = Path(item.fspath)
         if CLUSTER_DIR in path.parents:
             item.add_marker(pytest.mark.cluster)
-        group = "cluster" if CLUSTER_DIR in path.parents else str(path.relative_to(CLUSTER_DIR.parent))
-        item.add_marker(pytest.mark.xdist_group(group))
+        item.add_marker(pytest.mark.xdist_group(_group(path)))
+
+
+def _group(path: Path) -> str:
+    if CLUSTER_DIR not in path.parents:
+        return str(path.relative_to(CLUSTER_DIR.parent))
+    # The 1-node and the 2-node cluster are separate daemons, folders and ports: they may run at once.
+    return "cluster-2-nodes" if "multinode" in path.name else "cluster"
 
 
 @pytest.fixture(scope="session")

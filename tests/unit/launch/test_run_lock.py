@@ -81,7 +81,10 @@ def test_a_lock_left_by_a_dead_process_is_taken_over(write_cfg, tmp_path, capsys
     assert not run.lock_file.exists(), "the run let go of the lock at its end"
 
 
-def test_the_tasks_of_one_job_share_its_lock_and_others_are_refused(write_cfg, tmp_path, capsys, monkeypatch):
+def test_the_tasks_of_one_job_share_its_lock_and_others_are_refused(write_cfg, tmp_path, capsys, monkeypatch,
+                                                                    failing_slurm):
+    # failing_slurm: job 5150 is made up, so a SLURM that answers (a test cluster started earlier in
+    # this process) would rightly call its lock stale; here SLURM cannot be asked, as on a laptop.
     config = write_cfg()
     run = write_run_config(load_config(config))
     task = hold_lock(run.root, "wait", SLURM_ARRAY_JOB_ID="5150", SLURM_JOB_ID="5151")
