@@ -17,6 +17,7 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline.attention import check_attn_implementation
 from pipeline.config_errors import Section, check_expansion, check_nesting, describe_error, yaml_lines
 from pipeline.config_launch import LaunchConfig
 from pipeline.errors import UserError
@@ -46,6 +47,14 @@ class ModelConfig(Section):
         None, ge=2, le=MAX_LABELS,
         description="Classes for sequence_classification; defaults to len(data.labels).")
     lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) instead of the full model.")
+    attn_implementation: str = Field(
+        "sdpa", description="Attention kernel passed to from_pretrained: sdpa, eager, flex_attention, "
+        "flash_attention_2, flash_attention_3 or a kernels-hub name (org/repo); flash ones need CUDA.")
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _attention_runs_here(cls, value: str) -> str:
+        return check_attn_implementation(value)
 
 
 class FieldNames(Section):

@@ -33,7 +33,8 @@ def load_model(cfg: ModelConfig, labels: list[str] | None = None,
     source = str(path or cfg.name_or_path)
     try:
         model = MODEL_CLASSES[cfg.task].from_pretrained(
-            source, dtype=torch.float32, **label_kwargs(cfg, labels))
+            source, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
+            **label_kwargs(cfg, labels))
     except (OSError, ValueError) as err:
         raise UserError(f"model.name_or_path: cannot load {source!r} as {cfg.task}: "
                         f"{str(err).splitlines()[0]}") from None

@@ -9,6 +9,7 @@ same next sample at any world size or batch layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -93,7 +94,7 @@ class TrainBatches:
         return batch
 
 
-def collate_table(table: pa.Table, pad_id: int) -> dict[str, torch.Tensor]:
+def collate_table(table: pa.Table, pad_id: int) -> dict[str, Any]:
     """A batch from tokenized rows, whichever optional columns (loss_mask, seq_lens, label) they have."""
     def column(name: str) -> list | None:
         return table.column(name).to_pylist() if name in table.column_names else None
@@ -105,11 +106,11 @@ def collate_table(table: pa.Table, pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def collate(sequences: list[list[int]], pad_id: int, masks: list[list[int]] | None = None,
-            seq_lens: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+            seq_lens: list[list[int]] | None = None) -> dict[str, Any]:
     """Right-pad to the longest sequence; labels are the ids with padding ignored (-100), and with
     every token whose loss mask is 0 ignored too when masks (tokenize's `loss_mask`) are given.
-    Packed rows (`seq_lens`, the example lengths of each row) also get position_ids and an
-    attention_bias that keep every example to itself: see packed_inputs."""
+    Packed rows (`seq_lens`, the example lengths of each row) also get the position_ids (and flash
+    kernels' boundaries) that keep every example to itself: see packed_inputs."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -126,25 +127,24 @@ def collate(sequences: list[list[int]], pad_id: int, masks: list[list[int]] | No
     return batch
 
 
-def packed_inputs(seq_lens: list[list[int]], width: int) -> dict[str, torch.Tensor]:
-    """position_ids that restart at 0 for every example, and a (batch, 1, q, k) additive float mask,
-    block-diagonal and causal (0: may attend, dtype min: may not). The 4D mask is what isolates the
-    examples: with sdpa/eager on CPU, restarted position_ids alone let attention cross boundaries.
-    Padding queries see only themselves (a fully masked row would give NaN). `example_start` marks
-    each example's first token, which must not be the target of the previous example's last one."""
-    block = torch.zeros((len(seq_lens), width), dtype=torch.long)  # example number from 1; 0 = padding
+def packed_inputs(seq_lens: list[list[int]], width: int) -> dict[str, Any]:
+    """position_ids that restart at 0 for every example: with no attention_mask and no cache,
+    transformers finds the examples from them and builds each backend's own block-diagonal causal mask
+    (sdpa/eager: still L x L, per forward; flash: none). Padding positions are all 0, so each padding
+    token is an example of its own. Flash kernels read `cu_seq_lens` (example boundaries in the
+    flattened batch, a row's padding one more segment) and `max_length` (an int: no device sync).
+    `example_start` marks each example's first token, which must not be the target of the previous
+    example's last one."""
     positions = torch.zeros((len(seq_lens), width), dtype=torch.long)
     start = torch.zeros((len(seq_lens), width), dtype=torch.bool)
+    segments: list[int] = []
     for i, lens in enumerate(seq_lens):
         offset = 0
-        for number, length in enumerate(lens, start=1):
-            block[i, offset: offset + length] = number
+        for length in lens:
             positions[i, offset: offset + length] = torch.arange(length)
             start[i, offset] = True
             offset += length
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    same = (block[:, :, None] == block[:, None, :]) & (block[:, None, :] > 0)
-    allowed = (same & causal) | torch.eye(width, dtype=torch.bool)
-    bias = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed,
-                                                                        torch.finfo(torch.float32).min)
-    return {"position_ids": positions, "attention_bias": bias[:, None], "example_start": start}
+        segments += list(lens) + ([width - offset] if width > offset else [])
+    cu_seq_lens = torch.tensor([0] + segments, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return {"position_ids": positions, "example_start": start, "cu_seq_lens": cu_seq_lens,
+            "max_length": max(segments)}

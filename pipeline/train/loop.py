@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from pipeline import distributed
@@ -65,7 +66,8 @@ def run_step(engine: TrainEngine, batches: TrainBatches, offset: int, rank: int,
     loss_total, tokens, rows = 0.0, 0, []
     for micro in range(batches.layout.grad_accum):
         batch = batches.micro_batch(offset, micro, rank)
-        on_device = {k: v.to(engine.device, non_blocking=True) for k, v in batch.items() if k != "rows"}
+        on_device = {k: v.to(engine.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                     for k, v in batch.items() if k != "rows"}
         with engine.autocast():
             loss = summed_loss(engine.model, on_device, task) / denominator
         engine.backward(loss)

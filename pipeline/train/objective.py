@@ -3,23 +3,40 @@ global batch is the same however it is split across micro-batches and ranks."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The forward arguments of a batch: packed rows (train/data.py packed_inputs) pass their 4D
-    block-diagonal mask and restarted positions, so no example attends to another."""
-    if "attention_bias" in batch:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_bias"],
-                "position_ids": batch["position_ids"]}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+from pipeline.attention import is_flash
 
 
-def summed_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
-    logits = model(**model_inputs(batch)).logits
+def attention_backend(model: torch.nn.Module) -> str:
+    """The attn_implementation the model runs (through a DeepSpeed engine's or peft's wrapper)."""
+    inner = getattr(model, "module", model)
+    return getattr(getattr(inner, "config", None), "_attn_implementation", None) or "sdpa"
+
+
+def model_inputs(batch: dict[str, Any], backend: str = "sdpa") -> dict[str, Any]:
+    """The forward arguments of a batch. Packed rows (train/data.py packed_inputs) pass restarted
+    position_ids, no attention_mask and no cache: transformers then keeps every example to itself
+    (an all-ones mask or a cache would silently let examples attend to each other). Flash kernels
+    with several rows need the boundaries in the flattened batch as well."""
+    if "position_ids" not in batch:
+        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if is_flash(backend):
+        inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
+                      max_length_q=batch["max_length"], max_length_k=batch["max_length"])
+    return inputs
+
+
+def summed_loss(model: torch.nn.Module, batch: dict[str, Any], task: str) -> torch.Tensor:
     if task == "sequence_classification":
+        logits = model(**model_inputs(batch)).logits
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+    # No cache in training or loss evaluation: building one costs memory and turns packing detection off.
+    logits = model(**{**model_inputs(batch, attention_backend(model)), "use_cache": False}).logits
     shifted = logits[:, :-1, :].float()
     targets = batch["labels"][:, 1:]
     return F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1),

@@ -199,7 +199,8 @@ def test_packed_run_end_to_end(tmp_path, tiny_llama):
     assert train["steps"] == 2 and train["samples"] == 8  # a sample is a packed row
     table = open_split(run_dir / "tokenize" / "train")
     batch = TrainBatches(table, BatchLayout(2, 2, 1), seed=0, pad_id=tok["pad_token_id"]).micro_batch(0, 0, 0)
-    assert batch["attention_bias"].shape[1] == 1 and "rows" in batch
+    assert "attention_bias" not in batch and batch["position_ids"].shape == batch["input_ids"].shape
+    assert "rows" in batch
     metrics = json.loads((run_dir / "evaluate" / "metrics.json").read_text())
     assert metrics["eval_tokens"] == tok["splits"]["eval"]["targets"] and metrics["loss"] > 0
     samples = (run_dir / "evaluate" / "samples.jsonl").read_text().splitlines()
