@@ -16,7 +16,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pipeline.errors import UserError
 
@@ -140,22 +140,30 @@ class RunDir:
         atomic_write_json(folder / FINGERPRINT_FILE, claim)
 
 
-def atomic_write_bytes(path: Path, data: bytes, private: bool = False) -> None:
-    """Write to a temporary sibling, fsync, rename, fsync the folder: readers see the old file or the
-    whole new one, also after a power loss. `private`: mode 0600 from the start (the file holds or may
-    hold credentials)."""
+@contextlib.contextmanager
+def atomic_file(path: Path, needed: Callable[[], int | None] = lambda: None,
+                private: bool = False) -> Iterator[BinaryIO]:
+    """A handle on a temporary sibling of `path`; when the block succeeds it is fsynced, renamed to
+    `path` and the folder fsynced: readers see the old file or the whole new one, also after a power
+    loss. `needed` estimates the size for a disk-full message; `private`: mode 0600 from the start."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     opener = (lambda name, flags: os.open(name, flags, 0o600)) if private else None
     try:
-        with room_for(path, lambda: len(data)), open(tmp, "wb", opener=opener) as handle:
-            handle.write(data)
+        with room_for(path, needed), open(tmp, "wb", opener=opener) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes, private: bool = False) -> None:
+    """Write `data` to `path` through atomic_file. `private`: the file holds or may hold credentials."""
+    with atomic_file(path, lambda: len(data), private) as handle:
+        handle.write(data)
 
 
 def atomic_write_text(path: Path, text: str, private: bool = False) -> None:

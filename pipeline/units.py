@@ -12,10 +12,8 @@ from __future__ import annotations
 import collections
 import functools
 import json
-import os
 import re
 import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +24,10 @@ from pipeline.errors import UserError
 from pipeline.parallel import Task, run_tasks
 from pipeline.run_dir import (
     RunDir,
+    atomic_file,
     atomic_write_json,
     damaged_file,
-    fsync_dir,
     remove_stale_tmp,
-    room_for,
     vouch_for,
 )
 
@@ -209,17 +206,8 @@ def run_units(stage: UnitStage, cfg: RunConfig, run_dir: RunDir, workers: int,
 def merge_rejects(todo: Sequence[Unit], target: Path) -> int:
     """One rejects file for the stage: the units' own files (which a resumed run keeps) in unit order.
     Returns how many rows it holds."""
-    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        with room_for(target), open(tmp, "wb") as merged:
-            rows = sum(_append(unit.rejects, merged) for unit in todo)
-            merged.flush()
-            os.fsync(merged.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(target.parent)
-    return rows
+    with atomic_file(target) as merged:
+        return sum(_append(unit.rejects, merged) for unit in todo)
 
 
 def _append(part: Path, merged: BinaryIO) -> int:
