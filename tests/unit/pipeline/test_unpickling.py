@@ -22,6 +22,7 @@ from pipeline.run_dir import RunDir
 from pipeline.train import checkpoint
 from pipeline.train.build import build_engine
 from tests.fixtures import causal_config
+from tests.unit.pipeline.train.test_checkpoint import TinyEngine
 
 
 class Payload:
@@ -32,20 +33,6 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (f"touch {shlex.quote(str(self.marker))}",)
-
-
-class _TinyEngine:
-    def __init__(self):
-        self.model = torch.nn.Linear(2, 2)
-
-    def save(self, folder):
-        torch.save(self.model.state_dict(), folder / "engine.pt")
-
-    def load(self, folder):
-        self.model.load_state_dict(torch.load(folder / "engine.pt", weights_only=True))
-
-    def describe(self):
-        return {"format": "custom"}
 
 
 def _recorded_job(tmp_path: Path) -> tuple[RunDir, Path]:
@@ -67,10 +54,10 @@ def _plant_status(tmp_path: Path, marker: Path) -> tuple[Path, callable]:
 
 
 def _plant_rng(tmp_path: Path, marker: Path) -> tuple[Path, callable]:
-    folder = checkpoint.save_checkpoint(tmp_path / "ckpt", 2, _TinyEngine(), {"step": 2})
+    folder = checkpoint.save_checkpoint(tmp_path / "ckpt", 2, TinyEngine(), {"step": 2})
     target = folder / "rng-rank0.pt"
     torch.save({"python": Payload(marker)}, target)
-    return target, lambda: checkpoint.load_checkpoint(folder, _TinyEngine())
+    return target, lambda: checkpoint.load_checkpoint(folder, TinyEngine())
 
 
 def _plant_deepspeed(tmp_path: Path, marker: Path) -> tuple[Path, callable]:
@@ -153,7 +140,7 @@ def test_resuming_fsdp_refuses_a_group_writable_metadata_file(tmp_path, tiny_lla
 def test_checkpoints_saved_under_a_group_writable_umask_are_not_group_writable(tmp_path):
     previous = os.umask(0o002)
     try:
-        folder = checkpoint.save_checkpoint(tmp_path, 2, _TinyEngine(), {"step": 2})
+        folder = checkpoint.save_checkpoint(tmp_path, 2, TinyEngine(), {"step": 2})
     finally:
         os.umask(previous)
     modes = {p.name: p.stat().st_mode & 0o022 for p in folder.iterdir()}
@@ -165,12 +152,12 @@ def test_random_state_round_trips_through_a_weights_only_file(tmp_path):
 
     import numpy as np
 
-    folder = checkpoint.save_checkpoint(tmp_path, 2, _TinyEngine(), {"step": 2})
+    folder = checkpoint.save_checkpoint(tmp_path, 2, TinyEngine(), {"step": 2})
     torch.load(folder / "rng-rank0.pt", weights_only=True)  # no numpy arrays, nothing to allow
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     for _ in range(3):
         random.random(), np.random.rand(), torch.rand(1)
-    checkpoint.load_checkpoint(folder, _TinyEngine())
+    checkpoint.load_checkpoint(folder, TinyEngine())
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
@@ -179,9 +166,9 @@ def test_random_state_files_of_earlier_versions_still_load(tmp_path):
 
     import numpy as np
 
-    folder = checkpoint.save_checkpoint(tmp_path, 2, _TinyEngine(), {"step": 2})
+    folder = checkpoint.save_checkpoint(tmp_path, 2, TinyEngine(), {"step": 2})
     torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
                 "cuda": None}, folder / "rng-rank0.pt")
     expected = np.random.rand()
-    checkpoint.load_checkpoint(folder, _TinyEngine())
+    checkpoint.load_checkpoint(folder, TinyEngine())
     assert np.random.rand() == expected

@@ -12,7 +12,9 @@ from pipeline.train import checkpoint
 from tests.unit.pipeline.test_run_dir import FsyncLog
 
 
-class _TinyEngine:
+class TinyEngine:
+    """A one-layer engine for checkpoint tests (test_unpickling uses it too)."""
+
     def __init__(self):
         self.model = torch.nn.Linear(2, 2)
 
@@ -20,7 +22,7 @@ class _TinyEngine:
         torch.save(self.model.state_dict(), folder / "engine.pt")
 
     def load(self, folder):
-        self.model.load_state_dict(torch.load(folder / "engine.pt"))
+        self.model.load_state_dict(torch.load(folder / "engine.pt", weights_only=True))
 
     def describe(self):
         return {"format": "custom"}
@@ -32,14 +34,14 @@ def test_a_checkpoint_is_written_under_a_temporary_name_of_its_own(tmp_path):
     theirs = tmp_path / ".step-000002.partial"
     theirs.mkdir()
     (theirs / "engine.pt").write_bytes(b"another writer's half")
-    checkpoint.save_checkpoint(tmp_path, 2, _TinyEngine(), {"step": 2})
+    checkpoint.save_checkpoint(tmp_path, 2, TinyEngine(), {"step": 2})
     assert (theirs / "engine.pt").read_bytes() == b"another writer's half"
     assert checkpoint.latest_checkpoint(tmp_path).name == "step-000002"
     assert list(tmp_path.glob(".step-*")) == [theirs]
 
 
 def test_checkpoints_count_only_with_marker_and_are_pruned(tmp_path):
-    engine = _TinyEngine()
+    engine = TinyEngine()
     for step in (2, 4, 6):
         checkpoint.save_checkpoint(tmp_path, step, engine, {"step": step})
     (tmp_path / "step-000006" / checkpoint.MARKER).unlink()
@@ -48,13 +50,13 @@ def test_checkpoints_count_only_with_marker_and_are_pruned(tmp_path):
     checkpoint.prune(tmp_path, keep_last=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-000004", "step-000006"]
     torch.manual_seed(5)
-    state = checkpoint.load_checkpoint(tmp_path / "step-000004", _TinyEngine())
+    state = checkpoint.load_checkpoint(tmp_path / "step-000004", TinyEngine())
     assert state == {"step": 4}
 
 
 def test_every_file_reaches_the_disk_before_complete_which_lists_their_sizes(tmp_path, monkeypatch):
     log = FsyncLog(monkeypatch)
-    folder = checkpoint.save_checkpoint(tmp_path, 2, _TinyEngine(), {"step": 2})
+    folder = checkpoint.save_checkpoint(tmp_path, 2, TinyEngine(), {"step": 2})
     complete = log.first("rename", f"step-000002/{checkpoint.MARKER}")
     for name in ("engine.pt", "rng-rank0.pt", "meta.json", "trainer_state.json"):
         assert log.first("fsync", f"/{name}") < complete, name
@@ -66,7 +68,7 @@ def test_every_file_reaches_the_disk_before_complete_which_lists_their_sizes(tmp
 
 def test_a_checkpoint_whose_files_differ_from_complete_is_set_aside(tmp_path, caplog):
     for step in (2, 4):
-        checkpoint.save_checkpoint(tmp_path, step, _TinyEngine(), {"step": step})
+        checkpoint.save_checkpoint(tmp_path, step, TinyEngine(), {"step": step})
     engine_file = tmp_path / "step-000004" / "engine.pt"
     engine_file.write_bytes(engine_file.read_bytes()[:-1])
     logging.getLogger("ftpipe.train").addHandler(caplog.handler)
@@ -80,7 +82,7 @@ def test_a_checkpoint_whose_files_differ_from_complete_is_set_aside(tmp_path, ca
 
 
 def test_a_full_disk_leaves_no_partial_and_the_earlier_checkpoints(tmp_path, monkeypatch):
-    engine = _TinyEngine()
+    engine = TinyEngine()
     checkpoint.save_checkpoint(tmp_path, 2, engine, {"step": 2})
 
     def disk_full(folder):
@@ -98,7 +100,7 @@ def test_a_full_disk_leaves_no_partial_and_the_earlier_checkpoints(tmp_path, mon
 def test_consolidation_refuses_a_checkpoint_whose_files_changed(tmp_path):
     from pipeline.checkpoint_readers import open_checkpoint
 
-    folder = checkpoint.save_checkpoint(tmp_path, 2, _TinyEngine(), {"step": 2})
+    folder = checkpoint.save_checkpoint(tmp_path, 2, TinyEngine(), {"step": 2})
     state = folder / "trainer_state.json"
     state.write_text(state.read_text() + " ")
     with pytest.raises(UserError, match=rf"^{state} has \d+ bytes, but {folder / 'COMPLETE'} vouches for"):
