@@ -104,6 +104,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(f"{args.config}: config is valid")
     if cfg.launch.backend == "slurm":
         warn_secret_setup(cfg.launch.slurm.setup)
+    elif cfg.train.precision == "bf16":  # training runs on this machine: say now what bf16 costs here
+        from pipeline.precision import precision_warning
+
+        if warning := precision_warning(cfg.train):
+            print(f"ftpipe: warning: {warning}", file=sys.stderr)
     print_plan(cfg, plan(cfg, _stages(args)))
     return 0
 

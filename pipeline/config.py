@@ -232,7 +232,12 @@ class TrainConfig(Section):
         0.0, ge=0.0, le=100, description="AdamW weight decay (not applied to biases/norms).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables.")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for initialisation, data order and dropout.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast.")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="fp32, or bf16 autocast. On a CPU without native bf16 (no avx512_bf16/AMX/ARM "
+        "bf16) bf16 is emulated, ~20x slower: training runs in fp32 there, with a warning giving the "
+        "measured cost, unless allow_slow_bf16.")
+    allow_slow_bf16: bool = Field(
+        False, description="Train in bf16 even on a CPU without native bf16 (see precision).")
     checkpoint_every: int = Field(100, ge=1, le=10**10, description="Optimizer steps between checkpoints.")
     keep_last: int = Field(2, ge=1, le=10_000, description="Complete checkpoints kept on disk.")
     log_every: int = Field(1, ge=1, le=10**10, description="Optimizer steps between logged metrics.")

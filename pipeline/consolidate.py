@@ -215,7 +215,7 @@ def verify(folder: Path, reader: CheckpointReader, cfg: RunConfig, verify_file: 
 def compare_logits(model: torch.nn.Module, verify_file: Path, cfg: RunConfig) -> float:
     saved = torch.load(verify_file, map_location="cpu", weights_only=True)
     # verify.pt holds the logits as training computed them, so compute them the same way.
-    bf16 = cfg.train.precision == "bf16"
+    bf16 = saved.get("precision", cfg.train.precision) == "bf16"  # what training ran in (precision.py)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         logits = model(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).logits
     return _checked(float((logits.float() - saved["logits"].float()).abs().max()), "logit")

@@ -7,6 +7,7 @@ in every rank that torchrun starts.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from pipeline.config import RunConfig, TrainConfig
 from pipeline.context import StageContext
 from pipeline.distributed import DistEnv
 from pipeline.errors import UserError
+from pipeline.precision import trained_precision
 from pipeline.preemption import LeadCheck, StopRequest
 from pipeline.run_dir import atomic_write_bytes
 from pipeline.tokenized import open_split
@@ -29,6 +31,7 @@ from pipeline.train.data import TrainBatches, batch_layout, collate
 from pipeline.train.engine import TrainEngine
 from pipeline.train.loop import LoopSettings, LoopState, train_loop, truncate_logs
 
+log = logging.getLogger("ftpipe")
 VERIFY_FILE = "verify.pt"
 VERIFY_ROWS = 4
 
@@ -61,7 +64,11 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
     if table.num_rows == 0:
         raise UserError("data.train: the tokenized training split is empty")
     layout = batch_layout(cfg.train, dist.world_size)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"grad_accum": layout.grad_accum})})
+    precision, warning = trained_precision(cfg.train, dist.device)
+    if warning and dist.is_main:
+        log.warning("warning: %s", warning)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(
+        update={"grad_accum": layout.grad_accum, "precision": precision})})
     engine, saved = _engine_at_checkpoint(cfg, dist, out / "checkpoints")
     pad_id = ctx.run_dir.read_manifest("tokenize")["pad_token_id"]
     batches = TrainBatches(table, layout, cfg.train.seed, pad_id)
@@ -80,11 +87,12 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
     state, resumed = _resume(settings, saved, fresh)
     extended = _extend(state, fresh, lambda length: target(cfg.train.model_copy(update=length)))
     state = train_loop(engine, batches, settings, state, ctx.tracker.log_metrics)
-    write_verify_logits(engine, ctx, out / VERIFY_FILE, dist)
+    write_verify_logits(engine, ctx, out / VERIFY_FILE, dist, precision)
     return {"steps": state.step, "samples": state.samples, "target_samples": state.target_samples,
             "tokens_trained": state.tokens, "seconds": round(state.seconds, 3),
             "tokens_per_second": state.tokens / max(state.seconds, 1e-9), "global_batch": layout.global_batch,
-            "world_size": dist.world_size, "strategy": cfg.train.strategy, "resumed_from_step": resumed,
+            "world_size": dist.world_size, "strategy": cfg.train.strategy, "precision": precision,
+            "resumed_from_step": resumed,
             "trainable_parameters": _trainable(engine), **training_length(cfg.train),
             "extended_from": extended, "final_checkpoint": f"checkpoints/step-{state.step:06d}"}
 
@@ -166,7 +174,8 @@ def verification_batch(ctx: StageContext, rows: int = VERIFY_ROWS) -> dict[str, 
     return collate(picked, ctx.run_dir.read_manifest("tokenize")["pad_token_id"])
 
 
-def write_verify_logits(engine: TrainEngine, ctx: StageContext, path: Path, dist: DistEnv) -> None:
+def write_verify_logits(engine: TrainEngine, ctx: StageContext, path: Path, dist: DistEnv,
+                        precision: str) -> None:
     """Logits of the trained model as the engine computes them; consolidation must reproduce them."""
     batch = verification_batch(ctx)
     inputs = {k: batch[k].to(dist.device) for k in ("input_ids", "attention_mask")}
@@ -177,6 +186,6 @@ def write_verify_logits(engine: TrainEngine, ctx: StageContext, path: Path, dist
     if dist.is_main:
         buffer = io.BytesIO()
         torch.save({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-                    "logits": logits}, buffer)
+                    "logits": logits, "precision": precision}, buffer)
         atomic_write_bytes(path, buffer.getvalue())
     distributed.barrier()

@@ -146,13 +146,21 @@ def test_identical_runs_give_identical_weights(tmp_path, tiny_llama, text_data):
     assert_same_weights(weights(tmp_path / "runs" / "a"), weights(tmp_path / "runs" / "b"))
 
 
-def test_bf16_autocast_tracks_fp32(tmp_path, tiny_llama, text_data):
-    for name, precision in (("fp32", "fp32"), ("bf16", "bf16")):
-        cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name=name,
-                                     train={"precision": precision})
+def test_bf16_autocast_tracks_fp32_and_a_cpu_without_bf16_trains_in_fp32(tmp_path, tiny_llama, text_data,
+                                                                         monkeypatch, capsys):
+    # This CPU's flags, as seen by ftpipe: without native bf16 whatever machine runs the test.
+    monkeypatch.setattr("pipeline.precision.cpu_flags", lambda: {"avx2"})
+    runs = (("fp32", {"precision": "fp32"}), ("bf16", {"precision": "bf16", "allow_slow_bf16": True}),
+            ("cpu", {"precision": "bf16"}))
+    for name, train in runs:
+        cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name=name, train=train)
         assert ftpipe("run", fixtures.write_config(tmp_path / f"{name}.yaml", cfg), "--no-progress") == 0
-    fp32, bf16 = losses(tmp_path / "runs" / "fp32"), losses(tmp_path / "runs" / "bf16")
+    fp32, bf16, cpu = (losses(tmp_path / "runs" / name) for name, _ in runs)
     assert fp32 != bf16 and bf16 == pytest.approx(fp32, abs=0.05)
+    assert cpu == fp32 and manifest(tmp_path / "runs" / "cpu", "train")["precision"] == "fp32"
+    assert manifest(tmp_path / "runs" / "bf16", "train")["precision"] == "bf16"
+    warned = [line for line in capsys.readouterr().err.splitlines() if "no native bf16" in line]
+    assert len(warned) == 1 and "x slower than fp32 here" in warned[0] and "allow_slow_bf16" in warned[0]
 
 
 def test_status_shows_done_and_pending_stages(tmp_path, lm_config, capsys):
