@@ -29,10 +29,14 @@ def _parser() -> argparse.ArgumentParser:
     _stage_args(run)
     run.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
-    for name in ("validate", "plan"):
-        check = sub.add_parser(name, help="check the config and print the plan without running anything")
-        _config_args(check)
-        check.add_argument("--stages", help="comma-separated subset of stages")
+    validate = sub.add_parser("validate",
+                              help="check the config and print the plan without running anything")
+    _config_args(validate)
+    validate.add_argument("--stages", help="comma-separated subset of stages")
+    estimate = sub.add_parser("plan", help="check the config and estimate parameters, memory per GPU for "
+                                           "each strategy, checkpoint size and time, reading no weights")
+    _config_args(estimate)
+    estimate.add_argument("--json", action="store_true", help="print the estimate as JSON")
     status = sub.add_parser("status",
                             help="show which stages of a run directory are done (and their SLURM jobs)")
     status.add_argument("run_dir", type=Path)
@@ -110,6 +114,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
         if warning := precision_warning(cfg.train):
             print(f"ftpipe: warning: {warning}", file=sys.stderr)
     print_plan(cfg, plan(cfg, _stages(args)))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.footprint import finished_run, footprint, format_footprint
+
+    cfg = _load(args)
+    tokenized = RunDir(cfg.run_dir).read_manifest("tokenize")
+    rows = tokenized["splits"]["train"]["rows"] if tokenized else None
+    estimate = footprint(cfg, rows, finished_run(cfg))
+    print(json.dumps(estimate, indent=2) if args.json else format_footprint(cfg, estimate))
     return 0
 
 
@@ -244,7 +261,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_validate, "status": cmd_status,
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "status": cmd_status,
             "submit": cmd_submit, "cancel": cmd_cancel, "logs": cmd_logs, "sync": cmd_sync}
 
 

@@ -98,5 +98,8 @@ class LaunchConfig(Section):
         description="torchrun: restarts of all ranks after a rank fails (on one node as fresh "
         "torchrun launches, across nodes torchrun's own); training resumes from the latest complete "
         "checkpoint.")
+    gpu_memory_gb: float | None = Field(
+        None, gt=0, le=1_000_000, description="Memory of one GPU in GiB: `ftpipe plan` recommends the "
+        "strategy, micro batch and activation checkpointing that fit it.")
     slurm: SlurmConfig = Field(
         default_factory=SlurmConfig, description="backend slurm: how `ftpipe submit` asks for resources.")

@@ -147,14 +147,6 @@ def test_cli_validate_good_config_prints_plan_and_creates_no_run_dir(write_cfg, 
     assert not run_dir.exists()
 
 
-def test_cli_plan_is_validate(write_cfg, capsys):
-    path = write_cfg()
-    assert main(["plan", str(path)]) == 0
-    plan_out = capsys.readouterr().out
-    assert main(["validate", str(path)]) == 0
-    assert capsys.readouterr().out == plan_out
-
-
 def test_subprocess_misspelled_key_exits_2_without_traceback(write_cfg):
     path = write_cfg({"  eval_fraction: 0.2": "  eval_fration: 0.2"})
     proc = ftpipe_process("validate", str(path), cwd=REPO)
