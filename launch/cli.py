@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+import pipeline
 from launch.process import DEBUG_ENV, quiet_libraries, reporting_errors
 from launch.run_lock import holding, this_process
 from pipeline.config import RunConfig, load_config
@@ -23,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ftpipe",
                                      description="Fine-tune Hugging Face models from one YAML file.")
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    parser.add_argument("--version", action="version", version=f"ftpipe {pipeline.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline (skipping stages that are up to date)")
     _config_args(run)
@@ -137,24 +139,60 @@ def _run_dir(path: Path) -> RunDir:
     return run_dir
 
 
+# `ftpipe status` exit codes, for scripts that poll a run: done, a stage failed, jobs queued or running,
+# not done and nothing queued (run or submit again).
+STATUS_DONE, STATUS_FAILED, STATUS_ACTIVE, STATUS_INCOMPLETE = 0, 1, 3, 4
+
+
 def cmd_status(args: argparse.Namespace) -> int:
-    from launch.slurm_jobs import status_lines
+    from launch.slurm_jobs import stage_states
     from launch.sweep import read_sweep, summary_rows, summary_table
 
     run_dir = _run_dir(args.run_dir)
-    sweep = read_sweep(run_dir)
+    members = read_sweep(run_dir)
+    shared = len(names("shared_by_sweep"))
     if run_dir.jobs_file.is_file():  # a sweep's base run does only the shared stages itself
-        print("\n".join(status_lines(run_dir)[:len(names("shared_by_sweep")) if sweep else None]))
+        rows = stage_states(run_dir)[:shared if members else None]
+        print("\n".join(f"  {stage:<11} {state:<24} {ids}".rstrip() for stage, state, ids in rows))
     else:
-        for name in NAMES:
-            manifest = run_dir.read_manifest(name)
-            started = run_dir.stage(name).exists()
-            state = "done" if manifest else ("partial" if started else "pending")
-            detail = f"{manifest['wall_seconds']:.1f}s" if manifest else ""
-            print(f"  {name:<11} {state:<8} {detail}")
-    if sweep:
+        rows = _local_states(run_dir)
+        print("\n".join(f"  {stage:<11} {state:<8} {detail}".rstrip() for stage, state, detail in rows))
+    states = [state for _, state, _ in rows]
+    if members:
         print("\nsweep:\n" + summary_table(summary_rows(run_dir)), end="")
-    return 0
+        for member in members:
+            states += [state for _, state, _ in _states(RunDir(Path(member.run_dir)))[shared:]]
+    return status_code(states)
+
+
+def _states(run_dir: RunDir) -> list[tuple[str, str, str]]:
+    from launch.slurm_jobs import stage_states
+
+    return stage_states(run_dir) if run_dir.jobs_file.is_file() else _local_states(run_dir)
+
+
+def _local_states(run_dir: RunDir) -> list[tuple[str, str, str]]:
+    rows = []
+    for name in NAMES:
+        manifest = run_dir.read_manifest(name)
+        state = "done" if manifest else ("partial" if run_dir.stage(name).exists() else "pending")
+        rows.append((name, state, f"{manifest['wall_seconds']:.1f}s" if manifest else ""))
+    return rows
+
+
+def status_code(states: list[str]) -> int:
+    """A failure anywhere first (a poller should stop), then jobs still going, then work left to start."""
+    def kind(state: str) -> int:
+        if state == "done":
+            return STATUS_DONE
+        if state.startswith(("queued", "running")):
+            return STATUS_ACTIVE
+        return STATUS_INCOMPLETE if state.startswith(("pending", "partial", "stopped")) else STATUS_FAILED
+    kinds = {kind(state) for state in states}
+    for code in (STATUS_FAILED, STATUS_ACTIVE, STATUS_INCOMPLETE):
+        if code in kinds:
+            return code
+    return STATUS_DONE
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -152,6 +152,11 @@ def stage_state(run_dir: RunDir, stage: str, job: JobRecord | None, slurm: tuple
 
 
 def status_lines(run_dir: RunDir) -> list[str]:
+    return [f"  {stage:<11} {state:<24} {ids}".rstrip() for stage, state, ids in stage_states(run_dir)]
+
+
+def stage_states(run_dir: RunDir) -> list[tuple[str, str, str]]:
+    """(stage, state, job ids) of every stage of a submitted run."""
     jobs = {j.stage: j for j in read_jobs(run_dir)}
     states = slurm_states([i for j in jobs.values() for i in j.job_ids])
     lines, broken = [], None
@@ -166,7 +171,7 @@ def status_lines(run_dir: RunDir) -> list[str]:
             broken = stage
         ids = (f"job {job.job_id}" + (f" (array {job.array_job_id})" if job.array_job_id else "")
                if job else "")
-        lines.append(f"  {stage:<11} {state:<24} {ids}".rstrip())
+        lines.append((stage, state, ids))
     return lines
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from launch.cli import STATUS_ACTIVE, STATUS_FAILED
 from launch.slurm_jobs import log_files, read_jobs, status_lines
 from pipeline.run_dir import RunDir
 from tests import fixtures
@@ -132,7 +133,7 @@ def test_status_logs_cancel_on_a_real_job(slurm_cluster, tmp_path, tiny_llama, t
     while "running" not in status_lines(run)[0] and time.monotonic() < deadline:
         time.sleep(0.5)
     capsys.readouterr()
-    assert ftpipe("status", run) == 0
+    assert ftpipe("status", run) == STATUS_ACTIVE
     status = capsys.readouterr().out.splitlines()
     assert "running (array tasks)" in status[0] and f"job {jobs['shard'].job_id} (array " in status[0]
     assert "queued" in status[1] and jobs["tokenize"].job_id in status[1]
@@ -210,6 +211,7 @@ def test_status_shows_a_failed_stage_and_its_waiting_dependents(slurm_cluster, t
         time.sleep(1)
     lines = status_lines(run)
     assert "failed" in lines[0] and all("blocked (shard did not finish)" in line for line in lines[1:]), lines
+    assert ftpipe("status", run) == STATUS_FAILED
     capsys.readouterr()
     assert ftpipe("logs", run, "shard") == 0
     assert "text.jsonl" in capsys.readouterr().out  # the job's error names the missing file

@@ -5,6 +5,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from launch.cli import STATUS_INCOMPLETE
 from tests import fixtures
 from tests.helpers import assert_same_weights, ftpipe, losses, manifest, weights
 
@@ -166,7 +167,7 @@ def test_bf16_autocast_tracks_fp32_and_a_cpu_without_bf16_trains_in_fp32(tmp_pat
 def test_status_shows_done_and_pending_stages(tmp_path, lm_config, capsys):
     assert ftpipe("run", lm_config, "--no-progress", "--stages", "shard,tokenize") == 0
     capsys.readouterr()
-    assert ftpipe("status", tmp_path / "runs" / "lm") == 0
+    assert ftpipe("status", tmp_path / "runs" / "lm") == STATUS_INCOMPLETE
     lines = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()}
     assert lines == {"shard": "done", "tokenize": "done", "train": "pending", "consolidate": "pending",
                      "evaluate": "pending"}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.cli import main
+from launch.cli import STATUS_ACTIVE, STATUS_DONE, STATUS_FAILED, STATUS_INCOMPLETE, main, status_code
 from pipeline.config import load_config
 from pipeline.errors import UserError
 from pipeline.preflight import check_inputs
@@ -162,3 +162,23 @@ def test_subprocess_missing_data_exits_2_without_traceback(write_cfg):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr == "ftpipe: error: data.train[0]: no file matches 'nope/*.jsonl'\n"
+
+
+@pytest.mark.parametrize("states, code", [
+    (["done"] * 5, STATUS_DONE),
+    (["done", "done", "running", "queued (Dependency)", "queued (Dependency)"], STATUS_ACTIVE),
+    (["done", "done", "pending", "pending", "pending"], STATUS_INCOMPLETE),
+    (["done", "done", "stopped (submit again to resume)", "pending", "pending"], STATUS_INCOMPLETE),
+    (["done", "running", "done", "failed", "blocked (train did not finish)"], STATUS_FAILED),
+    (["done", "timeout", "pending", "pending", "pending"], STATUS_FAILED),
+])
+def test_status_exit_codes_put_a_failure_first_then_jobs_still_going(states, code):
+    assert status_code(states) == code
+
+
+def test_version(capsys):
+    import pipeline
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"ftpipe {pipeline.__version__}"
