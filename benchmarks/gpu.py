@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -45,9 +46,9 @@ BUDGET_SECONDS = 420  # runs not started by then are skipped: the device call al
 CHILD_TIMEOUT = 180
 
 GPU = {"size": "0.5b", "max_len": 2048, "micro_batch": 8, "steps": 25, "precision": "bf16", "tokens": 700_000,
-       "eval_fraction": 0.01, "eval_rows": 8, "matmul": (8192, "bfloat16")}
+       "eval_fraction": 0.01, "eval_rows": 8, "matmul": (8192, "bfloat16"), "scratch_gib": 32}
 SMOKE = {"size": "smoke", "max_len": 64, "micro_batch": 2, "steps": 2, "precision": "fp32", "tokens": 3000,
-         "eval_fraction": 0.1, "eval_rows": 4, "matmul": (256, "float32")}
+         "eval_fraction": 0.1, "eval_rows": 4, "matmul": (256, "float32"), "scratch_gib": 1}
 
 
 def fetch_wheels() -> int:
@@ -71,9 +72,9 @@ def variants(settings: dict[str, Any], smoke: bool) -> list[dict[str, Any]]:
     if smoke:
         backends = [("sdpa", "single"), ("sdpa", "fsdp")]
     else:
-        backends = [("sdpa", "single"), ("flex_attention", "single"), ("sdpa", "fsdp")]
+        backends = [("sdpa", "single"), ("sdpa", "fsdp"), ("flex_attention", "single")]
         if importlib.util.find_spec("flash_attn") is not None:
-            backends.insert(2, ("flash_attention_2", "single"))
+            backends.append(("flash_attention_2", "single"))
     return [{"name": f"{attn}-{strategy}".replace("_", "-"), "attn": attn, "strategy": strategy,
              "packed": True, "evaluate": i == 0} for i, (attn, strategy) in enumerate(backends)]
 
@@ -141,11 +142,11 @@ class Check:
         self.args, self.settings, self.started = args, settings, time.monotonic()
         self.smoke = args.cpu_smoke
         self.in_process = self.smoke and not args.isolate
-        self.work = Path(args.work or tempfile.mkdtemp(prefix="ftpipe-gpu-check-"))
+        self.work = Path(args.work) if args.work else gpu_runs.scratch_folder(settings["scratch_gib"])
         self.report: dict[str, Any] = {
             "mode": "cpu-smoke" if self.smoke else "gpu", "max_len": settings["max_len"],
             "micro_batch": settings["micro_batch"], "steps": settings["steps"], "runs": [], "loss_checks": [],
-            "problems": [], "timings": {}}
+            "problems": [], "timings": {}, "work": str(self.work)}
 
     def left(self) -> float:
         return self.args.budget - (time.monotonic() - self.started)
@@ -185,8 +186,8 @@ class Check:
             self.report["timings"][what] = round(time.monotonic() - started, 1)
             self.save()
 
-    def train_runs(self) -> None:
-        for run in variants(self.settings, self.smoke):
+    def train_runs(self, runs: list[dict[str, Any]]) -> None:
+        for run in runs:
             self.report["runs"].append(run)
             result = self.attempt(
                 run["name"], lambda t, r=run: run_child("train_variant", self.spec(r), self.in_process, t)
@@ -200,10 +201,18 @@ class Check:
 
     def loss_runs(self) -> None:
         first = self.report["runs"][0]
+        partial = self.work / "loss_checks.json"
         spec = {"model": str(self.model), "tokenized_run": str(self.work / "runs" / first["name"]),
-                "micro_batch": self.settings["micro_batch"], "checks": loss_checks(self.smoke)}
+                "micro_batch": self.settings["micro_batch"], "checks": loss_checks(self.smoke),
+                "partial": str(partial)}
         checks = self.attempt("loss check", lambda t: run_child("loss_check", spec, self.in_process, t))
+        if checks is None and partial.is_file():  # it failed or timed out after some checks
+            checks = json.loads(partial.read_text())
         self.report["loss_checks"] = checks or []
+        for c in self.report["loss_checks"]:
+            if not c.get("equal"):
+                self.report["problems"].append(f"loss check {c['attn']} {c['precision']}: "
+                                               f"{c.get('error') or 'packed and unpacked losses differ'}")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -232,10 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     check = Check(args, settings)
-    check.prepare()
-    check.train_runs()
-    check.loss_runs()
-    check.save()
+    try:
+        check.prepare()
+        runs = variants(settings, args.cpu_smoke)
+        check.train_runs(runs[:1])  # the most telling first, in case time runs out: sdpa + evaluate,
+        check.loss_runs()  # the loss check on its tokenized rows, FSDP2, then flex (compiles) and flash
+        check.train_runs(runs[1:])
+        check.save()
+    finally:
+        if not args.work:  # a scratch folder of our own (in /dev/shm: memory)
+            shutil.rmtree(check.work, ignore_errors=True)
     print((args.out / "gpu_check.md").read_text())
     return 0 if not check.report["problems"] else 1
 

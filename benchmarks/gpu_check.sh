@@ -19,5 +19,8 @@ python3 -c "import pydantic, yaml, psutil" || {
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null
-# 8 minutes in all: gpu.py stops starting runs after --budget seconds; this is the hard stop.
-timeout --signal=INT --kill-after=20 470 python3 benchmarks/gpu.py "$@"
+# 8 minutes in all: gpu.py stops starting runs after --budget seconds; this is the hard stop. The whole
+# output (the stages' and the child processes' too) is kept beside the report.
+out=${OUT:-runs/gpu-check}
+mkdir -p "$out"
+timeout --signal=INT --kill-after=20 470 python3 benchmarks/gpu.py "$@" 2>&1 | tee "$out/gpu_check.log"
