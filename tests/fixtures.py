@@ -47,10 +47,10 @@ def fake_model_dir(folder: Path, config: dict | None = None) -> Path:
     return folder
 
 
-def build_tiny_llama(folder: Path) -> Path:
-    import torch
+def tiny_bpe_tokenizer():
+    """A byte-level BPE tokenizer (300 tokens) trained on `sentences` in well under a second."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -58,8 +58,15 @@ def build_tiny_llama(folder: Path) -> Path:
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(sentences(400, seed=1) + [" ".join(POSITIVE + NEGATIVE)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>", pad_token="<pad>")
+
+
+def build_tiny_llama(folder: Path) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fast = tiny_bpe_tokenizer()
     config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id,
