@@ -87,7 +87,8 @@ def reporting_errors(command: Callable[[], int],
             on_user_error(err)
         if os.environ.get(DEBUG_ENV) == "1":
             traceback.print_exc(file=sys.stderr)
-        print(f"ftpipe: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines() or [""]:  # several config mistakes: one line each
+            print(f"ftpipe: error: {line}", file=sys.stderr)
         return 2
     except StagePreempted as stopped:
         print(f"ftpipe: {stopped}", file=sys.stderr)

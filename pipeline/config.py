@@ -18,7 +18,14 @@ from pydantic import (
 )
 
 from pipeline.attention import check_attn_implementation
-from pipeline.config_errors import Section, check_expansion, check_nesting, describe_error, yaml_lines
+from pipeline.config_errors import (
+    Section,
+    check_expansion,
+    check_nesting,
+    describe_error,
+    explained_away,
+    yaml_lines,
+)
 from pipeline.config_launch import LaunchConfig
 from pipeline.errors import UserError
 
@@ -351,10 +358,11 @@ def validate_config(raw: dict, path: Path | str = "<config>", lines: dict | None
         return RunConfig.model_validate(raw)
     except ValidationError as err:
         # Unknown keys first: a misspelled required key also shows up as "missing".
-        errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        errors = sorted(explained_away(err.errors(), RunConfig, ENTRY_TAGS),
+                        key=lambda e: e["type"] != "extra_forbidden")
         messages = [describe_error(e, path, lines or {}, RunConfig, ENTRY_TAGS) for e in errors]
-        more = f" (and {len(messages) - 1} more)" if len(messages) > 1 else ""
-        raise UserError(messages[0] + more) from None
+        # Every mistake at once, one line each, so a config is fixed in one round.
+        raise UserError("\n".join(dict.fromkeys(messages))) from None
 
 
 def _parse_yaml(path: Path, text: str) -> dict:

@@ -28,6 +28,39 @@ class Section(BaseModel):
             raise ValueError("must not contain a NUL character")
         return value
 
+# Names users bring from HF TrainingArguments, TRL, axolotl and LLaMA-Factory: key -> (ours, whose name).
+_HF, _AX, _LF = "HF TrainingArguments", "axolotl", "LLaMA-Factory"
+_ELSEWHERE = {
+    "learning_rate": ("train.lr", f"{_HF}, {_AX}"), "lr": ("train.lr", ""),
+    "gradient_accumulation_steps": ("train.grad_accum", f"{_HF}, {_AX}"),
+    "per_device_train_batch_size": ("train.micro_batch_size", _HF),
+    "micro_batch_size": ("train.micro_batch_size", ""),
+    "per_device_eval_batch_size": ("evaluate.batch_size", _HF),
+    "eval_batch_size": ("evaluate.batch_size", _AX),
+    "num_train_epochs": ("train.epochs", _HF), "num_epochs": ("train.epochs", _AX),
+    "epochs": ("train.epochs", ""),
+    "max_steps": ("train.max_steps", ""), "warmup_ratio": ("train.warmup_ratio", ""),
+    "warmup_steps": ("train.warmup_ratio (a share of the steps)", f"{_HF}, {_AX}"),
+    "weight_decay": ("train.weight_decay", ""), "max_grad_norm": ("train.max_grad_norm", ""),
+    "seed": ("train.seed", ""), "bf16": ("train.precision: bf16", f"{_HF}, {_AX}"),
+    "gradient_checkpointing": ("train.activation_checkpointing", f"{_HF}, {_AX}"),
+    "save_steps": ("train.checkpoint_every", _HF), "save_total_limit": ("train.keep_last", _HF),
+    "logging_steps": ("train.log_every", f"{_HF}, {_AX}"),
+    "deepspeed": ("train.deepspeed.config", f"{_HF}, {_AX}"),
+    "model_name_or_path": ("model.name_or_path", f"{_HF}, {_LF}"),
+    "base_model": ("model.name_or_path", _AX),
+    "sequence_len": ("data.max_seq_len", _AX), "max_seq_length": ("data.max_seq_len", "TRL"),
+    "cutoff_len": ("data.max_seq_len", _LF), "sample_packing": ("data.packing", _AX),
+    "packing": ("data.packing", ""), "datasets": ("data.train", _AX), "dataset": ("data.train", _LF),
+    "val_set_size": ("data.eval_fraction", _AX), "lora_r": ("model.lora.r", _AX),
+    "lora_rank": ("model.lora.r", _LF), "lora_alpha": ("model.lora.alpha", _AX),
+    "lora_dropout": ("model.lora.dropout", _AX), "lora_target_modules": ("model.lora.target_modules", _AX),
+    "lora_target": ("model.lora.target_modules", _LF),
+}
+FOREIGN_KEYS = {key: f"ftpipe's key is '{ours}'" + (f"; '{key}' is what {theirs} call it" if theirs else "")
+                for key, (ours, theirs) in _ELSEWHERE.items()}
+
+
 def describe_error(error: dict, path: Path | str, lines: dict, root: type[BaseModel],
                    tags: tuple[str, ...] = ()) -> str:
     """One line for one pydantic error: file:line, the dotted key, what is wrong (tags left out)."""
@@ -35,6 +68,8 @@ def describe_error(error: dict, path: Path | str, lines: dict, root: type[BaseMo
     dotted = ".".join(loc) or "config"
     where = f"{path}:{lines[loc]}" if loc in lines else str(path)
     if error["type"] == "extra_forbidden":
+        if loc[-1] in FOREIGN_KEYS:
+            return f"{where}: unknown key '{dotted}' ({FOREIGN_KEYS[loc[-1]]})"
         hint = closest_key(root, loc)
         return f"{where}: unknown key '{dotted}'" + (f" (did you mean '{hint}'?)" if hint else "")
     if error["type"] == "missing":
@@ -45,6 +80,22 @@ def describe_error(error: dict, path: Path | str, lines: dict, root: type[BaseMo
     if not loc:
         return f"{where}: {message}"
     return f"{where}: {dotted}: {message}{shown}"
+
+
+def explained_away(errors: list[dict], root: type[BaseModel], tags: tuple[str, ...] = ()) -> list[dict]:
+    """The errors less each missing key that an unknown key's suggestion already names (`dta:` is
+    reported once, as "did you mean 'data'?", not again as "missing required key 'data'")."""
+    def dotted(error: dict) -> str:
+        return ".".join(str(p) for p in error["loc"] if p not in tags)
+
+    hints = set()
+    for error in errors:
+        if error["type"] == "extra_forbidden":
+            loc = tuple(dotted(error).split("."))
+            hint = _ELSEWHERE.get(loc[-1], ("",))[0].split(" ")[0] or closest_key(root, loc)
+            hints.add(hint or "")
+    return [e for e in errors if not (e["type"] == "missing" and any(
+        h == dotted(e) or h.startswith(dotted(e) + ".") for h in hints))]
 
 
 def _short(text: str, limit: int = 80) -> str:

@@ -144,9 +144,27 @@ def test_bad_values_are_one_line_errors_naming_the_key(write_cfg, old, new, expe
     assert error_of(path) == expected.format(path=path)
 
 
-def test_several_errors_report_the_first_and_a_count(write_cfg):
+def test_every_error_is_reported_at_once_one_line_each(write_cfg):
     path = write_cfg({"  lr: 1.0e-3": "  lr: -1", "  precision: fp32": "  precision: fp16"})
-    assert error_of(path) == f"{path}:11: train.lr: Input should be greater than 0 (got -1) (and 1 more)"
+    assert error_of(path).splitlines() == [
+        f"{path}:11: train.lr: Input should be greater than 0 (got -1)",
+        f"{path}:13: train.precision: Input should be 'fp32' or 'bf16' (got 'fp16')"]
+
+
+@pytest.mark.parametrize("old, new, line, expected", [
+    ("  lr: 1.0e-3", "  learning_rate: 1.0e-3", 11,
+     "unknown key 'train.learning_rate' (ftpipe's key is 'train.lr'; 'learning_rate' is what "
+     "HF TrainingArguments, axolotl call it)"),
+    ("  micro_batch_size: 4", "  per_device_train_batch_size: 4", 12,
+     "unknown key 'train.per_device_train_batch_size' (ftpipe's key is 'train.micro_batch_size'; "
+     "'per_device_train_batch_size' is what HF TrainingArguments call it)"),
+    ("  num_shards: 2", "  sequence_len: 32", 9,
+     "unknown key 'data.sequence_len' (ftpipe's key is 'data.max_seq_len'; 'sequence_len' is what axolotl"),
+    ("model:", "base_model:", 3, "unknown key 'base_model' (ftpipe's key is 'model.name_or_path'"),
+])
+def test_names_from_other_trainers_point_at_ours(write_cfg, old, new, line, expected):
+    path = write_cfg({old: new})
+    assert error_of(path).startswith(f"{path}:{line}: {expected}")
 
 
 @pytest.mark.parametrize("overrides, expected", [
