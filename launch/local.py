@@ -17,6 +17,7 @@ from pipeline.runner import PlannedStage, execute
 from pipeline.secrets import has_credentials, stored_config, write_credentials
 from pipeline.stages import LAST
 from pipeline.tracking import Tracker, build_tracker, read_parent
+from pipeline.tracking_tags import outer_run, run_tags
 
 log = logging.getLogger("ftpipe")
 
@@ -38,7 +39,7 @@ def run_pipeline(cfg: RunConfig, planned: list[PlannedStage], progress: bool = T
     tracker = build_tracker(cfg)
     attached = read_parent(run_dir, tracker.uri) if tracker else None
     if tracker:
-        tracker.start(cfg.model_dump(mode="json"), {"ftpipe.run_dir": str(run_dir.root)}, attach_to=attached)
+        tracker.start(cfg.model_dump(mode="json"), parent_tags(cfg, run_dir), attach_to=attached)
     status = "FAILED"
     try:
         manifests = execute(cfg, planned, tracker, progress, on_stage=lambda s, m: _report(s, m, tracker),
@@ -52,6 +53,12 @@ def run_pipeline(cfg: RunConfig, planned: list[PlannedStage], progress: bool = T
         finished = status != "FINISHED" or not attached or run_dir.read_manifest(LAST) is not None
         if tracker and not tracker.close(status if finished else None):
             log.warning("tracking incomplete for this run (see warnings above)")
+
+
+def parent_tags(cfg: RunConfig, run_dir: RunDir, parent_of: str | None = None) -> dict[str, str]:
+    """The parent run's tags; it goes under `parent_of` (a sweep's parent) or MLFLOW_RUN_ID's run."""
+    outer = parent_of or outer_run()
+    return {**run_tags(cfg, run_dir.root), **({"mlflow.parentRunId": outer} if outer else {})}
 
 
 def _report(stage: PlannedStage, manifest: dict | None, tracker: Tracker | None) -> None:

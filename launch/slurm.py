@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 
 import submitit
 
-from launch.local import write_run_config
+from launch.local import parent_tags, write_run_config
 from launch.process import STOPPED_EXIT, reporting_errors
 from launch.run_lock import holding, this_job, this_process
 from launch.slurm_arrays import ArrayTask, enter_job, pending_ranks, task_count, task_groups
@@ -255,8 +255,7 @@ def parent_run(cfg: RunConfig, parent_of: str | None = None) -> str | None:
     found = read_parent(run_dir, tracker.uri)
     if found:
         return found
-    tags = {"ftpipe.run_dir": str(run_dir.root), **({"mlflow.parentRunId": parent_of} if parent_of else {})}
-    run_id = create_parent_run(tracker, cfg.model_dump(mode="json"), tags)
+    run_id = create_parent_run(tracker, cfg.model_dump(mode="json"), parent_tags(cfg, run_dir, parent_of))
     if run_id:
         write_parent(run_dir, tracker.uri, run_id)
     return run_id

@@ -125,7 +125,7 @@ _DECLARED = (
            "pipeline.train.data", "pipeline.train.ds_engine", "pipeline.train.engine", "pipeline.train.fsdp",
            "pipeline.train.loop", "pipeline.train.objective", "pipeline.train.partial",
            "pipeline.preemption", "pipeline.precision", "pipeline.models", "pipeline.distributed",
-           "pipeline.tokenized", "pipeline.unpickling"),
+           "pipeline.tokenized", "pipeline.unpickling", "pipeline.system_metrics"),
           distributed=True, gpu=True, keeps="checkpoints/step-*/COMPLETE",
           extendable=("train.max_steps", "train.epochs")),
     Stage("consolidate", "pipeline.consolidate:run", ("train",), consolidate_inputs,

@@ -30,6 +30,7 @@ from pipeline.config import RunConfig
 from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text
 from pipeline.secrets import real_uri, redact, shared_config
 from pipeline.tracking_spool import Spool, first_line
+from pipeline.tracking_tags import experiment_name, stage_tags
 
 log = logging.getLogger("ftpipe.tracking")
 FLUSH_TIMEOUT_S = 60.0  # at exit, a server that keeps answering gets this long for the queue
@@ -248,7 +249,7 @@ class Tracker:
     def stage(self, name: str, params: dict[str, Any]) -> StageRun:
         stage = StageRun(self, name)
         location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
-        self.submit(ops.create_run(stage.key, self.experiment, name, {"ftpipe.stage": name},
+        self.submit(ops.create_run(stage.key, self.experiment, name, stage_tags(name),
                                    parent=self.parent_key, artifact_location=location))
         self.submit(ops.batch(stage.key, params=flatten(params)))
         return stage
@@ -326,4 +327,4 @@ def build_tracker(cfg: RunConfig, environ: dict[str, str] | None = None) -> Trac
     run_dir.root.parent.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri(cfg, run_dir, environ)
     artifacts = run_dir.root.parent / "mlartifacts" if uri.startswith("sqlite:") else None
-    return Tracker(uri, cfg.tracking.experiment or cfg.name, cfg.name, run_dir, artifacts)
+    return Tracker(uri, experiment_name(cfg, environ), cfg.name, run_dir, artifacts)

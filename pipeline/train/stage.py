@@ -24,6 +24,7 @@ from pipeline.errors import UserError
 from pipeline.precision import trained_precision
 from pipeline.preemption import LeadCheck, StopRequest
 from pipeline.run_dir import atomic_write_bytes
+from pipeline.system_metrics import SystemMetrics
 from pipeline.tokenized import open_split
 from pipeline.train.build import build_engine
 from pipeline.train.checkpoint import load_checkpoint, set_aside, usable_checkpoint
@@ -52,7 +53,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     with StopRequest().listening() as stop:
         dist = distributed.init(need_group=cfg.train.strategy != "single")
         try:
-            return train(cfg, ctx, dist, stop)
+            with SystemMetrics(ctx.tracker.log_metrics, enabled=dist.is_main):
+                return train(cfg, ctx, dist, stop)
         finally:
             if owns_group:
                 distributed.shutdown()

@@ -7,6 +7,7 @@ import time
 
 from mlflow.tracking import MlflowClient
 
+from pipeline.tracking_tags import DEFAULT_EXPERIMENT
 from tests import fixtures
 from tests.helpers import free_port, ftpipe, manifest
 from tests.processes import kill_tree, output, start_mlflow_server, start_run, wait_for_file
@@ -66,7 +67,7 @@ def test_server_outage_mid_training_then_sync(tmp_path, tiny_llama, text_data, c
                     script=HOLD.format(pause=PAUSE_AT, paused=str(paused), resume=str(resume)))
     try:
         wait_for_file(paused, run)
-        _wait_for_steps(client, "lm", {1, 2}, run)  # part of the run reaches the server first
+        _wait_for_steps(client, DEFAULT_EXPERIMENT, {1, 2}, run)  # part of the run reaches the server first
         kill_tree(server)
         resume.touch()
         assert run.wait(timeout=600) == 0, output(run)
@@ -88,7 +89,7 @@ def test_server_outage_mid_training_then_sync(tmp_path, tiny_llama, text_data, c
         for path in kept.iterdir():
             shutil.copy(path, spool / path.name)
         assert ftpipe("sync", run_dir) == 0
-        train = _train_run(client, "lm")
+        train = _train_run(client, DEFAULT_EXPERIMENT)
         for name in ("loss", "lr", "grad_norm"):
             assert _metric_steps(client, train.info.run_id, name) == list(range(1, STEPS + 1)), name
         assert train.info.status == "FINISHED"

@@ -3,15 +3,18 @@
 import json
 import os
 import socket
+import subprocess
 
 from mlflow.tracking import MlflowClient
 
+import pipeline
 from launch.slurm import parent_run
 from pipeline.config import load_config
 from pipeline.run_dir import RunDir
 from pipeline.tracking import Tracker
 from pipeline.tracking_ops import batch
 from pipeline.tracking_spool import Spool, read_records, spool_files, spool_size
+from pipeline.tracking_tags import DEFAULT_EXPERIMENT
 from tests import fixtures
 from tests.helpers import file_mode, files_holding, free_port, ftpipe, manifest
 
@@ -52,7 +55,43 @@ def test_default_sqlite_store_records_everything(tmp_path, tiny_llama, text_data
     assert ftpipe("run", config, "--no-progress") == 0
     db = tmp_path / "runs" / "mlflow.db"
     assert db.is_file()
-    _check_recorded(f"sqlite:///{db}", "lm")
+    _check_recorded(f"sqlite:///{db}", DEFAULT_EXPERIMENT)
+
+
+def test_mlflow_variables_tags_and_system_metrics(tmp_path, tiny_llama, text_data, monkeypatch):
+    """MLFLOW_EXPERIMENT_NAME, MLFLOW_RUN_ID and MLFLOW_TAGS as the HF Trainer reads them; the version,
+    git commit, host and layout tags; the train stage's system metrics under MLflow's names."""
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    outer = client.create_run(client.create_experiment("team")).info.run_id  # e.g. a notebook's run
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for command in (["init", "-q"], ["-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q",
+                                     "--allow-empty", "-m", "x"]):
+        subprocess.run(["git", *command], cwd=repo, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout
+    head = head.strip()
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "team")
+    monkeypatch.setenv("MLFLOW_RUN_ID", outer)
+    monkeypatch.setenv("MLFLOW_TAGS", '{"release": "rc1"}')
+    assert ftpipe("run", _config(tmp_path, tiny_llama, text_data), "--no-progress", "--stages",
+                  "shard,tokenize,train") == 0
+    runs = client.search_runs([client.get_experiment_by_name("team").experiment_id])
+    parent = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == outer)
+    tags = parent.data.tags
+    assert tags["release"] == "rc1" and tags["mlflow.source.git.commit"] == head
+    assert tags["ftpipe.version"] == pipeline.__version__ and tags["ftpipe.git_dirty"] == "false"
+    assert tags["ftpipe.host"] == socket.gethostname() and tags["ftpipe.world_size"] == "1"
+    assert tags["ftpipe.strategy"] == "single"
+    train = next(r for r in runs if r.data.tags.get("ftpipe.stage") == "train")
+    assert train.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    system = {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"}
+    assert system <= set(train.data.metrics)
+    monkeypatch.setenv("MLFLOW_TAGS", "[1, 2]")
+    assert ftpipe("validate", _config(tmp_path, tiny_llama, text_data)) == 0, "validate does not track"
+    assert ftpipe("run", _config(tmp_path, tiny_llama, text_data), "--no-progress") == 2
 
 
 def test_real_mlflow_server_with_secrets_set(tmp_path, tiny_llama, text_data, mlflow_server, capsys):

@@ -1,0 +1,74 @@
+"""The train stage's system metrics under MLflow's own names (its System Metrics tab shows them): CPU and
+memory from psutil, GPU utilisation and memory through nvidia-ml-py when it is installed. Sampled on a
+daemon thread and logged through the stage's tracker, so a dead server costs training nothing here
+either. MLflow's own monitor is not used: it logs around ftpipe's retries and spool."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from types import TracebackType
+
+import psutil
+
+INTERVAL_S = 10.0
+MIB = 2**20
+
+
+def host_sample() -> dict[str, float]:
+    memory = psutil.virtual_memory()
+    return {"system/cpu_utilization_percentage": psutil.cpu_percent(interval=None),
+            "system/system_memory_usage_megabytes": (memory.total - memory.available) / MIB,
+            "system/system_memory_usage_percentage": memory.percent}
+
+
+def gpu_sample() -> dict[str, float]:
+    """Per visible GPU, through NVML (the nvidia-ml-py package); nothing without it or without GPUs."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no package, no driver, no GPU: no GPU metrics
+        return {}
+    sample = {}
+    for index in range(pynvml.nvmlDeviceGetCount()):
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        busy = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
+        sample[f"system/gpu_{index}_utilization_percentage"] = float(busy)
+        sample[f"system/gpu_{index}_memory_usage_megabytes"] = memory.used / MIB
+        sample[f"system/gpu_{index}_memory_usage_percentage"] = 100.0 * memory.used / max(1, memory.total)
+    return sample
+
+
+class SystemMetrics:
+    """`with SystemMetrics(log):` samples at entry, every `interval` seconds, and at exit."""
+
+    def __init__(self, log: Callable[[dict[str, float], int | None], None], interval: float = INTERVAL_S,
+                 enabled: bool = True):
+        self.log, self.interval, self.enabled = log, interval, enabled
+        self.samples = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="ftpipe-system-metrics", daemon=True)
+
+    def __enter__(self) -> SystemMetrics:
+        if self.enabled:
+            psutil.cpu_percent(interval=None)  # the first call only starts psutil's CPU interval
+            self.thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 trace: TracebackType | None) -> None:
+        if self.enabled:
+            self.stopped.set()
+            self.thread.join(timeout=5)
+            self.record()
+
+    def _loop(self) -> None:
+        self.record()
+        while not self.stopped.wait(self.interval):
+            self.record()
+
+    def record(self) -> None:
+        self.log({**host_sample(), **gpu_sample()}, self.samples)
+        self.samples += 1
