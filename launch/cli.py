@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     logs = sub.add_parser("logs", help="print the SLURM job logs (stdout, stderr) of a stage")
     logs.add_argument("run_dir", type=Path)
     logs.add_argument("stage", choices=NAMES)
+    logs.add_argument("-f", "--follow", action="store_true",
+                      help="print what the stage's job writes as it writes it, until the job ends")
     sync = sub.add_parser("sync", help="send the tracking data a run could not send (RUN_DIR/tracking/spool) "
                                        "to MLflow; safe to repeat")
     sync.add_argument("run_dir", type=Path)
@@ -97,7 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_plan(cfg, planned)
         if args.dry_run:
             return 0
-        run_pipeline(cfg, planned, progress=not args.no_progress)
+        # Progress bars for a terminal; a log file (SLURM, nohup, CI) gets one line per logged step instead.
+        run_pipeline(cfg, planned, progress=not args.no_progress and sys.stderr.isatty())
     print_summary(cfg)
     return 0
 
@@ -269,8 +272,11 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from launch.slurm_jobs import log_files
+    from launch.slurm_jobs import follow, log_files
 
+    if args.follow:
+        follow(_run_dir(args.run_dir), args.stage, lambda text: print(text, end="", flush=True))
+        return 0
     files = log_files(_run_dir(args.run_dir), args.stage)
     if not files:
         print(f"no log files yet for {args.stage}")

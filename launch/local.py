@@ -11,6 +11,7 @@ import yaml
 
 from launch.torchrun import launch_stage
 from pipeline.config import RunConfig
+from pipeline.context import clock, progress_log, stamp
 from pipeline.errors import StagePreempted
 from pipeline.run_dir import RunDir
 from pipeline.runner import PlannedStage, execute
@@ -63,14 +64,18 @@ def parent_tags(cfg: RunConfig, run_dir: RunDir, parent_of: str | None = None) -
 
 def _report(stage: PlannedStage, manifest: dict | None, tracker: Tracker | None) -> None:
     if manifest is None:
-        log.info("%-11s skipped (%s)", stage.name, stage.reason)
+        progress_log.info("%s %-11s skipped (%s)", stamp(), stage.name, stage.reason)
         if tracker:
             tracker.set_tag(f"ftpipe.stage.{stage.name}", "skipped")
         return
-    log.info("%-11s done in %.1fs", stage.name, manifest["wall_seconds"])
+    progress_log.info("%s %-11s done in %s", stamp(), stage.name, _duration(manifest["wall_seconds"]))
     if tracker:
         tracker.set_tag(f"ftpipe.stage.{stage.name}", stage.action)
         tracker.log_parent_metrics(_headline(stage.name, manifest))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 60 else clock(seconds)
 
 
 def _headline(stage: str, manifest: dict[str, Any]) -> dict[str, float]:

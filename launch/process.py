@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from pipeline.context import PROGRESS_LOGGER
 from pipeline.errors import StagePreempted, UserError
 from pipeline.run_dir import os_error_line
 
@@ -48,6 +49,18 @@ class _BeforeDeepSpeed(importlib.abc.MetaPathFinder):
         return None  # the usual finders import it
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout is now, flushed per line (SLURM log files are read while written)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def quiet_libraries() -> None:
     root = logging.getLogger("ftpipe")
     if not root.handlers:
@@ -56,6 +69,11 @@ def quiet_libraries() -> None:
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         root.propagate = False
+    # Progress (stage start and end, a line per logged training step) is the run's output: stdout.
+    progress = logging.getLogger(PROGRESS_LOGGER)
+    if not progress.handlers:
+        progress.addHandler(_StdoutHandler())
+        progress.propagate = False
     for name in ("alembic", "mlflow", "urllib3", "httpx", "datasets", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning)

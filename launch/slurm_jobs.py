@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -204,3 +206,24 @@ def log_files(run_dir: RunDir, stage: str) -> list[Path]:
     arrays = [p for pattern in (f"{job.array_job_id}/*_log.*", f"{job.array_job_id}_*/*_log.*")
               for p in sorted(folder.parent.glob(pattern))] if job.array_job_id else []
     return [p for p in arrays + main + others if p.is_file()]
+
+
+def follow(run_dir: RunDir, stage: str, write: Callable[[str], None], poll_s: float = 1.0) -> None:
+    """`tail -f` of the stage's job logs (new files too, e.g. array tasks starting) until its job is
+    neither queued nor running, then what was written last."""
+    offsets: dict[Path, int] = {}
+    while True:
+        job = {j.stage: j for j in read_jobs(run_dir)}.get(stage)
+        running = bool(job and active_jobs([job]))
+        for path in log_files(run_dir, stage):
+            with open(path, "rb") as handle:
+                handle.seek(offsets.get(path, 0))
+                chunk = handle.read()
+            if chunk:
+                if path not in offsets:
+                    write(f"==> {path} <==\n")
+                offsets[path] = offsets.get(path, 0) + len(chunk)
+                write(chunk.decode(errors="replace"))
+        if not running:
+            return
+        time.sleep(poll_s)

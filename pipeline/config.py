@@ -17,15 +17,9 @@ from pydantic import (
     model_validator,
 )
 
+from pipeline import config_errors
 from pipeline.attention import check_attn_implementation
-from pipeline.config_errors import (
-    Section,
-    check_expansion,
-    check_nesting,
-    describe_error,
-    explained_away,
-    yaml_lines,
-)
+from pipeline.config_errors import Section
 from pipeline.config_launch import LaunchConfig
 from pipeline.errors import UserError
 
@@ -342,14 +336,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"{path}: cannot read config: {err}") from None
-    check_nesting(text, path)
+    config_errors.check_nesting(text, path)
     raw = _parse_yaml(path, text)
-    lines = yaml_lines(text)
+    lines = config_errors.yaml_lines(text)
     for item in overrides:
         key = _apply_override(raw, item)
         for loc in [loc for loc in lines if loc[: len(key)] == key]:
             del lines[loc]  # the value now comes from the command line, not from that line
-    check_expansion(raw, path)
+    config_errors.check_expansion(raw, path)
     return validate_config(raw, path, lines)
 
 
@@ -357,12 +351,8 @@ def validate_config(raw: dict, path: Path | str = "<config>", lines: dict | None
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        # Unknown keys first: a misspelled required key also shows up as "missing".
-        errors = sorted(explained_away(err.errors(), RunConfig, ENTRY_TAGS),
-                        key=lambda e: e["type"] != "extra_forbidden")
-        messages = [describe_error(e, path, lines or {}, RunConfig, ENTRY_TAGS) for e in errors]
-        # Every mistake at once, one line each, so a config is fixed in one round.
-        raise UserError("\n".join(dict.fromkeys(messages))) from None
+        found = config_errors.error_lines(err.errors(), path, lines or {}, RunConfig, ENTRY_TAGS)
+        raise UserError(found) from None
 
 
 def _parse_yaml(path: Path, text: str) -> dict:

@@ -82,6 +82,14 @@ def describe_error(error: dict, path: Path | str, lines: dict, root: type[BaseMo
     return f"{where}: {dotted}: {message}{shown}"
 
 
+def error_lines(errors: list[dict], path: Path | str, lines: dict, root: type[BaseModel],
+                tags: tuple[str, ...] = ()) -> str:
+    """Every mistake at once, one line each, so that a config is fixed in one round; unknown keys
+    first (a misspelled required key also shows up as "missing")."""
+    ordered = sorted(explained_away(errors, root, tags), key=lambda e: e["type"] != "extra_forbidden")
+    return "\n".join(dict.fromkeys(describe_error(e, path, lines, root, tags) for e in ordered))
+
+
 def explained_away(errors: list[dict], root: type[BaseModel], tags: tuple[str, ...] = ()) -> list[dict]:
     """The errors less each missing key that an unknown key's suggestion already names (`dta:` is
     reported once, as "did you mean 'data'?", not again as "missing required key 'data'")."""

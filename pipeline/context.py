@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,3 +34,20 @@ class StageContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def stamp() -> str:
+    """The time as log lines show it (a SLURM log has no timestamps of its own)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def clock(seconds: float) -> str:
+    """A duration as H:MM:SS."""
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# Stage start and end lines and one line per logged training step; ftpipe's command line prints them on
+# stdout. Route them elsewhere with logging.getLogger("ftpipe.progress").
+PROGRESS_LOGGER = "ftpipe.progress"
+progress_log = logging.getLogger(PROGRESS_LOGGER)

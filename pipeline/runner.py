@@ -17,7 +17,7 @@ import pipeline
 from pipeline import units
 from pipeline.changes import Change, describe, is_extension, stage_changes
 from pipeline.config import RunConfig
-from pipeline.context import NullStageTracker, StageContext
+from pipeline.context import NullStageTracker, StageContext, progress_log, stamp
 from pipeline.digests import DigestCache, fingerprint
 from pipeline.errors import StagePreempted, UserError
 from pipeline.run_dir import RunDir
@@ -207,6 +207,7 @@ def run_stage(cfg: RunConfig, planned: PlannedStage, run_dir: RunDir, tracker, p
     stage_run = tracker.stage(spec.name, {"action": planned.action, "reason": planned.reason,
                                           "fingerprint": planned.fingerprint}) if tracker else None
     ctx = StageContext(run_dir, tracker=stage_run or NullStageTracker(), progress=progress)
+    progress_log.info("%s %s started (%s)", stamp(), spec.name, planned.reason)
     started = time.time()
     try:
         manifest = launcher(spec, cfg, ctx)

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline import distributed
+from pipeline.context import progress_log
 from pipeline.distributed import DistEnv
 from pipeline.errors import StagePreempted
 from pipeline.preemption import LeadCheck, StopRequest
@@ -23,6 +24,7 @@ from pipeline.train.checkpoint import prune, save_checkpoint, step_dir
 from pipeline.train.data import TrainBatches
 from pipeline.train.engine import TrainEngine, lr_factor
 from pipeline.train.objective import summed_loss
+from pipeline.train.step_log import StepLog
 
 log = logging.getLogger("ftpipe.train")
 
@@ -57,6 +59,7 @@ class LoopSettings:
     progress: bool = True
     stop: StopRequest = field(default_factory=StopRequest)
     lead: LeadCheck = field(default_factory=LeadCheck)
+    step_log: StepLog | None = None  # a line per logged step where no progress bar shows
 
 
 def run_step(engine: TrainEngine, batches: TrainBatches, offset: int, rank: int,
@@ -100,7 +103,8 @@ def train_loop(engine: TrainEngine, batches: TrainBatches, settings: LoopSetting
         state.tokens += int(distributed.all_reduce_sum(tokens))
         state.seconds += time.perf_counter() - started
         settings.lead.step_took(time.perf_counter() - started)
-        _record(settings, state, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, log)
+        _record(settings, state, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, log,
+                state.step + steps_left(state, global_batch))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
         due = state.step % settings.checkpoint_every == 0 or state.samples >= state.target_samples
@@ -145,7 +149,7 @@ def _write_ledger(settings: LoopSettings, state: LoopState, rows: list[int]) -> 
 
 
 def _record(settings: LoopSettings, state: LoopState, metrics: dict[str, float],
-            log: Callable[[dict[str, float], int], None]) -> None:
+            log: Callable[[dict[str, float], int], None], total_steps: int) -> None:
     metrics = {**metrics, "tokens_per_second": state.tokens / max(state.seconds, 1e-9)}
     if not settings.dist.is_main:
         return
@@ -153,6 +157,8 @@ def _record(settings: LoopSettings, state: LoopState, metrics: dict[str, float],
         handle.write(json.dumps({"step": state.step, "samples": state.samples, **metrics}) + "\n")
     if state.step % settings.log_every == 0 or state.samples >= state.target_samples:
         log(metrics, state.step)
+        if settings.step_log:
+            progress_log.info("%s", settings.step_log.line(state.step, total_steps, state.samples, metrics))
 
 
 def truncate_log(path: Path, last_step: int) -> None:

@@ -31,6 +31,7 @@ from pipeline.train.checkpoint import load_checkpoint, set_aside, usable_checkpo
 from pipeline.train.data import TrainBatches, batch_layout, collate
 from pipeline.train.engine import TrainEngine
 from pipeline.train.loop import LoopSettings, LoopState, train_loop, truncate_logs
+from pipeline.train.step_log import StepLog, matmul_peak
 
 log = logging.getLogger("ftpipe")
 VERIFY_FILE = "verify.pt"
@@ -80,7 +81,8 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
         log_every=cfg.train.log_every, checkpoint_root=out / "checkpoints",
         metrics_file=out / "metrics.jsonl",
         ledger_dir=out / "ledger" if cfg.train.sample_ledger else None, dist=dist,
-        progress=ctx.progress and dist.is_main, stop=stop, lead=_lead_check(cfg, dist))
+        progress=ctx.progress and dist.is_main, stop=stop, lead=_lead_check(cfg, dist),
+        step_log=_step_log(engine, cfg, dist, table.num_rows) if dist.is_main and not ctx.progress else None)
 
     def target(train: TrainConfig) -> int:
         return target_samples(train, table.num_rows, layout.global_batch)
@@ -159,6 +161,12 @@ def _extend(state: LoopState, fresh: LoopState, target: Callable[[dict[str, Any]
     state.target_samples += target(fresh.length) - target(state.length)
     state.length = fresh.length
     return before
+
+
+def _step_log(engine: TrainEngine, cfg: RunConfig, dist: DistEnv, rows: int) -> StepLog:
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in engine.unwrapped.parameters())
+    return StepLog(rows, parameters, matmul_peak(dist.device, dtype), dist.device)
 
 
 def _trainable(engine: TrainEngine) -> int:

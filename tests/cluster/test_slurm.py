@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from launch.cli import STATUS_ACTIVE, STATUS_FAILED
-from launch.slurm_jobs import log_files, read_jobs, status_lines
+from launch.slurm_jobs import follow, log_files, read_jobs, status_lines
 from pipeline.run_dir import RunDir
 from tests import fixtures
 from tests.helpers import (
@@ -145,7 +146,14 @@ def test_status_logs_cancel_on_a_real_job(slurm_cluster, tmp_path, tiny_llama, t
     assert "setup-ran" in capsys.readouterr().out
     assert ftpipe("submit", config) == 2  # a second submit while jobs wait would run stages twice
     assert "still queued or running" in capsys.readouterr().err
+    followed: list[str] = []
+    follower = threading.Thread(target=follow, args=(run, "shard", followed.append, 0.2))
+    follower.start()
+    time.sleep(1)
+    assert follower.is_alive(), "follows while the job runs"
     assert ftpipe("cancel", run) == 0
+    follower.join(timeout=30)
+    assert not follower.is_alive() and "setup-ran" in "".join(followed), "and stops when it ends"
     assert capsys.readouterr().out.count("cancelled ") == 5
     lines = wait_for(run, timeout=30)
     assert all("cancelled" in line for line in lines), lines

@@ -1,6 +1,7 @@
 """End to end through the real CLI on tiny real models: both tasks, skipping, re-running, transfer."""
 
 import json
+import re
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -26,9 +27,25 @@ def cls_config(tmp_path, tiny_bert, labelled_data):
     return fixtures.write_config(tmp_path / "cls.yaml", cfg)
 
 
+STEP_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d train step (\d+)/6 epoch ([\d.]+) loss ([\d.]+) lr \S+ "
+    r"grad_norm [\d.]+ tokens/s \d+ mfu [\d.]+% peak_mem [\d.]+[MG] elapsed \d+:\d\d:\d\d eta \d+:\d\d:\d\d$")
+
+
 def test_causal_lm_end_to_end(tmp_path, lm_config, capsys):
     assert ftpipe("run", lm_config, "--no-progress") == 0
     run = tmp_path / "runs" / "lm"
+    # Without a terminal: a timestamped line per logged step on stdout, and stage start and end lines.
+    printed = capsys.readouterr().out
+    out = printed.splitlines()
+    steps = [m.groups() for line in out if (m := STEP_LINE.match(line))]
+    assert [int(s[0]) for s in steps] == [1, 2, 3, 4, 5, 6]
+    assert [float(s[2]) for s in steps] == pytest.approx(losses(run), abs=1e-4)
+    rows = manifest(run, "tokenize")["splits"]["train"]["rows"]
+    assert float(steps[-1][1]) == pytest.approx(manifest(run, "train")["samples"] / rows, abs=0.005)
+    for stage in ("shard", "tokenize", "train", "consolidate", "evaluate"):
+        assert any(re.match(rf"^\d{{4}}-.* {stage} started \(", line) for line in out), stage
+        assert any(re.match(rf"^\d{{4}}-.* {stage} +done in ", line) for line in out), stage
     for stage in ("shard", "tokenize", "train", "consolidate", "evaluate"):
         assert manifest(run, stage)["stage"] == stage
     train = manifest(run, "train")
@@ -43,7 +60,7 @@ def test_causal_lm_end_to_end(tmp_path, lm_config, capsys):
     assert len(samples) == 2 and all("generated" in json.loads(s) for s in samples)
     model = AutoModelForCausalLM.from_pretrained(run / "consolidate" / "model")
     assert model.num_parameters() > 0
-    assert "perplexity" in capsys.readouterr().out
+    assert "perplexity" in printed
 
 
 def test_classification_end_to_end_learns(tmp_path, cls_config, capsys):
