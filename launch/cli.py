@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     logs.add_argument("stage", choices=NAMES)
     logs.add_argument("-f", "--follow", action="store_true",
                       help="print what the stage's job writes as it writes it, until the job ends")
+    report = sub.add_parser("report", help="write RUN_DIR/report/report.html: one self-contained page with "
+                                           "the run's plots, metrics, samples, rejects and manifests")
+    report.add_argument("run_dir", type=Path)
     sync = sub.add_parser("sync", help="send the tracking data a run could not send (RUN_DIR/tracking/spool) "
                                        "to MLflow; safe to repeat")
     sync.add_argument("run_dir", type=Path)
@@ -286,6 +289,14 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from pipeline.report import write_report
+
+    written = write_report(_run_dir(args.run_dir))
+    print(f"wrote {written[-1]} ({len(written) - 1} plots, also as PNG files beside it)")
+    return 0
+
+
 def cmd_sync(args: argparse.Namespace) -> int:
     from pipeline.secrets import redact
     from pipeline.tracking import tracking_uri
@@ -306,7 +317,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "status": cmd_status,
-            "submit": cmd_submit, "cancel": cmd_cancel, "logs": cmd_logs, "sync": cmd_sync}
+            "submit": cmd_submit, "cancel": cmd_cancel, "logs": cmd_logs, "sync": cmd_sync,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

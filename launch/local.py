@@ -51,9 +51,24 @@ def run_pipeline(cfg: RunConfig, planned: list[PlannedStage], progress: bool = T
         status = "KILLED"
         raise
     finally:
+        if cfg.tracking.report:
+            _report_files(run_dir, tracker)
         finished = status != "FINISHED" or not attached or run_dir.read_manifest(LAST) is not None
         if tracker and not tracker.close(status if finished else None):
             log.warning("tracking incomplete for this run (see warnings above)")
+
+
+def _report_files(run_dir: RunDir, tracker: Tracker | None) -> None:
+    """The plots and report.html, in MLflow too; a failure here costs a warning, never the run."""
+    from pipeline.report import write_report
+
+    try:
+        written = write_report(run_dir)
+    except Exception as err:  # noqa: BLE001 - pictures of a run must not fail the run
+        log.warning("report not written: %s: %s", type(err).__name__, (str(err) or " ").splitlines()[0])
+        return
+    for path in written if tracker else []:
+        tracker.log_artifact(path, "report")
 
 
 def parent_tags(cfg: RunConfig, run_dir: RunDir, parent_of: str | None = None) -> dict[str, str]:

@@ -25,8 +25,10 @@ from launch.run_lock import holding, this_job, this_process
 from launch.slurm import parent_run, submit, submit_job, to_submit
 from launch.slurm_arrays import enter_job
 from launch.slurm_jobs import JobRecord, cancel, cancel_jobs
+from pipeline import plots
 from pipeline.config import RunConfig, load_config
 from pipeline.errors import UserError
+from pipeline.report import sweep_members
 from pipeline.run_dir import RunDir, atomic_write_json, atomic_write_text
 from pipeline.runner import claim_forced, fingerprinted, plan
 from pipeline.stages import LAST, names
@@ -172,9 +174,12 @@ def write_summary(base_dir: RunDir, cfg: RunConfig) -> str:
     atomic_write_text(folder / "summary.md", table)
     tracker = build_tracker(cfg)
     parent = read_parent(base_dir, tracker.uri) if tracker else None
+    pictures = plots.sweep_comparison(sweep_members(base_dir), folder) if cfg.tracking.report else None
     if tracker and parent:
         tracker.start({}, {}, attach_to=parent)
         tracker.log_artifact(folder / "summary.md", "sweep")
+        if pictures:
+            tracker.log_artifact(pictures, "sweep")
         tracker.close("FINISHED" if all(r["state"] == "done" for r in rows) else "FAILED")
     atomic_write_json(folder / "summary.json", rows)
     print(table)

@@ -258,7 +258,10 @@ class TrackingConfig(Section):
         None, description="Tracking URI; null: MLFLOW_TRACKING_URI, else a sqlite file in output_dir. Give "
         "credentials as MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD; userinfo in the URI (user:pass@) "
         "is kept only in RUN_DIR/tracking/credentials.json (0600) and redacted everywhere else.")
-    experiment: str | None = Field(None, description="MLflow experiment; null: the run name.")
+    experiment: str | None = Field(
+        None, description="MLflow experiment; null: MLFLOW_EXPERIMENT_NAME, else 'ftpipe'.")
+    report: bool = Field(
+        True, description="After each run, write RUN_DIR/report/ (plots, report.html) and log it to MLflow.")
 
 
 class RunConfig(Section):

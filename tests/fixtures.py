@@ -110,7 +110,7 @@ def causal_config(tmp: Path, model: Path, source: Path, **sections) -> dict:
         "train": {"max_steps": 6, "micro_batch_size": 4, "grad_accum": 2, "lr": 1e-3, "warmup_ratio": 0.1,
                   "checkpoint_every": 2, "keep_last": 2, "seed": 0},
         "evaluate": {"batch_size": 8, "num_generations": 2, "max_new_tokens": 5},
-        "tracking": {"enabled": False},
+        "tracking": {"enabled": False, "report": False},
     }
     return merge(cfg, sections)
 
@@ -123,7 +123,7 @@ def classification_config(tmp: Path, model: Path, source: Path, **sections) -> d
                  "eval_fraction": 0.2, "num_shards": 2, "max_seq_len": 24},
         "train": {"max_steps": 30, "micro_batch_size": 16, "lr": 3e-3, "checkpoint_every": 10, "seed": 0},
         "evaluate": {"batch_size": 32, "compare_base": True},
-        "tracking": {"enabled": False},
+        "tracking": {"enabled": False, "report": False},
     }
     return merge(cfg, sections)
 
