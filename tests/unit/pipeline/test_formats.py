@@ -187,6 +187,8 @@ BAD_ROWS = {
         ({"messages": [{"role": "user", "content": "only a question"}]},
          "no assistant turn in field 'messages'"),
         ({"messages": []}, "no assistant turn in field 'messages'"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": "call it"}]},
+         "messages[1]: field 'tool_calls' must be a list of objects"),
     ],
 }
 
