@@ -40,13 +40,15 @@ def shard_labels(cfg: RunConfig, run_dir: RunDir, sources: list[SourceFile],
 
 
 def infer_labels(values: set[int | str], cfg: RunConfig) -> list[str] | None:
-    """Sorted names; integer labels are indices (0..max, named by their number) unless
-    model.num_labels already says how many."""
+    """The sorted names, or None where rows give indices below model.num_labels (it is set and some
+    labels are integers). Without model.num_labels, integers alone are indices 0..max, named by their
+    number, and mixed with names they are names too."""
     num, field = cfg.model.num_labels, cfg.data.label_field
-    if all(_is_index(value) for value in values):
-        if num is not None:
-            return None
-        names = [str(i) for i in range(max((int(v) for v in values), default=-1) + 1)]
+    indices = [value for value in values if _is_index(value)]
+    if num is not None and indices:
+        return None
+    if len(indices) == len(values):
+        names = [str(i) for i in range(max((int(v) for v in indices), default=-1) + 1)]
     else:
         names = sorted({str(value) for value in values})
     if len(names) < 2:

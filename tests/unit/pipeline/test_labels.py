@@ -80,6 +80,8 @@ def test_inferred_labels_must_match_model_num_labels(tmp_path, tiny_bert, tweets
     with pytest.raises(UserError, match=r"^model.num_labels is 2 but data.train has 3 labels in field "
                                         r"'label' \(eggs, ham, spam\); set data.labels"):
         run_shard(cfg)
+    cfg.model.num_labels = 3  # names given a count (a user's tweets file with num_labels: 2, say)
+    assert run_shard(cfg)["labels"] == ["eggs", "ham", "spam"]
 
 
 def test_integer_labels_are_indices(tmp_path, tiny_bert):
@@ -89,6 +91,14 @@ def test_integer_labels_are_indices(tmp_path, tiny_bert):
     cfg.model.num_labels = 3
     assert labels.infer_labels({0, 2, "1"}, cfg) is None  # model.num_labels given: rows give indices
     assert run_shard(cfg)["labels"] is None
+
+
+def test_integers_among_inferred_names_are_names(tmp_path, tiny_bert):
+    data = fixtures.write_jsonl(tmp_path / "m.jsonl", _rows([("a", 1), ("b", "ham"), ("c", "spam")]))
+    cfg = _cfg(tmp_path, tiny_bert, [data])
+    assert run_shard(cfg)["labels"] == ["1", "ham", "spam"]
+    ids = sorted((r["text"][0], r["label"]) for r in shard_rows(cfg)["train"])
+    assert ids == [("a", 0), ("b", 1), ("c", 2)]
 
 
 def test_given_labels_reject_rows_naming_data_labels(tmp_path, tiny_bert, tweets):
