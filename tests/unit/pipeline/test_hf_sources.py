@@ -3,6 +3,7 @@ files through datasets.load_dataset, and a save_to_disk folder through datasets.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -88,6 +89,31 @@ def test_fingerprint_is_the_datasets_own_and_the_columns_read(tmp_path, tiny_lla
     write_repo(repo, fixtures.sentences(10, seed=5))  # new content: a new dataset fingerprint
     hf_sources.load.cache_clear()
     assert source_digest(source, cfg.data, cache)["fingerprint"] != digest["fingerprint"]
+
+
+def cache_as_hub_download(cache: Path, repo_id: str, texts: list[str]) -> None:
+    """What downloading `repo_id` (parquet files) leaves in datasets' cache, without the network: the
+    prepared Arrow files under <cache>/<org>___<name>/default/0.0.0/<hash>/."""
+    import datasets
+
+    source = write_repo(cache.parent / "download", texts) / "data" / "train-00000-of-00001.parquet"
+    datasets.load_dataset("parquet", data_files={"train": str(source)}, split="train")
+    prepared = next((cache / "parquet").rglob("dataset_info.json")).parent
+    target = cache / repo_id.replace("/", "___") / "default" / "0.0.0" / prepared.name
+    shutil.copytree(prepared, target)
+    for arrow in target.glob("parquet-*.arrow"):
+        arrow.rename(target / arrow.name.replace("parquet-", f"{repo_id.split('/')[1]}-"))
+
+
+def test_a_hub_dataset_loads_offline_from_the_cache(tmp_path, tiny_llama, hf_cache):
+    texts = fixtures.sentences(12, seed=6)
+    cache_as_hub_download(hf_cache, "someone/tweets", texts)
+    cfg = make_cfg(tmp_path, tiny_llama, train=[{"hf": "someone/tweets"}])
+    check_paths(cfg)
+    run_shard(cfg)
+    rows = shard_rows(cfg)
+    assert sorted(r["text"] for split in rows.values() for r in split) == sorted(texts)
+    assert {r["source"] for split in rows.values() for r in split} == {"hf:someone/tweets:train"}
 
 
 def test_a_hub_name_neither_cached_nor_reachable_is_one_line(tmp_path, tiny_llama, hf_cache):
