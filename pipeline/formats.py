@@ -84,7 +84,6 @@ class RowValidator:
         self.num_labels = len(labels) if labels else num_labels
         self.labels = labels
         self.ids = {name: index for index, name in enumerate(labels or [])}
-        self.inferred = bool(labels) and not data.labels
         self.check = getattr(self, f"_{data.format}")
 
     def __call__(self, row: dict[str, Any]) -> Checked:
@@ -110,10 +109,8 @@ class RowValidator:
         if name not in row or row[name] is None or row[name] == "":
             return 0, f"missing field '{name}'"
         value = row[name]
-        # Inferred names are the values as text: an integer among them is a name, not an index.
-        key = str(value) if self.inferred and type(value) is int else value
-        if isinstance(key, str) and key in self.ids:
-            return self.ids[key], None
+        if isinstance(value, str) and value in self.ids:
+            return self.ids[value], None
         index = _as_index(value)
         if index is not None and 0 <= index < (self.num_labels or 0):
             return index, None

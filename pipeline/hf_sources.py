@@ -97,6 +97,14 @@ def dataset_digest(ref: DatasetRef, columns: list[str]) -> dict[str, Any]:
             "columns": [c for c in columns if c in dataset.column_names]}
 
 
+def class_label_names(ref: DatasetRef, column: str) -> list[str] | None:
+    """The names of the column when the dataset declares it a ClassLabel (ids in the rows)."""
+    import datasets
+
+    feature = load(ref).features.get(column)
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
 def dataset_batches(ref: DatasetRef, columns: list[str], batch_size: int) -> Iterator[pa.Table]:
     """The split's rows, `columns` only (those it has), as Arrow tables of batch_size rows."""
     dataset = load(ref)

@@ -1,6 +1,7 @@
 """Label names for classification: data.labels, or the set inferred from the training split.
 
-Inference is a first pass over every data.train source (every row, `limit` not applied) that
+A dataset source whose label column is a datasets ClassLabel declares its names (in its id order).
+Otherwise inference is a first pass over every data.train source (every row, `limit` not applied) that
 collects the distinct values of data.label_field. Each source's values are cached in
 `shard/label_scan/NNNNN.json` under the source's fingerprint, written atomically, so a rerun, a
 resumed run or each SLURM array task rescans only what changed, and tasks racing on one source
@@ -16,6 +17,7 @@ from typing import Any
 from pipeline.config import MAX_LABELS, RunConfig
 from pipeline.digests import fingerprint
 from pipeline.errors import UserError
+from pipeline.hf_sources import class_label_names
 from pipeline.readers import read_source
 from pipeline.run_dir import RunDir, atomic_write_json
 from pipeline.sources import SourceFile, source_key
@@ -25,12 +27,15 @@ SCAN_VERSION = 1
 
 def shard_labels(cfg: RunConfig, run_dir: RunDir, sources: list[SourceFile],
                  digests: list[Any]) -> list[str] | None:
-    """The label names in id order (data.labels, else inferred), or None: rows give indices below
-    model.num_labels (every label value is an integer and model.num_labels is set)."""
+    """The label names in id order (data.labels, a ClassLabel's, else inferred), or None: rows give
+    indices below model.num_labels. Rows then give a name or an index, as with data.labels."""
     if cfg.data.format != "classification":
         return None
     if cfg.data.labels:
         return list(cfg.data.labels)
+    declared = declared_labels(cfg, [s for s in sources if s.held_out is not True])
+    if declared is not None:
+        return checked_count(declared, cfg)
     folder = run_dir.stage("shard") / "label_scan"
     values: set[int | str] = set()
     for index, (source, digest) in enumerate(zip(sources, digests)):
@@ -39,18 +44,33 @@ def shard_labels(cfg: RunConfig, run_dir: RunDir, sources: list[SourceFile],
     return infer_labels(values, cfg)
 
 
+def declared_labels(cfg: RunConfig, sources: list[SourceFile]) -> list[str] | None:
+    """The names of the training datasets' ClassLabel label column, when they have one."""
+    found = {tuple(names) for s in sources if s.dataset
+             and (names := class_label_names(s.dataset, cfg.data.label_field)) is not None}
+    if len(found) > 1:
+        raise UserError(f"data.train: the datasets' ClassLabel names of '{cfg.data.label_field}' differ "
+                        f"({' vs '.join(map(str, sorted(found)))}); set data.labels")
+    return list(found.pop()) if found else None
+
+
 def infer_labels(values: set[int | str], cfg: RunConfig) -> list[str] | None:
     """The sorted names, or None where rows give indices below model.num_labels (it is set and some
-    labels are integers). Without model.num_labels, integers alone are indices 0..max, named by their
-    number, and mixed with names they are names too."""
-    num, field = cfg.model.num_labels, cfg.data.label_field
+    labels are integers). Integers are indices, as with data.labels: alone and without
+    model.num_labels, indices 0..max named by their number."""
     indices = [value for value in values if _is_index(value)]
-    if num is not None and indices:
+    if cfg.model.num_labels is not None and indices:
         return None
     if len(indices) == len(values):
         names = [str(i) for i in range(max((int(v) for v in indices), default=-1) + 1)]
     else:
-        names = sorted({str(value) for value in values})
+        names = sorted({value for value in values if not _is_index(value)})
+    return checked_count(names, cfg)
+
+
+def checked_count(names: list[str], cfg: RunConfig) -> list[str]:
+    """The names, if they are two or more and as many as model.num_labels says."""
+    num, field = cfg.model.num_labels, cfg.data.label_field
     if len(names) < 2:
         raise UserError(f"data.train: field '{field}' has {len(names)} label(s) ({', '.join(names)}); "
                         "classification needs two or more: check data.label_field or set data.labels")

@@ -2,8 +2,8 @@
 
 Rows stream from the sources to per-shard parquet writers in small batches, so memory does not
 grow with the data. Rejected rows go to rejects.jsonl with file, line and reason. Each source file
-is one task (data.num_workers run in parallel) that writes its own piece of every shard; the
-pieces are cached per file and merged, in source order, into the shard files.
+(or dataset split) is one task (data.num_workers run in parallel) that writes its own piece of every
+shard; the pieces are cached per source and merged, in source order, into the shard files.
 """
 
 from __future__ import annotations

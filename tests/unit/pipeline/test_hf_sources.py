@@ -91,6 +91,21 @@ def test_fingerprint_is_the_datasets_own_and_the_columns_read(tmp_path, tiny_lla
     assert source_digest(source, cfg.data, cache)["fingerprint"] != digest["fingerprint"]
 
 
+def test_a_class_label_column_names_the_labels_in_its_id_order(tmp_path, tiny_bert, hf_cache):
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["pos", "neg"])})
+    rows = {"text": fixtures.sentences(8, seed=7), "label": [0, 1] * 4}
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(saved))
+    raw = make_raw(tmp_path, tiny_bert, [tmp_path], classify=True, labels=None, eval_fraction=0.0)
+    raw["data"]["train"] = [{"path": str(saved)}]
+    cfg = validate_config(raw)
+    assert run_shard(cfg)["labels"] == ["pos", "neg"]  # the dataset's order, not sorted
+    assert sorted((r["text"], r["label"]) for r in shard_rows(cfg)["train"]) == sorted(zip(*rows.values()))
+
+
 def cache_as_hub_download(cache: Path, repo_id: str, texts: list[str]) -> None:
     """What downloading `repo_id` (parquet files) leaves in datasets' cache, without the network: the
     prepared Arrow files under <cache>/<org>___<name>/default/0.0.0/<hash>/."""

@@ -93,12 +93,16 @@ def test_integer_labels_are_indices(tmp_path, tiny_bert):
     assert run_shard(cfg)["labels"] is None
 
 
-def test_integers_among_inferred_names_are_names(tmp_path, tiny_bert):
-    data = fixtures.write_jsonl(tmp_path / "m.jsonl", _rows([("a", 1), ("b", "ham"), ("c", "spam")]))
-    cfg = _cfg(tmp_path, tiny_bert, [data])
-    assert run_shard(cfg)["labels"] == ["1", "ham", "spam"]
+def test_integers_beside_inferred_names_are_indices_as_with_data_labels(tmp_path, tiny_bert):
+    rows = _rows([("a", 1), ("b", "ham"), ("c", "spam"), ("d", 2)])
+    data = fixtures.write_jsonl(tmp_path / "m.jsonl", rows)
+    cfg = _cfg(tmp_path, tiny_bert, [data], max_reject_fraction=0.5)
+    assert run_shard(cfg)["labels"] == ["ham", "spam"]
     ids = sorted((r["text"][0], r["label"]) for r in shard_rows(cfg)["train"])
-    assert ids == [("a", 0), ("b", 1), ("c", 2)]
+    assert ids == [("a", 1), ("b", 0), ("c", 1)]
+    assert [r["reason"] for r in rejects_of(cfg)] == [
+        "unknown label 2: not among the labels of data.train; data.labels can name them (expected one of "
+        "['ham', 'spam'])"]
 
 
 def test_given_labels_reject_rows_naming_data_labels(tmp_path, tiny_bert, tweets):
