@@ -191,7 +191,7 @@ def _tool_calls(message: dict[str, Any]) -> tuple[str | None, str | None]:
         return None, None
     if not isinstance(calls, list) or not all(isinstance(call, dict) for call in calls):
         return None, "field 'tool_calls' must be a list of objects"
-    return json.dumps(calls, ensure_ascii=False), None
+    return json.dumps(calls, ensure_ascii=False, default=str), None
 
 
 def _as_index(value: Any) -> int | None:
