@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Literal
 
 import yaml
 from pydantic import (
-    Discriminator,
     Field,
-    Tag,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -21,6 +19,7 @@ from pipeline import config_errors
 from pipeline.attention import check_attn_implementation
 from pipeline.config_errors import Section
 from pipeline.config_launch import LaunchConfig
+from pipeline.config_sources import ENTRY_TAGS, SourceEntry
 from pipeline.errors import UserError
 
 # Bounds far above any real run that stop absurd values at `validate` instead of hours later (or in
@@ -66,7 +65,9 @@ class FieldNames(Section):
     prompt: str = Field("prompt", description="format prompt_completion: the prompt.")
     completion: str = Field(
         "completion", description="format prompt_completion: the answer (the loss target).")
-    messages: str = Field("messages", description="format chat: the list of {role, content} turns.")
+    messages: str = Field("messages", description="format chat: the list of turns (e.g. conversations).")
+    role: str = Field("role", description="format chat: a turn's role key (e.g. from).")
+    content: str = Field("content", description="format chat: a turn's text key (e.g. value).")
 
 
 # Which loss_on values each format allows; the first is the default.
@@ -75,34 +76,18 @@ LOSS_ON = {"text": ("all",), "classification": ("all",), "instruction": ("comple
 
 
 # Keys that mean something for one data.format only.
-FORMAT_ONLY_KEYS = {"chat_template": "chat", "text_pair_field": "classification"}
-
-
-class SourceSpec(Section):
-    path: str = Field(description="A file or glob (jsonl, parquet, csv, txt).")
-    weight: float = Field(
-        1.0, gt=0, le=1000, description="Times each training row of this source is seen per epoch: 2 doubles "
-        "it, 0.5 keeps a stable half (chosen by row hash). Held-out rows count once.")
-    limit: int | None = Field(
-        None, ge=1, description="At most this many valid rows from each file of this source "
-        "(its first ones).")
-
-
-# A path string or a {path, weight, limit} mapping; the tags keep pydantic from reporting both
-# alternatives for one mistake, and error messages leave them out.
-ENTRY_TAGS = ("file", "source")
-SourceEntry = Annotated[
-    Union[Annotated[str, Tag("file")], Annotated[SourceSpec, Tag("source")]],  # noqa: UP007 - Tag needs Union
-    Discriminator(lambda v: "source" if isinstance(v, (dict, SourceSpec)) else "file"),
-]
+FORMAT_ONLY_KEYS = {"chat_template": "chat", "role_map": "chat", "text_pair_field": "classification"}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 class DataConfig(Section):
     train: list[SourceEntry] = Field(
         min_length=1, description="Training files or globs (jsonl, parquet, csv, txt); an entry may also be "
-        "{path, weight, limit} to up- or down-weight a source or cap its rows.")
-    eval: list[str] = Field(
-        default_factory=list, description="Held-out files; when empty, eval_fraction of train is held out.")
+        "{path, weight, limit} to up- or down-weight a source or cap its rows, or a Hugging Face dataset: "
+        "{hf, subset, split, revision, data_files} or {path: SAVE_TO_DISK_FOLDER}.")
+    eval: list[SourceEntry] = Field(
+        default_factory=list, description="Held-out files or datasets, as in train (weight does not apply); "
+        "when empty, eval_fraction of train is held out.")
     format: Literal["text", "instruction", "chat", "prompt_completion", "classification"] = Field(
         "text", description="Row format: text (causal LM), instruction (alpaca instruction/input/output), "
         "chat (messages rendered with a chat template), prompt_completion, or classification (text + label).")
@@ -112,6 +97,9 @@ class DataConfig(Section):
     label_field: str = Field("label", description="Field holding the label (classification).")
     fields: FieldNames = Field(
         default_factory=FieldNames, description="Source field names of the other formats.")
+    role_map: dict[str, str] = Field(
+        default_factory=dict, description="chat: source role names to system/user/assistant/tool, e.g. "
+        "{human: user, gpt: assistant}.")
     chat_template: str | None = Field(
         None, description="chat: a Jinja template file; null: the tokenizer's own chat template.")
     loss_on: Literal["all", "completion", "assistant"] | None = Field(
@@ -120,7 +108,8 @@ class DataConfig(Section):
         "or all by format.")
     labels: list[str] | None = Field(
         None, max_length=MAX_LABELS,
-        description="Label names in index order; rows may give a name or an index.")
+        description="Label names in index order; rows may give a name or an index. null: inferred from "
+        "the training split (sorted names; recorded in the shard manifest).")
     eval_fraction: float = Field(
         0.1, ge=0.0, lt=1.0, description="Share of train rows held out by a stable hash of the row.")
     num_shards: int = Field(
@@ -150,12 +139,27 @@ class DataConfig(Section):
             raise ValueError(f"format {info.data['format']!r} allows only {' or '.join(allowed)}")
         return value
 
-    @field_validator("chat_template", "text_pair_field")
+    @field_validator("chat_template", "text_pair_field", "role_map")
     @classmethod
-    def _only_for_its_format(cls, value: str | None, info: ValidationInfo) -> str | None:
+    def _only_for_its_format(cls, value: str | dict | None, info: ValidationInfo) -> str | dict | None:
         needed = FORMAT_ONLY_KEYS[info.field_name]
-        if value is not None and info.data.get("format") != needed:
+        if value not in (None, {}) and info.data.get("format") != needed:
             raise ValueError(f"only applies to format {needed!r}")
+        return value
+
+    @field_validator("role_map")
+    @classmethod
+    def _roles_known(cls, value: dict[str, str]) -> dict[str, str]:
+        wrong = sorted({role for role in value.values() if role not in CHAT_ROLES})
+        if wrong:
+            raise ValueError(f"maps to {', '.join(map(repr, wrong))}; roles are {', '.join(CHAT_ROLES)}")
+        return value
+
+    @field_validator("eval")
+    @classmethod
+    def _eval_unweighted(cls, value: list) -> list:
+        if any(not isinstance(entry, str) and entry.weight != 1.0 for entry in value):
+            raise ValueError("weight applies to data.train sources only (held-out rows count once)")
         return value
 
     @field_validator("packing")
@@ -315,13 +319,11 @@ class RunConfig(Section):
 
     def _check_labels(self) -> None:
         labels, num = self.data.labels, self.model.num_labels
-        if labels is None and num is None:
-            raise ValueError("sequence_classification needs model.num_labels or data.labels")
         if labels is not None and num is not None and len(labels) != num:
             raise ValueError(f"model.num_labels is {num} but data.labels has {len(labels)} names")
         if labels is not None and len(set(labels)) != len(labels):
             raise ValueError("data.labels has duplicate names")
-        if num is None:
+        if num is None and labels is not None:
             self.model.num_labels = len(labels)
 
     @property

@@ -11,8 +11,10 @@ never counted. `num_targets` is the sum of the mask (len - 1 without a mask, 1 f
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -58,6 +60,18 @@ class EncodedBatch:
     rejects: list[tuple[int, str]] = field(default_factory=list)  # (row in batch, reason)
     truncated: int = 0
     dropped: int = 0
+
+
+def template_messages(stored: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Shard messages as the chat template takes them: keys the source did not give left out (a
+    template tests `message.tool_calls is defined`), tool_calls decoded from their JSON text."""
+    messages = []
+    for message in stored:
+        turn = {key: value for key, value in message.items() if value is not None}
+        if "tool_calls" in turn:
+            turn["tool_calls"] = json.loads(turn["tool_calls"])
+        messages.append(turn)
+    return messages
 
 
 class ChatRenderer:
@@ -137,7 +151,7 @@ class Encoder:
         if self.classification:
             return self._classification(rows)
         if self.chat is not None:
-            return [self._chat(messages) for messages in rows["messages"]]
+            return [self._chat(template_messages(messages)) for messages in rows["messages"]]
         if self.data.format == "text":
             return [self._from_ids([(ids, True)]) for ids in self._with_eos(self._encode(rows["text"], True))]
         prompts = self._encode(rows["prompt"], True)

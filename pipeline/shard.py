@@ -2,17 +2,15 @@
 
 Rows stream from the sources to per-shard parquet writers in small batches, so memory does not
 grow with the data. Rejected rows go to rejects.jsonl with file, line and reason. Each source file
-is one task (data.num_workers run in parallel) that writes its own piece of every shard; the
-pieces are cached per file and merged, in source order, into the shard files.
+(or dataset split) is one task (data.num_workers run in parallel) that writes its own piece of every
+shard; the pieces are cached per source and merged, in source order, into the shard files.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,125 +22,16 @@ from pipeline.config import RunConfig
 from pipeline.context import StageContext
 from pipeline.digests import DigestCache, fingerprint
 from pipeline.errors import UserError
-from pipeline.formats import RowValidator, has_surrogates, shard_schema
+from pipeline.formats import RowValidator, shard_schema
+from pipeline.labels import shard_labels
+from pipeline.readers import RawRow, read_source
 from pipeline.run_dir import RunDir, atomic_dir
-from pipeline.sources import SourceFile, source_files, source_key
+from pipeline.sources import SourceFile, source_digest, source_files, source_key
 from pipeline.stages import NOT_SHARD_KEYS, STAGES
 from pipeline.units import check_rejects, merge_rejects, run_units
 
 FLUSH_ROWS = 2048
 MARKER = "done.json"
-
-
-@dataclass
-class RawRow:
-    line: int
-    row: dict[str, Any] | None
-    error: str | None = None
-    raw: str = ""
-
-
-def read_rows(path: Path, text_field: str) -> Iterator[RawRow]:
-    """Yield every row of a jsonl / parquet / csv / txt file with its 1-based line number."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        yield from _read_jsonl(path)
-    elif suffix == ".parquet":
-        yield from _read_parquet(path)
-    elif suffix in (".csv", ".tsv"):
-        yield from _read_csv(path, "\t" if suffix == ".tsv" else ",")
-    else:
-        yield from _read_text_lines(path, text_field)
-
-
-def _decoded_lines(path: Path) -> Iterator[tuple[int, str | None, str]]:
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                yield number, raw.decode("utf-8").rstrip("\r\n"), ""
-            except UnicodeDecodeError as err:
-                yield number, None, f"invalid UTF-8 at byte {err.start}"
-
-
-def _read_jsonl(path: Path) -> Iterator[RawRow]:
-    for number, text, problem in _decoded_lines(path):
-        if text is None:
-            yield RawRow(number, None, problem)
-            continue
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as err:
-            yield RawRow(number, None, f"malformed JSON: {err.msg} at column {err.colno}", text)
-            continue
-        except ValueError:  # an integer longer than Python converts (sys.get_int_max_str_digits)
-            yield RawRow(number, None, "a number with too many digits", text)
-            continue
-        except RecursionError:
-            yield RawRow(number, None, "nested too deeply", text)
-            continue
-        if not isinstance(row, dict):
-            yield RawRow(number, None, f"expected a JSON object, got {type(row).__name__}", text)
-        else:
-            yield RawRow(number, row, raw=text)
-
-
-def _read_text_lines(path: Path, text_field: str) -> Iterator[RawRow]:
-    for number, text, problem in _decoded_lines(path):
-        if text is None:
-            yield RawRow(number, None, problem)
-        elif text.strip():
-            yield RawRow(number, {text_field: text}, raw=text)
-
-
-def _read_csv(path: Path, delimiter: str) -> Iterator[RawRow]:
-    # surrogateescape keeps undecodable bytes visible so one bad row is rejected, not the file.
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter)
-        while True:
-            first = reader.line_num + 1
-            try:
-                row = next(reader)
-            except StopIteration:
-                return
-            except csv.Error as err:  # a field over csv.field_size_limit(): reject it, read on
-                yield RawRow(first, None, f"unreadable CSV row: {err}")
-                continue
-            number = reader.line_num
-            values = [v for v in row.values() if isinstance(v, str)]
-            if any(has_surrogates(v) for v in values):
-                yield RawRow(number, None, "invalid UTF-8")
-            elif None in row:
-                yield RawRow(number, None, "more fields than the header")
-            else:
-                yield RawRow(number, dict(row), raw=delimiter.join(values))
-
-
-def _read_parquet(path: Path) -> Iterator[RawRow]:
-    number = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=FLUSH_ROWS):
-        try:
-            rows: list[dict | None] = batch.to_pylist()
-        except UnicodeDecodeError:
-            rows = _decode_rows_one_by_one(batch)
-        for row in rows:
-            number += 1
-            yield RawRow(number, row) if row is not None else RawRow(number, None, "invalid UTF-8")
-
-
-def _decode_rows_one_by_one(batch: pa.RecordBatch) -> list[dict | None]:
-    """Some writers put invalid UTF-8 in string columns; reject those rows, keep the others."""
-    as_binary = pa.RecordBatch.from_arrays(
-        [c.cast(pa.binary()) if pa.types.is_string(c.type) else c for c in batch.columns],
-        names=batch.schema.names)
-    rows: list[dict | None] = []
-    for row in as_binary.to_pylist():
-        try:
-            rows.append({k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in row.items()})
-        except UnicodeDecodeError:
-            rows.append(None)
-    return rows
 
 
 def row_hash(row: dict[str, Any]) -> bytes:
@@ -200,9 +89,9 @@ class SplitWriter:
 class Sharder:
     """Routes valid rows to a split and shard by hash, rejects to rejects.jsonl."""
 
-    def __init__(self, cfg: RunConfig, folder: Path, rejects: io.TextIOBase):
+    def __init__(self, cfg: RunConfig, folder: Path, rejects: io.TextIOBase, labels: list[str] | None = None):
         self.data = cfg.data
-        self.validate = RowValidator(cfg.data, cfg.model.num_labels)
+        self.validate = RowValidator(cfg.data, cfg.model.num_labels, labels)
         schema = shard_schema(cfg.data)
         self.writers = {s: SplitWriter(folder, s, cfg.data.num_shards, schema) for s in ("train", "eval")}
         self.rejects = rejects
@@ -212,23 +101,24 @@ class Sharder:
         try:
             self._add_rows(source)
         except (OSError, pa.ArrowException) as err:  # a file that cannot be opened or whose container broke
-            raise UserError(f"{source_key(source)}: {source.path}: cannot read: "
+            raise UserError(f"{source_key(source)}: {source.name}: cannot read: "
                             f"{str(err).splitlines()[0]}") from None
 
     def _add_rows(self, source: SourceFile) -> None:
         kept = rejected = train_rows = 0
-        for item in read_rows(source.path, self.data.text_field):
+        for item in read_source(source, self.data):
             if source.limit is not None and kept >= source.limit:
                 break
             row, problem = self.validate(item.row) if item.row is not None else (None, item.error)
             if row is None:
                 rejected += 1
-                self._reject(source.path, item, problem)
+                self._reject(source.name, item, problem)
                 continue
             kept += 1
             train_rows += self._route(row, source, item.line)
-        self.sources.append({"path": str(source.path), "rows": kept, "rejected": rejected,
-                             "weight": source.weight, "limit": source.limit, "train_copies": train_rows})
+        self.sources.append({"path": source.name, "rows": kept, "rejected": rejected, "weight": source.weight,
+                             "limit": source.limit, "train_copies": train_rows}
+                            | ({"dataset": source.dataset.record()} if source.dataset else {}))
 
     def _route(self, row: dict[str, Any], source: SourceFile, line: int) -> int:
         """Write the row to its split and shard (training rows `weight` times); return train copies."""
@@ -237,14 +127,14 @@ class Sharder:
         if held_out is None:
             held_out = int.from_bytes(digest[:8], "big") / 2**64 < self.data.eval_fraction
         shard = int.from_bytes(digest[8:], "big") % self.data.num_shards
-        record = {**row, "source": str(source.path), "line": line}
+        record = {**row, "source": source.name, "line": line}
         times = 1 if held_out else copies(digest, source.weight)
         for _ in range(times):
             self.writers["eval" if held_out else "train"].add(shard, record)
         return 0 if held_out else times
 
-    def _reject(self, path: Path, item: RawRow, reason: str | None) -> None:
-        record = {"file": str(path), "line": item.line, "reason": reason, "row": item.raw[:500]}
+    def _reject(self, name: str, item: RawRow, reason: str | None) -> None:
+        record = {"file": name, "line": item.line, "reason": reason, "row": item.raw[:500]}
         self.rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def finish(self) -> dict[str, Any]:
@@ -254,14 +144,14 @@ class Sharder:
 SPLITS = ("train", "eval")
 
 
-def shard_unit_fingerprints(cfg: RunConfig, sources: list[SourceFile]) -> list[str]:
-    """One per source file: what its shard pieces depend on (its content and settings, not the
-    other files)."""
-    cache = DigestCache.of(cfg.output_dir)
-    base = {"data": cfg.data.model_dump(exclude=NOT_SHARD_KEYS | {"train", "eval"}),
+def shard_unit_fingerprints(cfg: RunConfig, sources: list[SourceFile], digests: list[Any],
+                            labels: list[str] | None) -> list[str]:
+    """One per source: what its shard pieces depend on (its content and settings, the label names,
+    not the other sources)."""
+    base = {"data": cfg.data.model_dump(exclude=NOT_SHARD_KEYS | {"train", "eval"}), "labels": labels,
             "num_labels": cfg.model.num_labels, "version": STAGES["shard"].version}
-    return [fingerprint({**base, "file": str(s.path), "digest": cache.digest(s.path), "held_out": s.held_out,
-                         "weight": s.weight, "limit": s.limit}) for s in sources]
+    return [fingerprint({**base, "file": s.name, "digest": digest, "held_out": s.held_out,
+                         "weight": s.weight, "limit": s.limit}) for s, digest in zip(sources, digests)]
 
 
 @dataclass(frozen=True)
@@ -272,6 +162,7 @@ class Piece:
     folder: Path  # parts/
     source: SourceFile
     fingerprint: str
+    labels: tuple[str, ...] | None = None  # classification: the names rows map to ids by
 
     @property
     def home(self) -> Path:
@@ -304,13 +195,18 @@ class ShardUnits:
     def units(self, cfg: RunConfig, run_dir: RunDir) -> list[Piece]:
         listed = source_files(cfg)
         parts = run_dir.stage(self.name) / "parts"
-        prints = shard_unit_fingerprints(cfg, listed)
-        return [Piece(rank, parts, source, fp) for rank, (source, fp) in enumerate(zip(listed, prints))]
+        cache = DigestCache.of(cfg.output_dir)
+        digests = [source_digest(source, cfg.data, cache) for source in listed]
+        labels = shard_labels(cfg, run_dir, listed, digests)
+        prints = shard_unit_fingerprints(cfg, listed, digests, labels)
+        names = tuple(labels) if labels is not None else None
+        return [Piece(rank, parts, source, fp, names)
+                for rank, (source, fp) in enumerate(zip(listed, prints))]
 
     def work(self, cfg: RunConfig, run_dir: RunDir, unit: Piece) -> dict[str, Any]:
         """That file's piece of every shard of both splits and its rejects."""
         with atomic_dir(unit.home) as tmp, open(tmp / unit.rejects.name, "w", encoding="utf-8") as rejects:
-            sharder = Sharder(cfg, tmp, rejects)
+            sharder = Sharder(cfg, tmp, rejects, list(unit.labels) if unit.labels is not None else None)
             sharder.add_file(unit.source)
             result = {"source": sharder.sources[0], "splits": sharder.finish()}
         return result
@@ -337,7 +233,9 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
                 "rejects_file": "data/rejects.jsonl",
                 "pieces": {split: _piece_list(cfg, [h.relative_to(out) for h in homes], pieces, split)
                            for split in SPLITS},
-                "reused_sources": len(pieces) - done.ran, "ran_sources": done.ran}
+                "reused_sources": len(pieces) - done.ran, "ran_sources": done.ran,
+                # classification: names in id order (data.labels or inferred); consolidate reads them
+                "labels": list(done.units[0].labels) if done.units[0].labels is not None else None}
     kept = sum(s["rows"] for s in manifest["sources"])
     check_rejects(cfg, splits["train"]["rows"], kept + manifest["rejected"], [manifest["rejected"]],
                   [out / "data" / "rejects.jsonl"], "no valid training rows")

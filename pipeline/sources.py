@@ -1,53 +1,102 @@
-"""The input files a run reads: globs expanded in order, each with its source's weight and limit,
-and the checks that touch the file system before anything runs."""
+"""The inputs a run reads: files (globs expanded in order) and Hugging Face datasets, each with its
+source's weight and limit, and the checks that touch the file system before anything runs."""
 
 from __future__ import annotations
 
 import glob
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pipeline.config import RunConfig, SourceSpec
+from pipeline.config import DataConfig, RunConfig
+from pipeline.config_sources import SourceSpec
+from pipeline.digests import DigestCache
 from pipeline.errors import UserError
+from pipeline.hf_sources import DatasetRef, dataset_digest, is_saved_dataset, load
 
 
 @dataclass(frozen=True)
 class SourceFile:
-    """One input file. held_out: None splits its rows by hash, False all train, True all eval."""
+    """One input: a file, or a dataset split (`dataset`; `path` is then its name or folder).
+    held_out: None splits its rows by hash, False all train, True all eval."""
 
     path: Path
     held_out: bool | None
     weight: float = 1.0
     limit: int | None = None
+    dataset: DatasetRef | None = None
+
+    @property
+    def name(self) -> str:
+        """How rows, rejects and manifests name it."""
+        return self.dataset.label if self.dataset else str(self.path)
 
 
 def _spec(entry: str | SourceSpec) -> SourceSpec:
     return entry if isinstance(entry, SourceSpec) else SourceSpec(path=entry)
 
 
-def expand_sources(entries: list[str | SourceSpec], key: str) -> list[tuple[Path, SourceSpec]]:
+def _dataset(spec: SourceSpec, where: str) -> DatasetRef | None:
+    """The dataset an entry names: {hf: ...}, or {path: ...} on a save_to_disk folder."""
+    if spec.hf is not None:
+        files = json.dumps(spec.data_files, sort_keys=True) if spec.data_files is not None else None
+        return DatasetRef("hf", spec.hf, spec.split, spec.subset, spec.revision, files, where)
+    if is_saved_dataset(Path(spec.path)):
+        return DatasetRef("disk", spec.path, spec.split, entry=where)
+    return None
+
+
+Expanded = tuple[Path, SourceSpec, DatasetRef | None]
+
+
+def expand_sources(entries: list[str | SourceSpec], key: str) -> list[Expanded]:
     """Resolve globs in order; a pattern that matches nothing is an error naming the key. A file
-    that several entries match belongs to the first."""
-    files: list[tuple[Path, SourceSpec]] = []
-    seen: set[Path] = set()
+    (or dataset split) that several entries name belongs to the first."""
+    found: list[Expanded] = []
+    seen: set[Path | DatasetRef] = set()
     for index, entry in enumerate(entries):
-        spec = _spec(entry)
+        spec, where = _spec(entry), f"{key}[{index}]"
+        dataset = _dataset(spec, where)
+        if dataset is not None:
+            found += [(Path(dataset.name), spec, dataset)] if dataset not in seen else []
+            seen.add(dataset)
+            continue
         matches = [Path(m) for m in sorted(glob.glob(spec.path, recursive=True)) if Path(m).is_file()]
         if not matches:
-            where = f"{key}[{index}]" + (".path" if isinstance(entry, SourceSpec) else "")
+            where += ".path" if isinstance(entry, SourceSpec) else ""
             raise UserError(f"{where}: no file matches {spec.path!r}")
-        files += [(path, spec) for path in matches if path not in seen]
+        found += [(path, spec, None) for path in matches if path not in seen]
         seen.update(matches)
-    return files
+    return found
 
 
 def source_files(cfg: RunConfig) -> list[SourceFile]:
-    """Every input file in order: data.train, then data.eval (when given, train is not split)."""
+    """Every input in order: data.train, then data.eval (when given, train is not split)."""
     train = expand_sources(cfg.data.train, "data.train")
     held = expand_sources(cfg.data.eval, "data.eval") if cfg.data.eval else []
     split_rule = None if not held else False
-    return ([SourceFile(path, split_rule, spec.weight, spec.limit) for path, spec in train]
-            + [SourceFile(path, True) for path, _ in held])
+    return ([SourceFile(path, split_rule, spec.weight, spec.limit, ref) for path, spec, ref in train]
+            + [SourceFile(path, True, 1.0, spec.limit, ref) for path, spec, ref in held])
+
+
+def columns_read(data: DataConfig) -> list[str]:
+    """The source fields data.format reads (a dataset source loads only these columns)."""
+    names = data.fields
+    return {"text": [data.text_field],
+            "classification": [data.text_field] + ([data.text_pair_field] if data.text_pair_field else [])
+            + [data.label_field],
+            "instruction": [names.instruction, names.input, names.output],
+            "prompt_completion": [names.prompt, names.completion],
+            "chat": [names.messages]}[data.format]
+
+
+def source_digest(source: SourceFile, data: DataConfig, cache: DigestCache) -> str | dict[str, Any]:
+    """What the source's rows depend on: a file's content digest, a dataset's own fingerprint
+    (revision included) and the columns read."""
+    if source.dataset is None:
+        return cache.digest(source.path)
+    return dataset_digest(source.dataset, columns_read(data))
 
 
 # Containers the shard stage does not open: read as text lines, every line would be rejected.
@@ -73,7 +122,10 @@ def source_key(source: SourceFile) -> str:
 
 def check_source(source: SourceFile) -> None:
     """A file the shard stage can open: not a compressed or binary container it does not read, and
-    a parquet file with a readable footer (a few bytes read, not the data)."""
+    a parquet file with a readable footer (a few bytes read, not the data); a dataset that loads."""
+    if source.dataset is not None:
+        load(source.dataset)
+        return
     suffix = source.path.suffix.lower()
     if suffix in UNREAD_SUFFIXES:
         raise UserError(f"{source_key(source)}: {source.path}: {suffix} files are not read; give "

@@ -25,6 +25,7 @@ PACKAGE_ROOT = Path(pipeline.__file__).parent.parent
 # what a stage writes does not depend on their code, and a change in the config they read is
 # fingerprinted as config. Every other package module a stage imports must be in its `code`.
 PLUMBING = ("pipeline", "pipeline.config", "pipeline.config_errors", "pipeline.config_launch",
+            "pipeline.config_sources",
             "pipeline.attention", "pipeline.context", "pipeline.errors", "pipeline.run_dir",
             "pipeline.digests", "pipeline.stages")
 
@@ -39,11 +40,11 @@ ConfigInputs = Callable[[RunConfig, DigestCache], dict[str, Any]]
 
 
 def shard_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
-    from pipeline.sources import source_files
+    from pipeline.sources import source_digest, source_files
 
     data = cfg.data.model_dump(exclude=NOT_SHARD_KEYS)
     return {"data": data, "model": {"num_labels": cfg.model.num_labels},
-            "data files": {str(s.path): cache.digest(s.path) for s in source_files(cfg)}}
+            "data files": {s.name: source_digest(s, cfg.data, cache) for s in source_files(cfg)}}
 
 
 def tokenize_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
@@ -93,6 +94,8 @@ class Stage:
     extendable: tuple[str, ...] = ()  # config keys whose increase continues the stage instead of redoing it
 
     def run(self, cfg: RunConfig, ctx: Any) -> dict[str, Any]:
+        if self.name != "shard":
+            cfg = with_shard_labels(cfg, ctx.run_dir)
         return _resolve(self.entry)(cfg, ctx)
 
     def unit_stage(self) -> Any:
@@ -107,6 +110,19 @@ class Stage:
         return digest.hexdigest()[:16]
 
 
+def with_shard_labels(cfg: RunConfig, run_dir: Any) -> RunConfig:
+    """The config the stages after shard see: classification label names inferred by the shard
+    stage (its manifest's "labels") as data.labels and model.num_labels. Fingerprints keep using
+    the config as written; the inferred names follow from the data files, which they cover."""
+    if cfg.data.format != "classification" or cfg.data.labels:
+        return cfg
+    names = (run_dir.read_manifest("shard") or {}).get("labels")
+    if not names:
+        return cfg
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": names}),
+                                  "model": cfg.model.model_copy(update={"num_labels": len(names)})})
+
+
 def module_path(module: str) -> Path:
     path = PACKAGE_ROOT.joinpath(*module.split("."))
     return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
@@ -114,11 +130,13 @@ def module_path(module: str) -> Path:
 
 _DECLARED = (
     Stage("shard", "pipeline.shard:run", (), shard_inputs,
-          ("pipeline.shard", "pipeline.formats", "pipeline.sources", "pipeline.parallel", "pipeline.units"),
-          units="pipeline.shard:UNITS", shared_by_sweep=True),
+          ("pipeline.shard", "pipeline.formats", "pipeline.sources", "pipeline.parallel", "pipeline.units",
+           "pipeline.readers", "pipeline.hf_sources", "pipeline.labels"),
+          units="pipeline.shard:UNITS", shared_by_sweep=True, version=2),
     Stage("tokenize", "pipeline.tokenize:run", ("shard",), tokenize_inputs,
           ("pipeline.tokenize", "pipeline.encoding", "pipeline.packing", "pipeline.tokenizer",
-           "pipeline.parallel", "pipeline.sources", "pipeline.units", "pipeline.tokenized"),
+           "pipeline.parallel", "pipeline.sources", "pipeline.hf_sources", "pipeline.units",
+           "pipeline.tokenized"),
           units="pipeline.tokenize:UNITS", shared_by_sweep=True),
     Stage("train", "pipeline.train.stage:run", ("tokenize",), train_inputs,
           ("pipeline.train", "pipeline.train.stage", "pipeline.train.build", "pipeline.train.checkpoint",

@@ -64,9 +64,12 @@ def test_causal_lm_end_to_end(tmp_path, lm_config, capsys):
 
 
 def test_classification_end_to_end_learns(tmp_path, cls_config, capsys):
+    # data.labels left out: the names are inferred from the training split (sorted) and reach the
+    # train, evaluate and consolidate stages and the model's id2label.
     assert ftpipe("run", cls_config, "--no-progress", "train.max_steps=150", "train.lr=1e-3",
-                  "train.checkpoint_every=150") == 0  # learning is the point here, not checkpoints
+                  "train.checkpoint_every=150", "data.labels=null") == 0  # learning, not checkpoints
     run = tmp_path / "runs" / "cls"
+    assert manifest(run, "shard")["labels"] == ["negative", "positive"]
     metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
     assert metrics["accuracy"] >= 0.9 > metrics["base"]["accuracy"]
     assert sum(map(sum, metrics["confusion_matrix"])) == metrics["eval_examples"]

@@ -53,7 +53,7 @@ def test_every_field_has_a_row():
         assert re.search(rf"^\| `{re.escape(key)}` \|", text, flags=re.M), f"{key} is not documented"
     assert "`data.eval_fraction` | float | `0.1` | >= 0.0, < 1.0 |" in text
     assert '`model.task` | "causal_lm" \\| "sequence_classification" |' in text
-    assert "`data.eval` | list[str] | `[]` |" in text
+    assert "`data.eval` | list[str \\| SourceSpec] | `[]` |" in text
     assert "`name` | str | required |" in text
 
 
@@ -75,7 +75,8 @@ def test_example_yaml_is_complete_and_validates():
 def _paths(node: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     found = []
     for key, value in node.items():
-        found += _paths(value, (*prefix, key)) if isinstance(value, dict) else [(*prefix, key)]
+        # an empty mapping (data.role_map: {}) is a value, not a section
+        found += _paths(value, (*prefix, key)) if isinstance(value, dict) and value else [(*prefix, key)]
     return found
 
 

@@ -168,12 +168,11 @@ def test_names_from_other_trainers_point_at_ours(write_cfg, old, new, line, expe
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    ([], "{path}: sequence_classification needs model.num_labels or data.labels"),
     (["model.num_labels=3", "data.labels=[neg,pos]"],
      "{path}: model.num_labels is 3 but data.labels has 2 names"),
     (["data.labels=[neg,neg]"], "{path}: data.labels has duplicate names"),
     (["model.num_labels=1"], "{path}: model.num_labels: Input should be greater than or equal to 2 (got 1)"),
-], ids=["no-labels", "count-mismatch", "duplicates", "one-label"])
+], ids=["count-mismatch", "duplicates", "one-label"])
 def test_classification_label_errors(write_cfg, overrides, expected):
     path = write_cfg({"  task: causal_lm": "  task: sequence_classification",
                       "  num_shards: 2": "  format: classification"})

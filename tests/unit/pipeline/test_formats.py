@@ -179,7 +179,7 @@ BAD_ROWS = {
         ({"messages": "hello"}, "field 'messages' must be a list of messages, got str"),
         ({"messages": ["hello"]}, "messages[0] must be an object with role and content, got str"),
         ({"messages": [{"role": "bot", "content": "x"}]},
-         "messages[0]: unknown role 'bot' (expected one of system, user, assistant, tool)"),
+         "messages[0]: unknown role 'bot'; map it to system, user, assistant, tool with data.role_map"),
         ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ""}]},
          "messages[1]: empty text in field 'content'"),
         ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant"}]},
@@ -187,6 +187,8 @@ BAD_ROWS = {
         ({"messages": [{"role": "user", "content": "only a question"}]},
          "no assistant turn in field 'messages'"),
         ({"messages": []}, "no assistant turn in field 'messages'"),
+        ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": "call it"}]},
+         "messages[1]: field 'tool_calls' must be a list of objects"),
     ],
 }
 

@@ -74,7 +74,8 @@ def test_weights_repeat_or_thin_training_rows_and_limits_cap_a_source(tmp_path, 
     ({"path": "x.jsonl", "limit": -3}, "data.train.1.limit: Input should be greater than or equal to 1"),
     ({"path": "x.jsonl", "wieght": 2},
      "unknown key 'data.train.1.wieght' (did you mean 'data.train.1.weight'?)"),
-    ({"weight": 2}, "missing required key 'data.train.1.path'"),
+    ({"weight": 2}, "data.train.1: give exactly one of path (a file, glob or save_to_disk folder) or hf"),
+    ({"path": "x.jsonl", "revision": "v1"}, "data.train.1: revision only applies to hf sources"),
     (5, "data.train.1: Input should be a valid string (got 5)"),
 ])
 def test_source_entry_errors_name_the_key(tmp_path, tiny_llama, entry, message):
