@@ -20,6 +20,7 @@ from pipeline.attention import check_attn_implementation
 from pipeline.config_errors import Section
 from pipeline.config_launch import LaunchConfig
 from pipeline.config_sources import ENTRY_TAGS, SourceEntry
+from pipeline.config_tracking import TrackingConfig
 from pipeline.errors import UserError
 
 # Bounds far above any real run that stop absurd values at `validate` instead of hours later (or in
@@ -254,18 +255,6 @@ class EvaluateConfig(Section):
     num_generations: int = Field(
         4, ge=0, le=100_000, description="causal_lm: eval examples continued into samples.jsonl.")
     max_new_tokens: int = Field(32, ge=1, le=1_048_576, description="causal_lm: tokens generated per sample.")
-
-
-class TrackingConfig(Section):
-    enabled: bool = Field(True, description="Record the run in MLflow.")
-    mlflow_uri: str | None = Field(
-        None, description="Tracking URI; null: MLFLOW_TRACKING_URI, else a sqlite file in output_dir. Give "
-        "credentials as MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD; userinfo in the URI (user:pass@) "
-        "is kept only in RUN_DIR/tracking/credentials.json (0600) and redacted everywhere else.")
-    experiment: str | None = Field(
-        None, description="MLflow experiment; null: MLFLOW_EXPERIMENT_NAME, else 'ftpipe'.")
-    report: bool = Field(
-        True, description="After each run, write RUN_DIR/report/ (plots, report.html) and log it to MLflow.")
 
 
 class RunConfig(Section):

@@ -12,7 +12,7 @@ from typing import Any
 
 from pipeline import plots
 from pipeline.run_dir import RunDir
-from pipeline.stages import NAMES
+from pipeline.stages import NAMES, names
 
 REPORT_DIR = "report"
 SHOWN_REJECTS = 5
@@ -110,7 +110,7 @@ def _samples(run_dir: RunDir) -> str:
 
 def _rejects(run_dir: RunDir) -> str:
     rows = []
-    for name in ("shard", "tokenize"):
+    for name in names("units"):  # the stages that read rows, and may reject them
         manifest = run_dir.read_manifest(name) or {}
         records = plots.read_jsonl(run_dir.stage(name) / manifest.get("rejects_file", "rejects.jsonl"))
         reasons = "; ".join(str(r.get("reason")) for r in records[:SHOWN_REJECTS])

@@ -25,9 +25,8 @@ PACKAGE_ROOT = Path(pipeline.__file__).parent.parent
 # what a stage writes does not depend on their code, and a change in the config they read is
 # fingerprinted as config. Every other package module a stage imports must be in its `code`.
 PLUMBING = ("pipeline", "pipeline.config", "pipeline.config_errors", "pipeline.config_launch",
-            "pipeline.config_sources",
-            "pipeline.attention", "pipeline.context", "pipeline.errors", "pipeline.run_dir",
-            "pipeline.digests", "pipeline.stages")
+            "pipeline.config_sources", "pipeline.config_tracking", "pipeline.attention", "pipeline.context",
+            "pipeline.errors", "pipeline.run_dir", "pipeline.digests", "pipeline.stages")
 
 # Keys only the tokenize stage reads, and num_workers (the output is the same for any value),
 # stay out of the shard fingerprint, so changing them does not re-shard.

@@ -32,8 +32,8 @@ frame.addEventListener("load", () => {{
 
 @pytest.fixture
 def reported(tmp_path, tiny_bert, labelled_data, mlflow_server):
-    cfg = fixtures.classification_config(tmp_path, tiny_bert, labelled_data,
-                                         tracking={"enabled": True, "report": True, "mlflow_uri": mlflow_server})
+    tracking = {"enabled": True, "report": True, "mlflow_uri": mlflow_server}
+    cfg = fixtures.classification_config(tmp_path, tiny_bert, labelled_data, tracking=tracking)
     assert ftpipe("run", fixtures.write_config(tmp_path / "cls.yaml", cfg), "--no-progress") == 0
     return RunDir(tmp_path / "runs" / "cls"), mlflow_server
 
@@ -47,7 +47,8 @@ def test_plots_hold_the_runs_numbers_and_are_the_runs_mlflow_artifacts(reported)
     rows = plots.read_jsonl(run.stage("train") / "metrics.jsonl")
     figure = plots.curves_figure(rows, [])
     assert list(figure.axes[0].lines[0].get_ydata()) == pytest.approx(losses(run))
-    assert [axis.get_title() for axis in figure.axes] == ["loss", "learning rate", "gradient norm", "tokens / s"]
+    titles = [axis.get_title() for axis in figure.axes]
+    assert titles == ["loss", "learning rate", "gradient norm", "tokens / s"]
     metrics = json.loads(run.metrics_file.read_text())
     labels = manifest(run, "shard").get("labels") or ["negative", "positive"]
     confusion = plots.confusion_figure(np.array(metrics["confusion_matrix"]), labels, "")
@@ -74,8 +75,8 @@ def test_report_loads_in_headless_chromium(reported, tmp_path):
     harness.write_text(HARNESS.format(page=page.as_uri()))
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
              "--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'chromium'}"]
-    dom = subprocess.run([browser, *flags, "--enable-logging=stderr", "--v=0", "--dump-dom", harness.as_uri()],
-                         capture_output=True, text=True, timeout=120)
+    dom = subprocess.run([browser, *flags, "--enable-logging=stderr", "--v=0", "--dump-dom",
+                          harness.as_uri()], capture_output=True, text=True, timeout=120)
     found = json.loads(dom.stdout.split('<pre id="result">')[1].split("</pre>")[0])
     assert found["sections"] == list(SECTIONS)
     assert sorted(i["alt"] for i in found["images"]) == sorted(PICTURES)
