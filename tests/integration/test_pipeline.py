@@ -38,6 +38,7 @@ def test_causal_lm_end_to_end(tmp_path, lm_config, capsys):
     assert tokenize["train"]["rows"] + tokenize["eval"]["rows"] == 120
     metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
     assert metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["loss"], rel=1e-6)
+    assert metrics["eval_rows"] == tokenize["eval"]["rows"]
     samples = (run / "evaluate" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 and all("generated" in json.loads(s) for s in samples)
     model = AutoModelForCausalLM.from_pretrained(run / "consolidate" / "model")
@@ -153,6 +154,11 @@ def test_bf16_autocast_tracks_fp32(tmp_path, tiny_llama, text_data):
         assert ftpipe("run", fixtures.write_config(tmp_path / f"{name}.yaml", cfg), "--no-progress") == 0
     fp32, bf16 = losses(tmp_path / "runs" / "fp32"), losses(tmp_path / "runs" / "bf16")
     assert fp32 != bf16 and bf16 == pytest.approx(fp32, abs=0.05)
+    # evaluation runs in the training precision too, on the training device
+    evaluated = {name: manifest(tmp_path / "runs" / name, "evaluate") for name in ("fp32", "bf16")}
+    assert [evaluated[n]["dtype"] for n in ("fp32", "bf16")] == ["float32", "bfloat16"]
+    eval_losses = [evaluated[n]["metrics"]["loss"] for n in ("fp32", "bf16")]
+    assert eval_losses[1] == pytest.approx(eval_losses[0], abs=0.05)
 
 
 def test_status_shows_done_and_pending_stages(tmp_path, lm_config, capsys):

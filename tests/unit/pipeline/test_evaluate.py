@@ -19,6 +19,7 @@ from pipeline.eval_metrics import (
     rank_batches,
     summarize_confusion,
 )
+from pipeline.stages import STAGES
 from tests import fixtures
 
 PAD = 3
@@ -103,6 +104,15 @@ def test_two_ranks_sums_add_up_to_the_one_process_metrics(llama, bert_classifier
     assert language_model_metrics(split)["loss"] == pytest.approx(loss, rel=1e-12)
     assert all(c.any() for c in confusions) and (sum(confusions) == confusion).all()
     assert summarize_confusion(sum(confusions)) == summarize_confusion(confusion)
+
+
+def test_max_rows_unset_leaves_the_evaluate_fingerprint_as_it_was(tmp_path):
+    """Evaluations finished before evaluate.max_rows existed stay up to date; setting it redoes them."""
+    cfg = validate_config(fixtures.causal_config(tmp_path, tmp_path, tmp_path / "x.jsonl"))
+    covered = STAGES["evaluate"].config_inputs(cfg, None)["evaluate"]
+    assert covered == {"batch_size": 8, "compare_base": False, "num_generations": 2, "max_new_tokens": 5}
+    cfg.evaluate.max_rows = 5
+    assert STAGES["evaluate"].config_inputs(cfg, None)["evaluate"]["max_rows"] == 5
 
 
 def _config(tmp_path, tiny_llama, precision: str):
