@@ -144,6 +144,15 @@ def all_reduce_sum_array(values: np.ndarray) -> np.ndarray:
     return tensor.cpu().numpy()
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj

@@ -1,8 +1,8 @@
 """Stage 5: score the consolidated model (and optionally the base model) on the held-out split.
 
 On the training device, in the training precision. Under torchrun every rank scores its share of the
-batches and the sums are reduced exactly (pipeline.eval_metrics); rank 0 generates the samples and
-writes metrics.json, samples.jsonl and the tracker's metrics.
+batches and the sums are reduced exactly (pipeline.eval_metrics), and its share of the sample
+generations; rank 0 writes metrics.json, samples.jsonl and the tracker's metrics.
 """
 
 from __future__ import annotations
@@ -91,19 +91,25 @@ def generate(model: torch.nn.Module, prompts: list[list[int]], pad_id: int, max_
 
 
 def generations(model: torch.nn.Module, tokenizer: Any, table: pa.Table, cfg: RunConfig, pad_id: int,
-                device: torch.device) -> list[dict[str, str]]:
-    """Greedy continuations of the first evaluate.num_generations held-out examples, a batch at a time."""
+                dist: DistEnv) -> list[dict[str, str]]:
+    """Greedy continuations of the first evaluate.num_generations held-out examples, a batch at a time;
+    each rank generates every world_size-th batch (as it scores), and every rank gets all, in order."""
     pairs = generation_prompts(table, cfg.evaluate.num_generations)
-    samples, size = [], cfg.evaluate.batch_size
-    with torch.inference_mode(), precision(cfg, device):
-        for start in range(0, len(pairs), size):
+    size, mine = cfg.evaluate.batch_size, []
+    with torch.inference_mode(), precision(cfg, dist.device):
+        for start in range(dist.rank * size, len(pairs), size * dist.world_size):
             chunk = pairs[start: start + size]
-            outputs = generate(model, [p for p, _ in chunk], pad_id, cfg.evaluate.max_new_tokens, device)
-            samples += [{"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
-                         "reference": tokenizer.decode(reference, skip_special_tokens=True),
-                         "generated": tokenizer.decode(output, skip_special_tokens=True)}
-                        for (prompt, reference), output in zip(chunk, outputs)]
-    return samples
+            outputs = generate(model, [p for p, _ in chunk], pad_id, cfg.evaluate.max_new_tokens, dist.device)
+            mine += [(start + i, _sample(tokenizer, prompt, reference, output))
+                     for i, ((prompt, reference), output) in enumerate(zip(chunk, outputs))]
+    everyone = [item for share in distributed.all_gather_objects(mine) for item in share]
+    return [sample for _, sample in sorted(everyone, key=lambda item: item[0])]
+
+
+def _sample(tokenizer: Any, prompt: list[int], reference: list[int], output: list[int]) -> dict[str, str]:
+    return {"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+            "reference": tokenizer.decode(reference, skip_special_tokens=True),
+            "generated": tokenizer.decode(output, skip_special_tokens=True)}
 
 
 def held_out(cfg: RunConfig, ctx: StageContext) -> pa.Table:
@@ -121,8 +127,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     model = on_device(load_consolidated(cfg, model_dir), cfg, dist.device)  # full, or base + adapter
     metrics = {**score(model, cfg, table, pad_id, dist), "eval_rows": table.num_rows}
     samples = None
-    if dist.is_main and cfg.model.task == "causal_lm" and cfg.evaluate.num_generations:
-        samples = generations(model, load_tokenizer(model_dir), table, cfg, pad_id, dist.device)
+    if cfg.model.task == "causal_lm" and cfg.evaluate.num_generations:
+        samples = generations(model, load_tokenizer(model_dir), table, cfg, pad_id, dist)
     del model  # before the base model comes onto the device
     if cfg.evaluate.compare_base:
         # Same seed as training, so a fresh classification head starts where training started.
