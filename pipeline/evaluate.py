@@ -20,13 +20,11 @@ from pipeline.consolidate import load_consolidated
 from pipeline.context import StageContext
 from pipeline.distributed import DistEnv, seed_everything
 from pipeline.errors import UserError
-from pipeline.eval_metrics import capped, scored, summarize_predictions
+from pipeline.eval_metrics import capped, scored
 from pipeline.models import load_model
 from pipeline.run_dir import atomic_write_json, atomic_write_text
 from pipeline.tokenized import open_split
 from pipeline.tokenizer import load_tokenizer
-
-__all__ = ["run", "scalar_metrics", "summarize_predictions", "generations", "score"]
 
 
 def eval_dtype(cfg: RunConfig) -> torch.dtype:
@@ -44,9 +42,8 @@ def on_device(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> t
 
 
 def score(model: torch.nn.Module, cfg: RunConfig, table: pa.Table, pad_id: int,
-          dist: DistEnv | None = None) -> dict[str, Any]:
+          dist: DistEnv) -> dict[str, Any]:
     """The held-out metrics over all ranks (this process alone when there is no process group)."""
-    dist = dist or distributed.current()
     with torch.inference_mode(), precision(cfg, dist.device):
         return scored(model, cfg.model.task, table, cfg.evaluate.batch_size, pad_id, cfg.model.num_labels,
                       dist)
