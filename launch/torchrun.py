@@ -1,4 +1,5 @@
-"""Start the train stage under torchrun; every other stage runs in the pipeline's process.
+"""Start the distributed stages (train, evaluate) under torchrun; every other stage runs in the
+pipeline's process.
 
 `python -m launch.torchrun ARGS` is torchrun itself, made deaf to the stop signals (SIGUSR1/2,
 SIGTERM) that its workers act on: by default those signals would end torchrun, and on SIGTERM it

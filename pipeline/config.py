@@ -255,6 +255,9 @@ class EvaluateConfig(Section):
     num_generations: int = Field(
         4, ge=0, le=100_000, description="causal_lm: eval examples continued into samples.jsonl.")
     max_new_tokens: int = Field(32, ge=1, le=1_048_576, description="causal_lm: tokens generated per sample.")
+    max_rows: int | None = Field(
+        None, ge=1, le=10**15, description="Score only the first max_rows held-out rows (the same rows for "
+        "any number of ranks); null: all of them.")
 
 
 class RunConfig(Section):

@@ -134,6 +134,25 @@ def all_reduce_max(value: int) -> int:
     return int(tensor.item())
 
 
+def all_reduce_sum_array(values: np.ndarray) -> np.ndarray:
+    """The element-wise sum over ranks of a float64 or int64 array (int64: counts stay exact)."""
+    assert values.dtype in (np.float64, np.int64), f"exact sums need float64 or int64, not {values.dtype}"
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return values.copy()
+    tensor = torch.from_numpy(np.ascontiguousarray(values)).to(_collective_device())
+    dist.all_reduce(tensor)
+    return tensor.cpu().numpy()
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj

@@ -1,112 +1,152 @@
-"""Stage 5: score the consolidated model (and optionally the base model) on the held-out split."""
+"""Stage 5: score the consolidated model (and optionally the base model) on the held-out split.
+
+On the training device, in the training precision. Under torchrun every rank scores its share of the
+batches and the sums are reduced exactly (pipeline.eval_metrics), and its share of the sample
+generations; rank 0 writes metrics.json, samples.jsonl and the tracker's metrics.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline import distributed
 from pipeline.config import RunConfig
 from pipeline.consolidate import load_consolidated
 from pipeline.context import StageContext
-from pipeline.distributed import seed_everything
+from pipeline.distributed import DistEnv, seed_everything
 from pipeline.errors import UserError
+from pipeline.eval_metrics import capped, scored
 from pipeline.models import load_model
 from pipeline.run_dir import atomic_write_json, atomic_write_text
 from pipeline.tokenized import open_split
 from pipeline.tokenizer import load_tokenizer
-from pipeline.train.data import collate_table
-from pipeline.train.objective import summed_loss
 
 
-def batches(table: pa.Table, batch_size: int, pad_id: int):
-    # The training batches' collate: loss on answer tokens only, packed examples kept apart.
-    for start in range(0, table.num_rows, batch_size):
-        yield collate_table(table.slice(start, batch_size), pad_id)
+def eval_dtype(cfg: RunConfig) -> torch.dtype:
+    return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
 
 
-@torch.no_grad()
-def language_model_metrics(model, table: pa.Table, batch_size: int, pad_id: int) -> dict[str, float]:
-    total = sum(float(summed_loss(model, b, "causal_lm")) for b in batches(table, batch_size, pad_id))
-    targets = int(table.column("num_targets").to_numpy().sum())
-    loss = total / max(1, targets)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "eval_tokens": targets}
+def precision(cfg: RunConfig, device: torch.device) -> contextlib.AbstractContextManager:
+    """Forward passes as training ran them: bf16 autocast, or exact fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
 
 
-@torch.no_grad()
-def classification_metrics(model, table: pa.Table, batch_size: int, pad_id: int,
-                           num_labels: int) -> dict[str, Any]:
-    truth, predicted = [], []
-    for batch in batches(table, batch_size, pad_id):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        predicted.extend(logits.argmax(-1).tolist())
-        truth.extend(batch["labels"].tolist())
-    return summarize_predictions(np.array(truth), np.array(predicted), num_labels)
+def on_device(model: torch.nn.Module, cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    # bf16 weights too, not only autocast: a 7B model then needs half the accelerator memory.
+    return model.to(device=device, dtype=eval_dtype(cfg)).eval()
 
 
-def summarize_predictions(truth: np.ndarray, predicted: np.ndarray, num_labels: int) -> dict[str, Any]:
-    confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
-    np.add.at(confusion, (truth, predicted), 1)
-    tp = np.diag(confusion).astype(float)
-    precision = np.divide(tp, confusion.sum(0), out=np.zeros_like(tp), where=confusion.sum(0) > 0)
-    recall = np.divide(tp, confusion.sum(1), out=np.zeros_like(tp), where=confusion.sum(1) > 0)
-    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(tp),
-                   where=(precision + recall) > 0)
-    return {"accuracy": float(tp.sum() / max(1, len(truth))), "macro_f1": float(f1.mean()),
-            "confusion_matrix": confusion.tolist(), "eval_examples": int(len(truth))}
+def score(model: torch.nn.Module, cfg: RunConfig, table: pa.Table, pad_id: int,
+          dist: DistEnv) -> dict[str, Any]:
+    """The held-out metrics over all ranks (this process alone when there is no process group)."""
+    with torch.inference_mode(), precision(cfg, dist.device):
+        return scored(model, cfg.model.task, table, cfg.evaluate.batch_size, pad_id, cfg.model.num_labels,
+                      dist)
 
 
-def score(model, cfg: RunConfig, table: pa.Table, pad_id: int) -> dict[str, Any]:
-    model.eval()
-    if cfg.model.task == "causal_lm":
-        return language_model_metrics(model, table, cfg.evaluate.batch_size, pad_id)
-    return classification_metrics(model, table, cfg.evaluate.batch_size, pad_id, cfg.model.num_labels)
-
-
-@torch.no_grad()
-def generations(model, tokenizer, table: pa.Table, count: int, max_new_tokens: int) -> list[dict[str, str]]:
-    """Greedy continuations of a few held-out examples: of their prompt when the loss has a mask
-    (the answer is the reference), else of their first half."""
-    samples = []
+def generation_prompts(table: pa.Table, count: int) -> list[tuple[list[int], list[int]]]:
+    """(prompt, reference) ids of the first `count` rows: the prompt is what precedes the loss mask (the
+    answer is the reference), else the first half. A packed row contributes its first example."""
     part = table.slice(0, count)
     masks = part.column("loss_mask").to_pylist() if "loss_mask" in part.column_names else None
+    pairs = []
     for row, ids in enumerate(part.column("input_ids").to_pylist()):
-        if "seq_lens" in part.column_names:  # a packed row: its first example only
-            ids = ids[: part.column("seq_lens")[row].as_py()[0]]
-        cut = masks[row].index(1) if masks else max(1, len(ids) // 2)
-        prompt = torch.tensor([ids[:cut]])
-        output = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
-                                do_sample=False, pad_token_id=model.config.pad_token_id)
-        samples.append({"prompt": tokenizer.decode(ids[:cut], skip_special_tokens=True),
-                        "reference": tokenizer.decode(ids[cut:], skip_special_tokens=True),
-                        "generated": tokenizer.decode(output[0, cut:], skip_special_tokens=True)})
-    return samples
+        mask = masks[row] if masks else None
+        if "seq_lens" in part.column_names:
+            first = part.column("seq_lens")[row].as_py()[0]
+            ids, mask = ids[:first], mask[:first] if mask else None
+        cut = mask.index(1) if mask and 1 in mask else 0
+        cut = cut or max(1, len(ids) // 2)
+        pairs.append((ids[:cut], ids[cut:]))
+    return pairs
 
 
-def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts padded on the left, so that every row's continuation starts right after its prompt."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[i, width - len(prompt):] = 1
+    return ids, mask
+
+
+def generate(model: torch.nn.Module, prompts: list[list[int]], pad_id: int, max_new_tokens: int,
+             device: torch.device) -> list[list[int]]:
+    """Greedy continuations of a batch of prompts, with the cache (unlike loss evaluation)."""
+    ids, mask = left_padded(prompts, pad_id)
+    output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                            use_cache=True)
+    return output[:, ids.size(1):].tolist()
+
+
+def generations(model: torch.nn.Module, tokenizer: Any, table: pa.Table, cfg: RunConfig, pad_id: int,
+                dist: DistEnv) -> list[dict[str, str]]:
+    """Greedy continuations of the first evaluate.num_generations held-out examples, a batch at a time;
+    each rank generates every world_size-th batch (as it scores), and every rank gets all, in order."""
+    pairs = generation_prompts(table, cfg.evaluate.num_generations)
+    size, mine = cfg.evaluate.batch_size, []
+    with torch.inference_mode(), precision(cfg, dist.device):
+        for start in range(dist.rank * size, len(pairs), size * dist.world_size):
+            chunk = pairs[start: start + size]
+            outputs = generate(model, [p for p, _ in chunk], pad_id, cfg.evaluate.max_new_tokens, dist.device)
+            mine += [(start + i, _sample(tokenizer, prompt, reference, output))
+                     for i, ((prompt, reference), output) in enumerate(zip(chunk, outputs))]
+    everyone = [item for share in distributed.all_gather_objects(mine) for item in share]
+    return [sample for _, sample in sorted(everyone, key=lambda item: item[0])]
+
+
+def _sample(tokenizer: Any, prompt: list[int], reference: list[int], output: list[int]) -> dict[str, str]:
+    return {"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+            "reference": tokenizer.decode(reference, skip_special_tokens=True),
+            "generated": tokenizer.decode(output, skip_special_tokens=True)}
+
+
+def held_out(cfg: RunConfig, ctx: StageContext) -> pa.Table:
     table = open_split(ctx.run_dir.stage("tokenize") / "eval")
     if table.num_rows == 0:
         raise UserError("data: no held-out rows to evaluate; set data.eval or data.eval_fraction > 0")
+    return capped(table, cfg.evaluate.max_rows)
+
+
+def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
+    dist = distributed.init(need_group=False)  # joins torchrun's group; alone otherwise
+    # The precision training ran in: bf16 asked of a CPU without native bf16 trained in fp32.
+    trained = (ctx.run_dir.read_manifest("train") or {}).get("precision", cfg.train.precision)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": trained})})
+    table = held_out(cfg, ctx)
     pad_id = ctx.run_dir.read_manifest("tokenize")["pad_token_id"]
-    out = ctx.run_dir.stage("evaluate")
     model_dir = ctx.run_dir.model_dir
-    model = load_consolidated(cfg, model_dir)  # a full model or base + peft adapter
-    metrics = score(model, cfg, table, pad_id)
+    model = on_device(load_consolidated(cfg, model_dir), cfg, dist.device)  # full, or base + adapter
+    metrics = {**score(model, cfg, table, pad_id, dist), "eval_rows": table.num_rows}
+    samples = None
     if cfg.model.task == "causal_lm" and cfg.evaluate.num_generations:
-        samples = generations(model, load_tokenizer(model_dir), table, cfg.evaluate.num_generations,
-                              cfg.evaluate.max_new_tokens)
-        atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        samples = generations(model, load_tokenizer(model_dir), table, cfg, pad_id, dist)
+    del model  # before the base model comes onto the device
     if cfg.evaluate.compare_base:
         # Same seed as training, so a fresh classification head starts where training started.
         seed_everything(cfg.train.seed)
-        metrics["base"] = score(load_model(cfg.model, cfg.data.labels), cfg, table, pad_id)
+        base = on_device(load_model(cfg.model, cfg.data.labels), cfg, dist.device)
+        metrics["base"] = score(base, cfg, table, pad_id, dist)
+    if dist.is_main:
+        write_results(ctx, metrics, samples)
+    return {"metrics": metrics, "world_size": dist.world_size, "device": dist.device.type,
+            "dtype": str(eval_dtype(cfg)).removeprefix("torch.")}
+
+
+def write_results(ctx: StageContext, metrics: dict[str, Any], samples: list[dict[str, str]] | None) -> None:
+    if samples is not None:
+        out = ctx.run_dir.stage("evaluate")
+        atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     atomic_write_json(ctx.run_dir.metrics_file, metrics)
     ctx.tracker.log_metrics(scalar_metrics(metrics))
-    return {"metrics": metrics}
 
 
 def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:

@@ -68,7 +68,9 @@ def consolidate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
 
 
 def evaluate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
-    return {"evaluate": cfg.evaluate.model_dump(), "train": {"seed": cfg.train.seed}}
+    # max_rows unset is left out: evaluations written before the key existed stay up to date.
+    unset = {"max_rows"} if cfg.evaluate.max_rows is None else set()
+    return {"evaluate": cfg.evaluate.model_dump(exclude=unset), "train": {"seed": cfg.train.seed}}
 
 
 def _resolve(target: str) -> Any:
@@ -150,9 +152,11 @@ _DECLARED = (
           ("pipeline.consolidate", "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.models",
            "pipeline.tokenizer", "pipeline.unpickling")),
     Stage("evaluate", "pipeline.evaluate:run", ("consolidate",), evaluate_inputs,
-          ("pipeline.evaluate", "pipeline.consolidate", "pipeline.checkpoint_readers", "pipeline.hf_writer",
-           "pipeline.models", "pipeline.tokenizer", "pipeline.tokenized", "pipeline.distributed",
-           "pipeline.train", "pipeline.train.data", "pipeline.train.objective", "pipeline.unpickling")),
+          ("pipeline.evaluate", "pipeline.eval_metrics", "pipeline.consolidate",
+           "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.models", "pipeline.tokenizer",
+           "pipeline.tokenized", "pipeline.distributed", "pipeline.train", "pipeline.train.data",
+           "pipeline.train.objective", "pipeline.unpickling"),
+          distributed=True),  # data parallel on the training ranks, under torchrun like train
 )
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in _DECLARED}

@@ -56,6 +56,7 @@ def test_causal_lm_end_to_end(tmp_path, lm_config, capsys):
     assert tokenize["train"]["rows"] + tokenize["eval"]["rows"] == 120
     metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
     assert metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["loss"], rel=1e-6)
+    assert metrics["eval_rows"] == tokenize["eval"]["rows"]
     samples = (run / "evaluate" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 2 and all("generated" in json.loads(s) for s in samples)
     model = AutoModelForCausalLM.from_pretrained(run / "consolidate" / "model")
@@ -182,6 +183,11 @@ def test_bf16_autocast_tracks_fp32_and_a_cpu_without_bf16_trains_in_fp32(tmp_pat
     assert manifest(tmp_path / "runs" / "bf16", "train")["precision"] == "bf16"
     warned = [line for line in capsys.readouterr().err.splitlines() if "no native bf16" in line]
     assert len(warned) == 1 and "x slower than fp32 here" in warned[0] and "allow_slow_bf16" in warned[0]
+    # evaluation runs in the precision training ran in, on the training device
+    evaluated = {name: manifest(tmp_path / "runs" / name, "evaluate") for name, _ in runs}
+    assert [evaluated[n]["dtype"] for n, _ in runs] == ["float32", "bfloat16", "float32"]
+    eval_losses = [evaluated[n]["metrics"]["loss"] for n in ("fp32", "bf16")]
+    assert eval_losses[1] == pytest.approx(eval_losses[0], abs=0.05)
 
 
 def test_status_shows_done_and_pending_stages(tmp_path, lm_config, capsys):

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from pipeline.config import DataConfig, load_config, validate_config
+from pipeline.distributed import DistEnv
 from pipeline.encoding import Encoder
 from pipeline.errors import UserError
-from pipeline.evaluate import language_model_metrics
+from pipeline.eval_metrics import language_model_metrics, language_model_sums
 from pipeline.formats import render_instruction
 from pipeline.packing import Packer
 from pipeline.runner import plan
@@ -169,8 +170,8 @@ def test_tokenize_packs_every_example_once_and_reports_efficiency(tmp_path, tiny
         assert stats["targets"] == sum(packed.column("num_targets").to_pylist()) == tokens - plain.num_rows
     # evaluation on the packed split scores exactly what it scores unpacked
     with torch.no_grad():
-        got = language_model_metrics(model, packed, 4, 3)
-        want = language_model_metrics(model, plain, 4, 3)
+        got = language_model_metrics(language_model_sums(model, packed, 4, 3, DistEnv()))
+        want = language_model_metrics(language_model_sums(model, plain, 4, 3, DistEnv()))
     assert got["eval_tokens"] == want["eval_tokens"] and got["loss"] == pytest.approx(want["loss"], rel=1e-5)
 
 
