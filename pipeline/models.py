@@ -27,13 +27,13 @@ def label_kwargs(cfg: ModelConfig, labels: list[str] | None) -> dict:
             "label2id": {n: i for i, n in enumerate(names)}}
 
 
-def load_model(cfg: ModelConfig, labels: list[str] | None = None,
-               path: str | Path | None = None) -> PreTrainedModel:
-    """The pretrained model for cfg.task in fp32 (autocast handles bf16), from `path` if given."""
+def load_model(cfg: ModelConfig, labels: list[str] | None = None, path: str | Path | None = None,
+               dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The pretrained model for cfg.task in `dtype` (fp32: autocast handles bf16), from `path` if given."""
     source = str(path or cfg.name_or_path)
     try:
         model = MODEL_CLASSES[cfg.task].from_pretrained(
-            source, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
+            source, dtype=dtype, attn_implementation=cfg.attn_implementation,
             **label_kwargs(cfg, labels))
     except (OSError, ValueError) as err:
         raise UserError(f"model.name_or_path: cannot load {source!r} as {cfg.task}: "

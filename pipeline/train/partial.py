@@ -18,14 +18,26 @@ LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
 
 
 def prepare_model(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
-    """Apply LoRA or freezing and activation checkpointing, as configured."""
+    """Apply LoRA or freezing and activation checkpointing, as configured. Trainable parameters are
+    fp32 whatever the base's dtype (a bf16 frozen base under LoRA)."""
     if cfg.model.lora is not None:
         model = apply_lora(model, cfg)
     freeze(model, cfg)
-    if cfg.train.activation_checkpointing:
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    # FSDP2 wraps each block in torch's checkpoint_wrapper before fully_shard instead (fsdp.py).
+    if cfg.train.activation_checkpointing and cfg.train.strategy != "fsdp":
+        # Per transformer block: each of the model's GradientCheckpointingLayers recomputes itself.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def base_dtype(cfg: RunConfig) -> torch.dtype:
+    """bf16 for a frozen base under LoRA trained in bf16 (half the memory; only adapters train, in
+    fp32); fp32 otherwise (autocast casts, and the optimizer keeps fp32 weights)."""
+    return torch.bfloat16 if cfg.model.lora is not None and cfg.train.precision == "bf16" else torch.float32
 
 
 def head_names(model: torch.nn.Module) -> list[str]:
