@@ -12,7 +12,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, RunConfig
 from pipeline.errors import UserError
 
 MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM,
@@ -40,6 +40,14 @@ def load_model(cfg: ModelConfig, labels: list[str] | None = None, path: str | Pa
                         f"{str(err).splitlines()[0]}") from None
     prepare_pad_token(model)
     return model
+
+
+def base_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype the pretrained weights are loaded in for this run: bf16 for a frozen base under LoRA
+    trained in bf16 (half the memory; the adapters train in fp32), else fp32 (autocast casts, and the
+    optimizer keeps fp32 weights). Whatever reloads the trained model to reproduce training's logits
+    loads it the same way."""
+    return torch.bfloat16 if cfg.model.lora is not None and cfg.train.precision == "bf16" else torch.float32
 
 
 def load_model_config(cfg: ModelConfig, labels: list[str] | None = None):

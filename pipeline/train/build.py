@@ -9,9 +9,9 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.distributed import DistEnv
-from pipeline.models import MODEL_CLASSES, load_model, load_model_config, prepare_pad_token
+from pipeline.models import MODEL_CLASSES, base_dtype, load_model, load_model_config, prepare_pad_token
 from pipeline.train.engine import DDPEngine, SingleEngine, TrainEngine
-from pipeline.train.partial import base_dtype, prepare_model
+from pipeline.train.partial import prepare_model
 
 
 def pretrained(cfg: RunConfig, device: torch.device) -> torch.nn.Module:

@@ -32,19 +32,10 @@ from torch.distributed.tensor import DTensor
 from pipeline.config import TrainConfig
 from pipeline.distributed import DistEnv
 from pipeline.train.engine import Engine
+from pipeline.train.partial import block_modules
 from pipeline.unpickling import refuse_untrusted
 
 DCP_FOLDER = "dcp"
-
-
-def block_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated transformer blocks, as the model itself names them (_no_split_modules)."""
-    names: set[str] = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    assert blocks or not names, "model declares block classes but none were found"
-    return blocks
 
 
 def shard_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> None:
