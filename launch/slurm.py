@@ -33,11 +33,12 @@ from launch.slurm_jobs import JobRecord, active_jobs, read_jobs, record_jobs, re
 from launch.slurm_rendezvous import slurm_rendezvous
 from launch.torchrun import run_torchrun, torchrun_command
 from pipeline.config import RunConfig, load_config
+from pipeline.digests import weight_bytes
 from pipeline.errors import StagePreempted, UserError
 from pipeline.run_dir import RunDir, atomic_write_text
 from pipeline.runner import PlannedStage
 from pipeline.secrets import private_files
-from pipeline.stages import STAGES
+from pipeline.stages import STAGES, Stage
 from pipeline.tracking import build_tracker, create_parent_run, read_parent, write_parent
 
 log = logging.getLogger("ftpipe")
@@ -124,7 +125,7 @@ def _torchrun_only(cfg: RunConfig, run_dir: Path, stage: str) -> None:
 
 def job_parameters(cfg: RunConfig, stage: str) -> dict[str, Any]:
     """submitit SlurmExecutor parameters of STAGE's job (submitit shlex-quotes every value)."""
-    slurm, train, gpu = cfg.launch.slurm, STAGES[stage].distributed, STAGES[stage].gpu
+    slurm, train, gpu = cfg.launch.slurm, STAGES[stage].distributed, needs_gpu(STAGES[stage], cfg)
     params: dict[str, Any] = {
         "job_name": f"ftpipe-{cfg.name}-{stage}", "time": slurm.time,
         "nodes": cfg.launch.nnodes if train else 1, "ntasks_per_node": 1,
@@ -138,12 +139,31 @@ def job_parameters(cfg: RunConfig, stage: str) -> dict[str, Any]:
     if train:
         # preempted/time-limited jobs go back in the queue
         params["additional_parameters"] = {"requeue": True}
-    if gpu and slurm.gpus_per_node:
-        params["gpus_per_node"] = slurm.gpus_per_node
+    if gpu and gpus_per_node(cfg):
+        params["gpus_per_node"] = gpus_per_node(cfg)
     if slurm.extra_directives:
         directives = (_directive(item) for item in slurm.extra_directives)
         params.setdefault("additional_parameters", {}).update(directives)
     return {k: v for k, v in params.items() if v is not None}
+
+
+def needs_gpu(spec: Stage, cfg: RunConfig) -> bool:
+    """Whether SPEC's job goes to the GPU partition: always (train), or when the model is large
+    (evaluate: its weight files over launch.slurm.large_model_gb; a hub id's size is unknown here)."""
+    if spec.gpu or not spec.gpu_for_large_model:
+        return spec.gpu
+    size = weight_bytes(cfg.model.name_or_path)
+    return size is None or size > cfg.launch.slurm.large_model_gb * 1e9
+
+
+def gpus_per_node(cfg: RunConfig) -> int | None:
+    """GPUs a GPU-partition job asks for per node: launch.slurm.gpus_per_node when set, else one per
+    rank (none when training on the CPU). Config validation makes 'gpu' ranks name gpus_per_node."""
+    if cfg.launch.slurm.gpus_per_node is not None or cfg.train.device == "cpu":
+        return cfg.launch.slurm.gpus_per_node
+    per_node = cfg.launch.nproc_per_node
+    assert per_node != "gpu", "validation requires launch.slurm.gpus_per_node with nproc_per_node 'gpu'"
+    return per_node
 
 
 def _directive(item: str) -> tuple[str, Any]:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -60,6 +61,7 @@ def launch_stage(spec: Stage, cfg: RunConfig, ctx: StageContext) -> dict[str, An
     for stale in (RESULT_FILE, ERROR_FILE, STOPPED_FILE):
         (folder / stale).unlink(missing_ok=True)
     args = [str(ctx.run_dir.root), spec.name] + ([] if ctx.progress else ["--no-progress"])
+    check_gpu_ranks(cfg.launch)
     env = _worker_env(ctx)
     for relaunch in range(cfg.launch.max_restarts + 1):
         code, signum = run_torchrun(torchrun_command(cfg.launch, cfg.name, args), env)
@@ -105,10 +107,25 @@ def _signal_descendants(pid: int, signum: int) -> None:
             pass
 
 
+def check_gpu_ranks(launch: LaunchConfig) -> None:
+    """nproc_per_node 'gpu' counts this node's GPUs: none is a one-line error, not torchrun's traceback."""
+    if launch.nproc_per_node != "gpu":
+        return
+    import torch
+
+    if torch.cuda.device_count() == 0:
+        raise UserError(f"launch.nproc_per_node: 'gpu' (one rank per GPU), but node {socket.gethostname()} "
+                        "has no visible CUDA GPU")
+
+
 def _worker_env(ctx: StageContext) -> dict[str, str]:
     """The ranks' environment; with tracking, the stage run to log to (the URI with its credentials
-    travels in the environment only, never on a command line or in a file)."""
+    travels in the environment only, never on a command line or in a file). CUDA's allocator gets
+    expandable segments unless the user configured it."""
+    from pipeline.distributed import default_alloc_conf
+
     env = dict(os.environ)
+    default_alloc_conf(env)
     reference = getattr(ctx.tracker, "reference", None)
     if reference is not None:
         key, run_id = reference()

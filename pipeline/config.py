@@ -16,9 +16,9 @@ from pydantic import (
 )
 
 from pipeline import config_errors
-from pipeline.attention import check_attn_implementation
+from pipeline.attention import check_attn_implementation, check_run_attention
 from pipeline.config_errors import Section
-from pipeline.config_launch import LaunchConfig
+from pipeline.config_launch import LaunchConfig, ranks_per_node
 from pipeline.config_sources import ENTRY_TAGS, SourceEntry
 from pipeline.config_tracking import TrackingConfig
 from pipeline.errors import UserError
@@ -216,8 +216,13 @@ class TrainConfig(Section):
         "ranks.")
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig, description="strategy: deepspeed.")
     fsdp: FSDPConfig = Field(default_factory=FSDPConfig, description="strategy: fsdp (FSDP2 fully_shard).")
+    device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="Where training runs: cuda (an error on a node without a GPU), cpu (gloo, even "
+        "where CUDA exists), or auto: cuda when present, else cpu with a warning when a node runs several "
+        "ranks or the job is a SLURM one.")
     activation_checkpointing: bool = Field(
-        False, description="Recompute layer activations in backward (less memory, ~30% more compute).")
+        False, description="Recompute each transformer block's activations in backward (less memory, ~30% "
+        "more compute), for every strategy (FSDP2: the block is wrapped before fully_shard).")
     freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="Partial fine-tuning.")
     sample_ledger: bool = Field(
         False, description="Write train/ledger/rank-N.jsonl: the row ids each rank trained at each step.")
@@ -282,10 +287,11 @@ class RunConfig(Section):
         if classify:
             self._check_labels()
         self._check_launch()
+        check_run_attention(self.model.attn_implementation, self.train.device, self.launch.backend)
         return self
 
     def _check_launch(self) -> None:
-        ranks = self.launch.nproc_per_node * self.launch.nnodes
+        ranks = ranks_per_node(self.launch, self.train.strategy, self.train.device) * self.launch.nnodes
         if self.launch.backend == "local" and ranks > 1:
             raise ValueError(
                 f"launch.nproc_per_node/nnodes ask for {ranks} ranks; set launch.backend: torchrun")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
@@ -38,7 +38,12 @@ class SlurmConfig(Section):
     constraint: str | None = Field(None, description="Node features the jobs need (sbatch --constraint).")
     exclusive: bool = Field(False, description="Train job: whole nodes only (sbatch --exclusive).")
     gpus_per_node: int | None = Field(
-        None, ge=0, le=1024, description="GPUs per node of the train job; null: none requested.")
+        None, ge=0, le=1024, description="GPUs per node of the jobs on the GPU partition (train; evaluate "
+        "of a large model); null: launch.nproc_per_node of them, none when train.device is cpu.")
+    large_model_gb: float = Field(
+        2.0, ge=0, le=1e6, description="Stages that need a GPU only for large models (evaluate) go to the "
+        "GPU partition, with GPUs, when the model's weight files exceed this many GB (a hub id, whose size "
+        "is unknown here, counts as large).")
     signal_lead_seconds: int = Field(
         120, ge=0, le=86_400,
         description="SLURM sends SIGUSR2 this many seconds before the time limit (sbatch "
@@ -85,7 +90,9 @@ class LaunchConfig(Section):
     backend: Literal["local", "torchrun", "slurm"] = Field(
         "local", description="local: every stage in this process; torchrun: train under torchrun; "
         "slurm: `ftpipe submit` sends every stage to SLURM, train as srun + torchrun per node.")
-    nproc_per_node: int = Field(1, ge=1, le=1024, description="torchrun: ranks per node.")
+    nproc_per_node: Annotated[int, Field(ge=1, le=1024)] | Literal["gpu"] = Field(
+        1, description="torchrun: ranks per node, or 'gpu': one per visible GPU (torchrun's convention; "
+        "SLURM then needs launch.slurm.gpus_per_node).")
     nnodes: int = Field(1, ge=1, le=100_000, description="torchrun: nodes.")
     node_rank: int = Field(0, ge=0, description="torchrun: this node's rank (multi-node, static rendezvous).")
     rdzv_endpoint: str | None = Field(
@@ -103,3 +110,16 @@ class LaunchConfig(Section):
         "strategy, micro batch and activation checkpointing that fit it.")
     slurm: SlurmConfig = Field(
         default_factory=SlurmConfig, description="backend slurm: how `ftpipe submit` asks for resources.")
+
+
+def ranks_per_node(launch: LaunchConfig, strategy: str, device: str) -> int:
+    """launch.nproc_per_node; for 'gpu' (counted where the ranks start) 1, the least it can be."""
+    if launch.nproc_per_node != "gpu":
+        return launch.nproc_per_node
+    if launch.backend == "local" or strategy == "single" or device == "cpu":
+        raise ValueError("launch.nproc_per_node 'gpu' (one rank per GPU) needs launch.backend torchrun or "
+                         "slurm, train.strategy ddp, fsdp or deepspeed, and train.device auto or cuda")
+    if launch.backend == "slurm" and launch.slurm.gpus_per_node is None:
+        raise ValueError("launch.nproc_per_node 'gpu' under SLURM needs launch.slurm.gpus_per_node "
+                         "(the GPUs each node's job asks for)")
+    return 1

@@ -70,3 +70,11 @@ def model_digest(name_or_path: str, cache: DigestCache, weights: bool) -> dict[s
     if not folder.exists():
         return {"hub_id": name_or_path}
     return {str(p.relative_to(folder)): cache.digest(p) for p in _model_files(folder, weights)}
+
+
+def weight_bytes(name_or_path: str) -> int | None:
+    """Total size of a model folder's weight files; None for a hub id (not measurable here)."""
+    folder = Path(name_or_path)
+    if not folder.exists():
+        return None
+    return sum(p.stat().st_size for p in _model_files(folder, weights=True))

@@ -9,8 +9,11 @@ nothing else initialises, queries or tears down the process group.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import random
+import resource
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +22,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import UserError
+
 TIMEOUT = datetime.timedelta(minutes=30)
+# Fewer fragmentation OOMs for training's changing tensor sizes; a user's own setting wins.
+ALLOC_CONF_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+ALLOC_CONF_DEFAULT = "expandable_segments:True"
+log = logging.getLogger("ftpipe")
+_device_type: str | None = None  # what init chose (train.device); None: cuda when present
 
 
 @dataclass(frozen=True)
@@ -28,6 +38,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     initialized: bool = False
+    device_type: str | None = None  # "cuda" or "cpu"; None: cuda when present
 
     @property
     def is_main(self) -> bool:
@@ -35,9 +46,42 @@ class DistEnv:
 
     @property
     def device(self) -> torch.device:
-        if torch.cuda.is_available():
+        if (self.device_type or _best_device()) == "cuda":
             return torch.device("cuda", self.local_rank)
         return torch.device("cpu")
+
+
+def _best_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def choose_device(choice: str, warn_cpu_fallback: bool = False,
+                  environ: Mapping[str, str] | None = None) -> str:
+    """train.device resolved on this node: "cuda" or "cpu". `cuda` without a GPU is a UserError;
+    `auto` falling back to the CPU where a node runs several ranks, or in a SLURM job, says so once
+    per node (local rank 0) when `warn_cpu_fallback`."""
+    environ = os.environ if environ is None else environ
+    if choice == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if choice == "cuda":
+        raise UserError(f"train.device: cuda, but node {socket.gethostname()} has no CUDA GPU "
+                        f"(torch.cuda.is_available() is false); set train.device: auto or cpu")
+    per_node = int(environ.get("LOCAL_WORLD_SIZE", "1"))
+    several = per_node > 1 or "SLURM_JOB_ID" in environ
+    if warn_cpu_fallback and several and environ.get("LOCAL_RANK", "0") == "0":
+        log.warning("WARNING: no CUDA GPU on node %s: training on the CPU with %d rank(s) here "
+                    "(train.device: auto); set train.device: cuda to make this an error, or cpu to "
+                    "silence it", socket.gethostname(), per_node)
+    return "cpu"
+
+
+def default_alloc_conf(environ: dict[str, str] | os._Environ) -> None:
+    """expandable_segments for the CUDA caching allocator, unless the user configured it; read when
+    CUDA first allocates, so set before that (here, and in the environment of torchrun's ranks)."""
+    if not any(environ.get(key) for key in ALLOC_CONF_ENV):
+        environ[ALLOC_CONF_ENV[0]] = ALLOC_CONF_DEFAULT
 
 
 def seed_everything(seed: int) -> None:
@@ -53,12 +97,13 @@ def launched_by_torchrun(environ: Mapping[str, str] | None = None) -> bool:
 
 
 def backend_name() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """nccl for the device init chose (train.device), gloo for the CPU even where CUDA exists."""
+    return "nccl" if (_device_type or _best_device()) == "cuda" else "gloo"
 
 
 def prepare_accelerator_env() -> None:
-    """DeepSpeed picks its accelerator at import; without CUDA it must be told to use the CPU."""
-    if not torch.cuda.is_available():
+    """DeepSpeed picks its accelerator at import; on the CPU it must be told so."""
+    if (_device_type or _best_device()) == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
@@ -66,14 +111,17 @@ _SOLO_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 _saved_env: dict[str, str | None] | None = None
 
 
-def init(need_group: bool) -> DistEnv:
-    """Join the torchrun group if launched by torchrun; else, if need_group, make a 1-rank group."""
+def init(need_group: bool, device: str = "auto", warn_cpu_fallback: bool = False) -> DistEnv:
+    """Join the torchrun group if launched by torchrun; else, if need_group, make a 1-rank group.
+    `device` is train.device (see choose_device); it picks the backend too."""
+    global _device_type
     if dist.is_initialized():
         return current()
+    _device_type = choose_device(device, warn_cpu_fallback)
     prepare_accelerator_env()
     if launched_by_torchrun():
         local_rank = int(os.environ["LOCAL_RANK"])
-        if torch.cuda.is_available():
+        if _device_type == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend_name(), timeout=TIMEOUT)
     elif need_group:
@@ -93,13 +141,15 @@ def _init_solo() -> None:
 
 def current() -> DistEnv:
     if not dist.is_initialized():
-        return DistEnv()
-    return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), True)
+        return DistEnv(device_type=_device_type)
+    return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), True,
+                   _device_type)
 
 
 def shutdown() -> None:
     """Leave the group together: a rank tearing down while another still talks aborts it."""
-    global _saved_env
+    global _saved_env, _device_type
+    _device_type = None
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -159,6 +209,24 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (on every rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def peak_memory(device: torch.device) -> dict[str, int | None]:
+    """This process's peaks: CUDA allocated and reserved bytes (None off CUDA) and host RSS."""
+    on_cuda = device.type == "cuda"
+    return {"cuda_max_allocated_bytes": torch.cuda.max_memory_allocated(device) if on_cuda else None,
+            "cuda_max_reserved_bytes": torch.cuda.max_memory_reserved(device) if on_cuda else None,
+            # ru_maxrss is in KiB on Linux
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 def _collective_device() -> torch.device:

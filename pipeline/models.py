@@ -12,7 +12,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, RunConfig
 from pipeline.errors import UserError
 
 MODEL_CLASSES = {"causal_lm": AutoModelForCausalLM,
@@ -27,19 +27,27 @@ def label_kwargs(cfg: ModelConfig, labels: list[str] | None) -> dict:
             "label2id": {n: i for i, n in enumerate(names)}}
 
 
-def load_model(cfg: ModelConfig, labels: list[str] | None = None,
-               path: str | Path | None = None) -> PreTrainedModel:
-    """The pretrained model for cfg.task in fp32 (autocast handles bf16), from `path` if given."""
+def load_model(cfg: ModelConfig, labels: list[str] | None = None, path: str | Path | None = None,
+               dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """The pretrained model for cfg.task in `dtype` (fp32: autocast handles bf16), from `path` if given."""
     source = str(path or cfg.name_or_path)
     try:
         model = MODEL_CLASSES[cfg.task].from_pretrained(
-            source, dtype=torch.float32, attn_implementation=cfg.attn_implementation,
+            source, dtype=dtype, attn_implementation=cfg.attn_implementation,
             **label_kwargs(cfg, labels))
     except (OSError, ValueError) as err:
         raise UserError(f"model.name_or_path: cannot load {source!r} as {cfg.task}: "
                         f"{str(err).splitlines()[0]}") from None
     prepare_pad_token(model)
     return model
+
+
+def base_dtype(cfg: RunConfig) -> torch.dtype:
+    """The dtype the pretrained weights are loaded in for this run: bf16 for a frozen base under LoRA
+    trained in bf16 (half the memory; the adapters train in fp32), else fp32 (autocast casts, and the
+    optimizer keeps fp32 weights). Whatever reloads the trained model to reproduce training's logits
+    loads it the same way."""
+    return torch.bfloat16 if cfg.model.lora is not None and cfg.train.precision == "bf16" else torch.float32
 
 
 def load_model_config(cfg: ModelConfig, labels: list[str] | None = None):

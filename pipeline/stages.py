@@ -89,6 +89,8 @@ class Stage:
     distributed: bool = False  # runs under torchrun on every node of its job
     shared_by_sweep: bool = False  # sweep members link to the base run's output instead of redoing it
     gpu: bool = False  # its SLURM job goes to the GPU partition
+    # ... or only when the model's weights exceed launch.slurm.large_model_gb (launch.slurm.needs_gpu)
+    gpu_for_large_model: bool = False
     # Bumped by us when what the stage writes changes meaning; a code change alone keeps results valid.
     version: int = 1
     keeps: str | None = None  # glob (in its folder) of partial work to resume from: never deleted unasked
@@ -156,7 +158,8 @@ _DECLARED = (
            "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.models", "pipeline.tokenizer",
            "pipeline.tokenized", "pipeline.distributed", "pipeline.train", "pipeline.train.data",
            "pipeline.train.objective", "pipeline.unpickling"),
-          distributed=True),  # data parallel on the training ranks, under torchrun like train
+          distributed=True,  # data parallel on the training ranks, under torchrun like train
+          gpu_for_large_model=True),
 )
 
 STAGES: dict[str, Stage] = {stage.name: stage for stage in _DECLARED}

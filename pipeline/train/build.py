@@ -9,13 +9,13 @@ import torch
 
 from pipeline.config import RunConfig
 from pipeline.distributed import DistEnv
-from pipeline.models import MODEL_CLASSES, load_model, load_model_config, prepare_pad_token
+from pipeline.models import MODEL_CLASSES, base_dtype, load_model, load_model_config, prepare_pad_token
 from pipeline.train.engine import DDPEngine, SingleEngine, TrainEngine
 from pipeline.train.partial import prepare_model
 
 
 def pretrained(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
-    return prepare_model(load_model(cfg.model, cfg.data.labels).to(device), cfg)
+    return prepare_model(load_model(cfg.model, cfg.data.labels, dtype=base_dtype(cfg)).to(device), cfg)
 
 
 def skeleton(cfg: RunConfig) -> torch.nn.Module:
@@ -24,7 +24,7 @@ def skeleton(cfg: RunConfig) -> torch.nn.Module:
 
     with init_empty_weights(include_buffers=False):
         model = MODEL_CLASSES[cfg.model.task].from_config(load_model_config(cfg.model, cfg.data.labels),
-                                                          dtype=torch.float32)
+                                                          dtype=base_dtype(cfg))
     model.tie_weights()  # init_empty_weights re-registers parameters, which unties them
     prepare_pad_token(model)
     with init_empty_weights(include_buffers=False):

@@ -7,12 +7,19 @@ receive their shards from rank 0, so no rank but one ever holds a full copy in h
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    CheckpointWrapper,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -25,19 +32,10 @@ from torch.distributed.tensor import DTensor
 from pipeline.config import TrainConfig
 from pipeline.distributed import DistEnv
 from pipeline.train.engine import Engine
+from pipeline.train.partial import block_modules
 from pipeline.unpickling import refuse_untrusted
 
 DCP_FOLDER = "dcp"
-
-
-def block_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated transformer blocks, as the model itself names them (_no_split_modules)."""
-    names: set[str] = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    assert blocks or not names, "model declares block classes but none were found"
-    return blocks
 
 
 def shard_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> None:
@@ -46,9 +44,24 @@ def shard_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) 
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cfg.fsdp.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    for block in block_modules(model):
+    blocks = block_modules(model)
+    if cfg.activation_checkpointing:
+        blocks = checkpoint_blocks(model, blocks)
+    for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+
+
+def checkpoint_blocks(model: torch.nn.Module, blocks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """Wrap each block in torch's checkpoint_wrapper (non-reentrant), to be sharded as the unit: FSDP's
+    hooks then sit outside the recomputed region, so backward re-gathers each block once. The
+    wrappers' state_dict and DCP keep the plain parameter names."""
+    wanted = {id(block) for block in blocks}
+    wrap = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    apply_activation_checkpointing(model, checkpoint_wrapper_fn=wrap, check_fn=lambda m: id(m) in wanted)
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+    return [m for m in model.modules() if isinstance(m, CheckpointWrapper)]
 
 
 def materialize(model: torch.nn.Module, device: torch.device) -> None:

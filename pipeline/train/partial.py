@@ -7,9 +7,13 @@ rank, so the parameter structure (and hence sharding) is the same everywhere.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import RunConfig
 from pipeline.errors import UserError
@@ -18,14 +22,49 @@ LAYER_INDEX = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
 
 
 def prepare_model(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
-    """Apply LoRA or freezing and activation checkpointing, as configured."""
+    """Apply LoRA or freezing and activation checkpointing, as configured. Trainable parameters are
+    fp32 whatever the base's dtype (a bf16 frozen base under LoRA)."""
     if cfg.model.lora is not None:
         model = apply_lora(model, cfg)
     freeze(model, cfg)
-    if cfg.train.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    # FSDP2 wraps each block in torch's checkpoint_wrapper before fully_shard instead (fsdp.py).
+    if cfg.train.activation_checkpointing and cfg.train.strategy != "fsdp":
+        checkpoint_each_block(model)
     return model
+
+
+def block_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks, as the model itself names them (_no_split_modules)."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    assert blocks or not names, "model declares block classes but none were found"
+    return blocks
+
+
+def checkpoint_each_block(model: torch.nn.Module) -> None:
+    """Recompute each transformer block's activations in backward (torch.utils.checkpoint,
+    non-reentrant) by checkpointing the block's forward. Parameter names stay as they are (checkpoints,
+    DeepSpeed's saved names); transformers' own switch is not used because it acts only in train()
+    mode, which the loop does not set (it trains with dropout off)."""
+    blocks = block_modules(model)
+    if not blocks:
+        raise UserError("train.activation_checkpointing: this model declares no transformer blocks "
+                        "(_no_split_modules) to checkpoint")
+    for block in blocks:
+        block.forward = functools.partial(_recomputed, block.forward)
+    if hasattr(model, "config"):
+        model.config.use_cache = False
+
+
+def _recomputed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_grad_enabled():  # nothing to recompute for (evaluation, verify logits)
+        return forward(*args, **kwargs)
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def head_names(model: torch.nn.Module) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from pipeline import distributed
+from pipeline.attention import check_attn_device
 from pipeline.config import RunConfig, TrainConfig
 from pipeline.context import StageContext
 from pipeline.distributed import DistEnv
@@ -51,9 +52,13 @@ def training_length(cfg: TrainConfig) -> dict[str, Any]:
 def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     """Train on the tokenized train split; resume from the latest complete checkpoint."""
     owns_group = cfg.train.strategy != "single" and not distributed.launched_by_torchrun()
+    distributed.default_alloc_conf(os.environ)  # before CUDA's first allocation
     with StopRequest().listening() as stop:
-        dist = distributed.init(need_group=cfg.train.strategy != "single")
+        dist = distributed.init(need_group=cfg.train.strategy != "single", device=cfg.train.device,
+                                warn_cpu_fallback=True)
         try:
+            # Validation on a SLURM login node could not know this node's device.
+            check_attn_device(cfg.model.attn_implementation, dist.device.type)
             with SystemMetrics(ctx.tracker.log_metrics, enabled=dist.is_main):
                 return train(cfg, ctx, dist, stop)
         finally:
@@ -91,6 +96,7 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
     state, resumed = _resume(settings, saved, fresh)
     extended = _extend(state, fresh, lambda length: target(cfg.train.model_copy(update=length)))
     state = train_loop(engine, batches, settings, state, ctx.tracker.log_metrics)
+    memory = peak_memory(ctx, dist)
     write_verify_logits(engine, ctx, out / VERIFY_FILE, dist, precision)
     return {"steps": state.step, "samples": state.samples, "target_samples": state.target_samples,
             "tokens_trained": state.tokens, "seconds": round(state.seconds, 3),
@@ -98,7 +104,17 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
             "world_size": dist.world_size, "strategy": cfg.train.strategy, "precision": precision,
             "resumed_from_step": resumed,
             "trainable_parameters": _trainable(engine), **training_length(cfg.train),
-            "extended_from": extended, "final_checkpoint": f"checkpoints/step-{state.step:06d}"}
+            "extended_from": extended, "final_checkpoint": f"checkpoints/step-{state.step:06d}",
+            "peak_memory": memory}
+
+
+def peak_memory(ctx: StageContext, dist: DistEnv) -> list[dict[str, Any]]:
+    """Every rank's memory peaks (CUDA allocated/reserved, None off CUDA; host RSS), in the manifest
+    and as MLflow metrics memory/rank<N>/<what>."""
+    ranks = distributed.all_gather_object(distributed.peak_memory(dist.device))
+    ctx.tracker.log_metrics({f"memory/rank{rank}/{key}": float(value) for rank, peaks in enumerate(ranks)
+                             for key, value in peaks.items() if value is not None})
+    return [{"rank": rank, **peaks} for rank, peaks in enumerate(ranks)]
 
 
 def _engine_at_checkpoint(cfg: RunConfig, dist: DistEnv, root: Path) -> tuple[TrainEngine, dict | None]:

@@ -36,7 +36,8 @@ def no_jobs_left(slurm_cluster):
 
 
 def _config(tmp_path: Path, tiny_llama: Path, text_data: Path, name: str, **launch) -> Path:
-    cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name=name,
+    # This cluster has no GPUs: train.device cpu, or the train job would ask for one per rank.
+    cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name=name, train={"device": "cpu"},
                                  launch={"backend": "slurm", **launch})
     return fixtures.write_config(tmp_path / f"{name}.yaml", cfg)
 
@@ -278,6 +279,7 @@ def test_a_sweep_shares_one_dataset_and_one_mlflow_parent(slurm_cluster, tmp_pat
     # A password in the URI: the jobs get it from each run's owner-only credentials file.
     password = "pw-31b7d2"
     cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name="sw", launch={"backend": "slurm"},
+                                 train={"device": "cpu"},
                                  tracking={"enabled": True, "experiment": "sweep",
                                            "mlflow_uri": mlflow_server.replace("//", f"//u:{password}@")})
     config = fixtures.write_config(tmp_path / "sw.yaml", cfg)

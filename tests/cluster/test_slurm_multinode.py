@@ -13,7 +13,9 @@ from tests import fixtures
 from tests.cluster.test_slurm import wait_for
 from tests.helpers import assert_close_weights, ftpipe, losses, manifest, weights
 
-BATCH = {"max_steps": 4, "micro_batch_size": 2, "global_batch_size": 8, "checkpoint_every": 2, "lr": 1e-3}
+# device cpu: these clusters have no GPUs, and the train job would otherwise ask for one per rank.
+BATCH = {"max_steps": 4, "micro_batch_size": 2, "global_batch_size": 8, "checkpoint_every": 2, "lr": 1e-3,
+         "device": "cpu"}
 STRATEGIES = {"fsdp": {"strategy": "fsdp"},
               "zero3": {"strategy": "deepspeed", "deepspeed": {"zero_stage": 3}}}
 

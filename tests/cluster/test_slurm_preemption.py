@@ -31,7 +31,8 @@ def test_a_signalled_train_job_saves_every_rank_requeues_and_resumes(slurm_clust
     before the time limit: the two FSDP ranks save one step together, the job requeues itself, and
     the requeued run resumes there with no sample lost or trained twice."""
     train = {"strategy": "fsdp", "max_steps": 60, "micro_batch_size": 2, "global_batch_size": 8,
-             "checkpoint_every": 1000, "keep_last": 5, "sample_ledger": True}
+             "checkpoint_every": 1000, "keep_last": 5, "sample_ledger": True,
+             "device": "cpu"}  # this cluster has no GPUs
     cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name="pre", train=train,
                                  launch={"backend": "slurm", "nproc_per_node": 2,
                                          "slurm": {"max_requeues": 2}})
@@ -68,7 +69,8 @@ def test_a_plain_scancel_saves_every_rank_and_a_resubmitted_job_resumes_exactly(
     from pipeline.config import load_config
 
     train = {"strategy": "fsdp", "max_steps": 40, "micro_batch_size": 2, "global_batch_size": 8,
-             "checkpoint_every": 1000, "keep_last": 5, "sample_ledger": True}
+             "checkpoint_every": 1000, "keep_last": 5, "sample_ledger": True,
+             "device": "cpu"}  # this cluster has no GPUs
     cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name="term", train=train,
                                  launch={"backend": "slurm", "nproc_per_node": 2})
     config = fixtures.write_config(tmp_path / "term.yaml", cfg)

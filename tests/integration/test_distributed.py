@@ -75,6 +75,7 @@ def test_two_ranks_match_the_single_process_run(workspace, tiny_llama, single_ru
     assert ftpipe("run", config, *TRAINED) == 0
     run = tmp / "runs" / name
     assert manifest(run, "train")["world_size"] == 2
+    assert [peaks["rank"] for peaks in manifest(run, "train")["peak_memory"]] == [0, 1]  # gathered
     assert losses(run)[:5] == pytest.approx(losses(single_run)[:5], rel=1e-4)
     assert_close_weights(weights(run), weights(single_run), rtol=1e-4, atol=1e-5)
     assert manifest(run, "consolidate")["verify_max_abs_diff"] <= 1e-4

@@ -50,6 +50,9 @@ def test_causal_lm_end_to_end(tmp_path, lm_config, capsys):
         assert manifest(run, stage)["stage"] == stage
     train = manifest(run, "train")
     assert train["steps"] == 6 and train["tokens_trained"] > 0 and train["tokens_per_second"] > 0
+    [peaks] = train["peak_memory"]  # one per rank; no CUDA here: null, the host's peak RSS instead
+    assert peaks["rank"] == 0 and peaks["peak_rss_bytes"] > 100 * 2**20
+    assert peaks["cuda_max_allocated_bytes"] is None and peaks["cuda_max_reserved_bytes"] is None
     assert losses(run)[:2] == pytest.approx(EXPECTED_LM_LOSSES, abs=0.1)
     assert losses(run)[-1] < losses(run)[0]
     tokenize = manifest(run, "tokenize")["splits"]

@@ -46,6 +46,8 @@ def _check_recorded(uri: str, experiment: str) -> None:
     train = children["train"].info.run_id
     history = client.get_metric_history(train, "loss")
     assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+    memory = {k for k in children["train"].data.metrics if k.startswith("memory/")}
+    assert memory == {"memory/rank0/peak_rss_bytes"}  # the CUDA peaks are null here: not logged
     assert [a.path for a in client.list_artifacts(train, "train")] == ["train/manifest.json"]
     assert "perplexity" in children["evaluate"].data.metrics
 
