@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from pipeline.attention import check_attn_implementation
+from pipeline.config_consolidate import ConsolidateConfig
 from pipeline.config_errors import Section, check_expansion, check_nesting, describe_error, yaml_lines
 from pipeline.config_launch import LaunchConfig
 from pipeline.errors import UserError
@@ -37,6 +38,8 @@ class LoraConfig(Section):
         "all-linear", description="Module names (or 'all-linear') that get adapters.")
     merge: bool = Field(
         True, description="consolidate: merge adapters into the weights, or save only the adapter.")
+    use_rslora: bool = Field(False, description="Rank-stabilized LoRA: scale = alpha / sqrt(r).")
+    use_dora: bool = Field(False, description="DoRA: adapters also learn each output row's magnitude.")
 
 
 class ModelConfig(Section):
@@ -263,6 +266,7 @@ class RunConfig(Section):
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    consolidate: ConsolidateConfig = Field(default_factory=ConsolidateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)

@@ -25,6 +25,7 @@ PACKAGE_ROOT = Path(pipeline.__file__).parent.parent
 # what a stage writes does not depend on their code, and a change in the config they read is
 # fingerprinted as config. Every other package module a stage imports must be in its `code`.
 PLUMBING = ("pipeline", "pipeline.config", "pipeline.config_errors", "pipeline.config_launch",
+            "pipeline.config_consolidate",
             "pipeline.attention", "pipeline.context", "pipeline.errors", "pipeline.run_dir",
             "pipeline.digests", "pipeline.stages")
 
@@ -64,7 +65,8 @@ def train_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
 
 
 def consolidate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
-    return {}
+    # The chat template, the label names and the training precision reach it through train's inputs.
+    return {"consolidate": cfg.consolidate.model_dump()}
 
 
 def evaluate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
@@ -130,9 +132,11 @@ _DECLARED = (
           extendable=("train.max_steps", "train.epochs")),
     Stage("consolidate", "pipeline.consolidate:run", ("train",), consolidate_inputs,
           ("pipeline.consolidate", "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.models",
-           "pipeline.tokenizer", "pipeline.unpickling")),
+           "pipeline.tokenizer", "pipeline.unpickling", "pipeline.lora_out", "pipeline.model_checks"),
+          version=2),
     Stage("evaluate", "pipeline.evaluate:run", ("consolidate",), evaluate_inputs,
           ("pipeline.evaluate", "pipeline.consolidate", "pipeline.checkpoint_readers", "pipeline.hf_writer",
+           "pipeline.lora_out", "pipeline.model_checks",
            "pipeline.models", "pipeline.tokenizer", "pipeline.tokenized", "pipeline.distributed",
            "pipeline.train", "pipeline.train.data", "pipeline.train.objective", "pipeline.unpickling")),
 )
