@@ -114,8 +114,8 @@ def adapter_config(cfg: RunConfig, names: dict[str, str]) -> Any:
 def write_adapter(folder: Path, reader: CheckpointReader, cfg: RunConfig, tokenizer: Any) -> WriteResult:
     names = adapter_names(reader)
     writer = ShardedSafetensorsWriter(folder, shard_bytes=1 << 62, single_file=ADAPTER_FILE)
-    for name, tensor in reader.items(only=set(names)):
-        writer.add(names[name], tensor)
+    for name, tensor in reader.items(only=set(names)):  # fp32, as peft saves them (exact from bf16)
+        writer.add(names[name], tensor.float() if tensor.is_floating_point() else tensor)
     result = writer.close()
     adapter_config(cfg, names).save_pretrained(str(folder))
     tokenizer.save_pretrained(str(folder))

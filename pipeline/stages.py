@@ -66,6 +66,7 @@ def train_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
 
 def consolidate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
     # The chat template, the label names and the training precision reach it through train's inputs.
+    # Runs consolidated before this section existed see `consolidate.dtype: (unset) -> auto` here.
     return {"consolidate": cfg.consolidate.model_dump()}
 
 
@@ -132,8 +133,7 @@ _DECLARED = (
           extendable=("train.max_steps", "train.epochs")),
     Stage("consolidate", "pipeline.consolidate:run", ("train",), consolidate_inputs,
           ("pipeline.consolidate", "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.models",
-           "pipeline.tokenizer", "pipeline.unpickling", "pipeline.lora_out", "pipeline.model_checks"),
-          version=2),
+           "pipeline.tokenizer", "pipeline.unpickling", "pipeline.lora_out", "pipeline.model_checks")),
     Stage("evaluate", "pipeline.evaluate:run", ("consolidate",), evaluate_inputs,
           ("pipeline.evaluate", "pipeline.consolidate", "pipeline.checkpoint_readers", "pipeline.hf_writer",
            "pipeline.lora_out", "pipeline.model_checks",
