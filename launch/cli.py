@@ -1,4 +1,4 @@
-"""`ftpipe run | validate | plan | status | submit | cancel | logs | sync`: the command line."""
+"""`ftpipe run | validate | plan | status | submit | cancel | logs | sync | export`: the command line."""
 
 from __future__ import annotations
 
@@ -63,6 +63,11 @@ def _parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="send the tracking data a run could not send (RUN_DIR/tracking/spool) "
                                        "to MLflow; safe to repeat")
     sync.add_argument("run_dir", type=Path)
+    export = sub.add_parser("export", help="turn a complete training checkpoint into a verified Hugging Face "
+                                           "model folder")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--step", type=int, required=True, help="the checkpoint's training step")
+    export.add_argument("--out", type=Path, required=True, help="a new or empty folder to write")
     for command in sub.choices.values():  # `ftpipe run cfg.yaml --debug` as well as `ftpipe --debug run`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
@@ -316,9 +321,18 @@ def cmd_sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export
+
+    report = export(_run_dir(args.run_dir), args.step, args.out)
+    print(f"exported {report['checkpoint']} to {args.out}: {report['mode']} model, {report['dtype']}, "
+          f"verified {report['verify']}")
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "plan": cmd_plan, "status": cmd_status,
             "submit": cmd_submit, "cancel": cmd_cancel, "logs": cmd_logs, "sync": cmd_sync,
-            "report": cmd_report}
+            "report": cmd_report, "export": cmd_export}
 
 
 def main(argv: list[str] | None = None) -> int:

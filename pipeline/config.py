@@ -16,9 +16,11 @@ from pydantic import (
 )
 
 from pipeline import config_errors
-from pipeline.attention import check_attn_implementation, check_run_attention
+from pipeline.attention import check_run_attention
+from pipeline.config_consolidate import ConsolidateConfig
 from pipeline.config_errors import Section
 from pipeline.config_launch import LaunchConfig, ranks_per_node
+from pipeline.config_model import MAX_LABELS, LoraConfig, ModelConfig  # noqa: F401 - re-exported
 from pipeline.config_sources import ENTRY_TAGS, SourceEntry
 from pipeline.config_tracking import TrackingConfig
 from pipeline.errors import UserError
@@ -26,36 +28,7 @@ from pipeline.errors import UserError
 # Bounds far above any real run that stop absurd values at `validate` instead of hours later (or in
 # the kernel's OOM killer): the sizes of batches, label sets and names.
 MAX_BATCH = 65_536  # examples per forward pass, per optimizer step
-MAX_LABELS = 100_000
 MAX_NAME = 200  # run names; a temporary name adds 14 characters, and a path component holds 255 bytes
-
-
-class LoraConfig(Section):
-    r: int = Field(8, ge=1, le=4096, description="Adapter rank.")
-    alpha: float = Field(16.0, gt=0, le=1e6, description="Adapter scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
-    target_modules: list[str] | str = Field(
-        "all-linear", description="Module names (or 'all-linear') that get adapters.")
-    merge: bool = Field(
-        True, description="consolidate: merge adapters into the weights, or save only the adapter.")
-
-
-class ModelConfig(Section):
-    name_or_path: str = Field(description="Local model directory or hub id of the pretrained model.")
-    task: Literal["causal_lm", "sequence_classification"] = Field(
-        "causal_lm", description="Head to train: next-token prediction or sequence classification.")
-    num_labels: int | None = Field(
-        None, ge=2, le=MAX_LABELS,
-        description="Classes for sequence_classification; defaults to len(data.labels).")
-    lora: LoraConfig | None = Field(None, description="Train LoRA adapters (peft) instead of the full model.")
-    attn_implementation: str = Field(
-        "sdpa", description="Attention kernel passed to from_pretrained: sdpa, eager, flex_attention, "
-        "flash_attention_2, flash_attention_3 or a kernels-hub name (org/repo); flash ones need CUDA.")
-
-    @field_validator("attn_implementation")
-    @classmethod
-    def _attention_runs_here(cls, value: str) -> str:
-        return check_attn_implementation(value)
 
 
 class FieldNames(Section):
@@ -273,6 +246,7 @@ class RunConfig(Section):
     model: ModelConfig
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    consolidate: ConsolidateConfig = Field(default_factory=ConsolidateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     launch: LaunchConfig = Field(default_factory=LaunchConfig)

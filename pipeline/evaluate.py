@@ -22,6 +22,7 @@ from pipeline.distributed import DistEnv, seed_everything
 from pipeline.errors import UserError
 from pipeline.eval_metrics import capped, scored
 from pipeline.models import load_model
+from pipeline.precision import as_trained
 from pipeline.run_dir import atomic_write_json, atomic_write_text
 from pipeline.tokenized import open_split
 from pipeline.tokenizer import load_tokenizer
@@ -118,9 +119,7 @@ def held_out(cfg: RunConfig, ctx: StageContext) -> pa.Table:
 
 def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     dist = distributed.init(need_group=False)  # joins torchrun's group; alone otherwise
-    # The precision training ran in: bf16 asked of a CPU without native bf16 trained in fp32.
-    trained = (ctx.run_dir.read_manifest("train") or {}).get("precision", cfg.train.precision)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": trained})})
+    cfg = as_trained(cfg, ctx.run_dir)  # bf16 asked of a CPU without native bf16 trained in fp32
     table = held_out(cfg, ctx)
     pad_id = ctx.run_dir.read_manifest("tokenize")["pad_token_id"]
     model_dir = ctx.run_dir.model_dir

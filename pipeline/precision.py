@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import TrainConfig
+from pipeline.config import RunConfig, TrainConfig
+from pipeline.run_dir import RunDir
 
 log = logging.getLogger("ftpipe")
 # CPU feature flags (/proc/cpuinfo names) of native bf16 arithmetic: x86 AVX512-BF16 and AMX, ARM BF16.
@@ -76,3 +77,10 @@ def precision_warning(train: TrainConfig) -> str | None:
     if torch.cuda.is_available():
         return None
     return trained_precision(train, torch.device("cpu"))[1]
+
+
+def as_trained(cfg: RunConfig, run_dir: RunDir) -> RunConfig:
+    """`cfg` with the precision training actually ran in (the train manifest's), for what reproduces or
+    follows training: consolidate's check and dtype, evaluate, export."""
+    trained = (run_dir.read_manifest("train") or {}).get("precision", cfg.train.precision)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"precision": trained})})

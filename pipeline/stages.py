@@ -25,8 +25,10 @@ PACKAGE_ROOT = Path(pipeline.__file__).parent.parent
 # what a stage writes does not depend on their code, and a change in the config they read is
 # fingerprinted as config. Every other package module a stage imports must be in its `code`.
 PLUMBING = ("pipeline", "pipeline.config", "pipeline.config_errors", "pipeline.config_launch",
-            "pipeline.config_sources", "pipeline.config_tracking", "pipeline.attention", "pipeline.context",
-            "pipeline.errors", "pipeline.run_dir", "pipeline.digests", "pipeline.stages")
+            "pipeline.config_sources", "pipeline.config_tracking", "pipeline.config_consolidate",
+            "pipeline.config_model",
+            "pipeline.attention", "pipeline.context", "pipeline.errors", "pipeline.run_dir",
+            "pipeline.digests", "pipeline.stages")
 
 # Keys only the tokenize stage reads, and num_workers (the output is the same for any value),
 # stay out of the shard fingerprint, so changing them does not re-shard.
@@ -64,7 +66,9 @@ def train_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
 
 
 def consolidate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
-    return {}
+    # The chat template, the label names and the training precision reach it through train's inputs.
+    # Runs consolidated before this section existed see `consolidate.dtype: (unset) -> auto` here.
+    return {"consolidate": cfg.consolidate.model_dump()}
 
 
 def evaluate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
@@ -151,13 +155,14 @@ _DECLARED = (
           distributed=True, gpu=True, keeps="checkpoints/step-*/COMPLETE",
           extendable=("train.max_steps", "train.epochs")),
     Stage("consolidate", "pipeline.consolidate:run", ("train",), consolidate_inputs,
-          ("pipeline.consolidate", "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.models",
-           "pipeline.tokenizer", "pipeline.unpickling")),
+          ("pipeline.consolidate", "pipeline.precision", "pipeline.checkpoint_readers", "pipeline.hf_writer",
+           "pipeline.models", "pipeline.tokenizer", "pipeline.unpickling", "pipeline.lora_out",
+           "pipeline.model_checks")),
     Stage("evaluate", "pipeline.evaluate:run", ("consolidate",), evaluate_inputs,
-          ("pipeline.evaluate", "pipeline.eval_metrics", "pipeline.consolidate",
-           "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.models", "pipeline.tokenizer",
-           "pipeline.tokenized", "pipeline.distributed", "pipeline.train", "pipeline.train.data",
-           "pipeline.train.objective", "pipeline.unpickling"),
+          ("pipeline.evaluate", "pipeline.eval_metrics", "pipeline.consolidate", "pipeline.precision",
+           "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.lora_out", "pipeline.model_checks",
+           "pipeline.models", "pipeline.tokenizer", "pipeline.tokenized", "pipeline.distributed",
+           "pipeline.train", "pipeline.train.data", "pipeline.train.objective", "pipeline.unpickling"),
           distributed=True,  # data parallel on the training ranks, under torchrun like train
           gpu_for_large_model=True),
 )

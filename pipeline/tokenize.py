@@ -30,12 +30,11 @@ from pipeline.config import RunConfig
 from pipeline.context import StageContext
 from pipeline.digests import DigestCache, fingerprint, model_digest
 from pipeline.encoding import EncodedBatch, Encoder
-from pipeline.errors import UserError
 from pipeline.packing import Packer, packed_schema, packing_summary
 from pipeline.run_dir import RunDir, atomic_write_text, room_for
 from pipeline.sources import source_files
 from pipeline.stages import STAGES, tokenize_inputs
-from pipeline.tokenizer import load_tokenizer, rust_tokenizer, saved_tokenizer
+from pipeline.tokenizer import chat_template, load_tokenizer, rust_tokenizer, saved_tokenizer
 from pipeline.units import check_rejects, merge_rejects, run_units
 
 BATCH_ROWS = 1000
@@ -280,21 +279,6 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
                   [out / "rejects.jsonl", ctx.run_dir.stage("shard") / shard_manifest["rejects_file"]],
                   "no training rows left after tokenize")
     return manifest
-
-
-def chat_template(cfg: RunConfig, tokenizer) -> str | None:
-    """The data.chat_template file's text; for format chat, the tokenizer must have one otherwise."""
-    if cfg.data.format != "chat":
-        return None
-    if cfg.data.chat_template is None:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError(f"data.chat_template: the tokenizer of {cfg.model.name_or_path!r} has no chat "
-                            "template; set data.chat_template to a Jinja file")
-        return None
-    try:
-        return Path(cfg.data.chat_template).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"data.chat_template: cannot read {cfg.data.chat_template!r}: {err}") from None
 
 
 def _summarize(shards: list[dict[str, Any]]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import RunConfig
 from pipeline.errors import UserError
 from pipeline.run_dir import atomic_write_json, atomic_write_text
 
@@ -35,6 +36,21 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
     except (OSError, ValueError) as err:
         raise UserError(f"model.name_or_path: cannot load a tokenizer from {str(name_or_path)!r}: "
                         f"{str(err).splitlines()[0]}") from None
+
+
+def chat_template(cfg: RunConfig, tokenizer) -> str | None:
+    """The data.chat_template file's text; for format chat, the tokenizer must have one otherwise."""
+    if cfg.data.format != "chat":
+        return None
+    if cfg.data.chat_template is None:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(f"data.chat_template: the tokenizer of {cfg.model.name_or_path!r} has no chat "
+                            "template; set data.chat_template to a Jinja file")
+        return None
+    try:
+        return Path(cfg.data.chat_template).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"data.chat_template: cannot read {cfg.data.chat_template!r}: {err}") from None
 
 
 @dataclass

@@ -81,6 +81,7 @@ def apply_lora(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
     classify = cfg.model.task == "sequence_classification"
     peft_config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora, use_dora=lora.use_dora,
         task_type=TaskType.SEQ_CLS if classify else TaskType.CAUSAL_LM,
         modules_to_save=[n for n in head_names(model) if n != "lm_head"] if classify else None)
     torch.manual_seed(cfg.train.seed)  # adapter init must be identical on every rank

@@ -16,10 +16,9 @@ from transformers import AutoModelForCausalLM
 
 from pipeline import consolidate, hf_writer
 from pipeline.checkpoint_readers import clean_name, open_checkpoint
-from pipeline.config import validate_config
-from pipeline.context import StageContext
-from pipeline.run_dir import RunDir, atomic_write_json
+from pipeline.run_dir import atomic_write_json
 from tests import fixtures
+from tests.consolidate_runs import peft_model, reloaded_logits, save_torch, save_verify, trained_stage
 
 # Its fixture trains every strategy under torchrun, with one and with two ranks.
 pytestmark = pytest.mark.multirank
@@ -161,45 +160,11 @@ def test_deepspeed_reader_equals_zero_to_fp32(checkpoints, tiny_llama, stage):
 # --- the stage: run(cfg, ctx) on checkpoints in a run directory ------------------------------
 
 
-def _stage(tmp_path: Path, model: Path, task: str = "causal_lm", **model_keys) -> tuple:
-    """A run directory whose train stage is done, the config and the empty final checkpoint folder."""
-    source = tmp_path / "unused.jsonl"
-    raw = (fixtures.causal_config(tmp_path, model, source) if task == "causal_lm"
-           else fixtures.classification_config(tmp_path, model, source))
-    raw["model"].update(model_keys)
-    run = RunDir(tmp_path / "run")
-    step = run.stage("train") / "checkpoints" / "step-000001"
-    step.mkdir(parents=True)
-    atomic_write_json(run.manifest_path("train"), {"final_checkpoint": "checkpoints/step-000001"})
-    return validate_config(raw), StageContext(run, progress=False), step
-
-
-@torch.no_grad()
-def _save_verify(model: torch.nn.Module, run: RunDir) -> torch.Tensor:
-    ids = torch.randint(4, 100, (2, 10), generator=torch.Generator().manual_seed(3))
-    mask = torch.ones_like(ids)
-    logits = model.eval()(input_ids=ids, attention_mask=mask).logits
-    torch.save({"input_ids": ids, "attention_mask": mask, "logits": logits}, run.stage("train") / "verify.pt")
-    return logits
-
-
-def _save_torch(state: dict, step: Path) -> None:
-    torch.save(state, step / "model.pt")
-    atomic_write_json(step / "meta.json", {"format": "torch", "world_size": 1})
-
-
-def _reloaded_logits(cfg, ctx: StageContext) -> torch.Tensor:
-    model = consolidate.load_consolidated(cfg, ctx.run_dir.stage("consolidate") / "model").eval()
-    saved = torch.load(ctx.run_dir.stage("train") / "verify.pt")
-    with torch.no_grad():
-        return model(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).logits
-
-
 def test_sharded_output_has_an_index_and_loads(tmp_path, tiny_llama, monkeypatch):
-    cfg, ctx, step = _stage(tmp_path, tiny_llama)
+    cfg, ctx, step = trained_stage(tmp_path, tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    _save_torch(model.state_dict(), step)
-    _save_verify(model, ctx.run_dir)
+    save_torch(model.state_dict(), step)
+    save_verify(model, ctx.run_dir)
     monkeypatch.setattr(hf_writer, "SHARD_BYTES", 64 << 10)
     manifest = consolidate.run(cfg, ctx)
     out = ctx.run_dir.stage("consolidate") / "model"
@@ -215,29 +180,29 @@ def test_zero3_checkpoint_consolidates_to_a_loadable_model(tmp_path, tiny_llama,
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    cfg, ctx, step = _stage(tmp_path, tiny_llama)
+    cfg, ctx, step = trained_stage(tmp_path, tiny_llama)
     shutil.copytree(checkpoints / "two" / "zero3", step, dirs_exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
     model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(step), tag="deepspeed"))
-    _save_verify(model, ctx.run_dir)
+    save_verify(model, ctx.run_dir)
     manifest = consolidate.run(cfg, ctx)
     assert manifest["format"] == "deepspeed" and manifest["weight_files"] == ["model.safetensors"]
 
 
 def test_without_verify_file_every_tensor_is_compared(tmp_path, tiny_llama, checkpoints):
-    cfg, ctx, step = _stage(tmp_path, tiny_llama)
+    cfg, ctx, step = trained_stage(tmp_path, tiny_llama)
     import shutil
 
     shutil.copytree(checkpoints / "two" / "fsdp", step, dirs_exist_ok=True)
     manifest = consolidate.run(cfg, ctx)
-    assert manifest["verify"] == "weights" and manifest["verify_max_abs_weight_diff"] == 0.0
+    assert manifest["verify"] == "weights+forward" and manifest["verify_max_abs_weight_diff"] == 0.0
 
 
 def test_a_corrupted_write_is_refused_and_nothing_published(tmp_path, tiny_llama, monkeypatch):
-    cfg, ctx, step = _stage(tmp_path, tiny_llama)
+    cfg, ctx, step = trained_stage(tmp_path, tiny_llama)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    _save_torch(model.state_dict(), step)
-    _save_verify(model, ctx.run_dir)
+    save_torch(model.state_dict(), step)
+    save_verify(model, ctx.run_dir)
     real_add = hf_writer.ShardedSafetensorsWriter.add
 
     def corrupt(self, name, tensor):
@@ -249,53 +214,33 @@ def test_a_corrupted_write_is_refused_and_nothing_published(tmp_path, tiny_llama
     assert not (ctx.run_dir.stage("consolidate") / "model").exists()
 
 
-def _peft_model(tiny_llama: Path, task: str):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-
-    if task == "causal_lm":
-        base = AutoModelForCausalLM.from_pretrained(tiny_llama)
-    else:
-        base = AutoModelForSequenceClassification.from_pretrained(
-            tiny_llama, num_labels=2, id2label={0: "negative", 1: "positive"},
-            label2id={"negative": 0, "positive": 1})
-    peft_task = "CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS"
-    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type=peft_task)
-    model = get_peft_model(base, config)
-    torch.manual_seed(1)
-    for name, param in model.named_parameters():
-        if "lora_B" in name or "modules_to_save" in name:  # as if trained: adapters that matter
-            param.data.normal_(0, 0.2)
-    return model
-
-
 @pytest.mark.parametrize("task", ["causal_lm", "sequence_classification"])
 def test_lora_merge_matches_peft_merge_and_unload(tmp_path, tiny_llama, task):
     lora = {"r": 4, "alpha": 8.0, "target_modules": "all-linear", "merge": True}
-    cfg, ctx, step = _stage(tmp_path, tiny_llama, task, lora=lora)
-    model = _peft_model(tiny_llama, task)
-    _save_torch(model.state_dict(), step)
-    _save_verify(model, ctx.run_dir)
+    cfg, ctx, step = trained_stage(tmp_path, tiny_llama, task, lora=lora)
+    model = peft_model(tiny_llama, task)
+    save_torch(model.state_dict(), step)
+    save_verify(model, ctx.run_dir)
     manifest = consolidate.run(cfg, ctx)
     merged = model.merge_and_unload().eval()
     saved = torch.load(ctx.run_dir.stage("train") / "verify.pt")
     with torch.no_grad():
         expected = merged(input_ids=saved["input_ids"], attention_mask=saved["attention_mask"]).logits
-    torch.testing.assert_close(_reloaded_logits(cfg, ctx), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reloaded_logits(cfg, ctx), expected, atol=1e-5, rtol=0)
     assert manifest["mode"] == "full" and manifest["parameters"] == merged.num_parameters()
 
 
 def test_lora_adapter_directory_loads_with_peft(tmp_path, tiny_llama):
     lora = {"r": 4, "alpha": 8.0, "target_modules": "all-linear", "merge": False}
-    cfg, ctx, step = _stage(tmp_path, tiny_llama, "sequence_classification", lora=lora)
-    model = _peft_model(tiny_llama, "sequence_classification")
-    _save_torch(model.state_dict(), step)
-    expected = _save_verify(model, ctx.run_dir)
+    cfg, ctx, step = trained_stage(tmp_path, tiny_llama, "sequence_classification", lora=lora)
+    model = peft_model(tiny_llama, "sequence_classification")
+    save_torch(model.state_dict(), step)
+    expected = save_verify(model, ctx.run_dir)
     manifest = consolidate.run(cfg, ctx)
     out = ctx.run_dir.stage("consolidate") / "model"
     assert manifest["mode"] == "adapter" and manifest["weight_files"] == ["adapter_model.safetensors"]
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_llama)
-    torch.testing.assert_close(_reloaded_logits(cfg, ctx), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(reloaded_logits(cfg, ctx), expected, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("merge", [True, False])

@@ -1,0 +1,21 @@
+"""The `consolidate` section of the run config: what the model that leaves the run is stored as."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pipeline.config_errors import Section
+
+Precision = Literal["fp32", "bf16"]
+
+
+class ConsolidateConfig(Section):
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Floating-point type of the consolidated (and exported) model's weights; auto: "
+        "the precision trained in (train.precision). LoRA adapter folders stay fp32.")
+
+    def resolved(self, precision: Precision) -> str:
+        """bf16, fp16 or fp32: `dtype`, with auto read as the training precision."""
+        return precision if self.dtype == "auto" else self.dtype
