@@ -225,6 +225,12 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(100, ge=1, le=10**10, description="Optimizer steps between checkpoints.")
     keep_last: int = Field(2, ge=1, le=10_000, description="Complete checkpoints kept on disk.")
     log_every: int = Field(1, ge=1, le=10**10, description="Optimizer steps between logged metrics.")
+    eval_every: int | None = Field(
+        None, ge=1, le=10**10, description="Optimizer steps between scorings of the held-out split during "
+        "training (capped by evaluate.max_rows; loss, and accuracy/macro-F1 for classification, by step).")
+    keep_best: bool = Field(
+        False, description="Keep the checkpoint with the lowest held-out loss (needs eval_every) besides the "
+        "keep_last ones; consolidate.checkpoint: best picks it.")
 
 
 class EvaluateConfig(Section):
@@ -262,6 +268,12 @@ class RunConfig(Section):
             self._check_labels()
         self._check_launch()
         check_run_attention(self.model.attn_implementation, self.train.device, self.launch.backend)
+        if (self.train.keep_best or self.consolidate.checkpoint == "best") and not self.train.eval_every:
+            key = "train.keep_best" if self.train.keep_best else "consolidate.checkpoint: best"
+            raise ValueError(f"{key} needs train.eval_every (the best checkpoint is the one with the lowest "
+                             "held-out loss)")
+        if self.consolidate.checkpoint == "best" and not self.train.keep_best:
+            raise ValueError("consolidate.checkpoint: best needs train.keep_best: true")
         return self
 
     def _check_launch(self) -> None:

@@ -40,6 +40,7 @@ from pipeline.models import MODEL_CLASSES, base_dtype, load_model, load_model_co
 from pipeline.precision import as_trained
 from pipeline.run_dir import RunDir, atomic_dir, room_for
 from pipeline.tokenizer import chat_template, load_tokenizer
+from pipeline.train.checkpoint import complete_step
 
 Tensors = Iterator[tuple[str, torch.Tensor]]
 
@@ -48,12 +49,31 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     start = time.perf_counter()
     train_manifest = ctx.run_dir.read_manifest("train")
     assert train_manifest is not None, "consolidate runs after train"
-    checkpoint = ctx.run_dir.stage("train") / train_manifest["final_checkpoint"]
+    checkpoint, final = chosen_checkpoint(cfg, ctx.run_dir, train_manifest)
     target = ctx.run_dir.model_dir
+    # verify.pt holds the final model's logits; another checkpoint is checked by weights and a forward.
     report = write_verified(with_run_labels(as_trained(cfg, ctx.run_dir), ctx.run_dir), checkpoint, target,
-                            ctx.run_dir.stage("train") / "verify.pt")
+                            ctx.run_dir.stage("train") / "verify.pt" if final else None)
     return {"model_dir": target.name, "checkpoint": str(checkpoint.relative_to(ctx.run_dir.root)),
             **report, "seconds": round(time.perf_counter() - start, 3)}
+
+
+def chosen_checkpoint(cfg: RunConfig, run_dir: RunDir, train_manifest: dict[str, Any]) -> tuple[Path, bool]:
+    """consolidate.checkpoint as a folder: final, best (train.keep_best) or step-N; and whether it is
+    the final one."""
+    train = run_dir.stage("train")
+    final = train / train_manifest["final_checkpoint"]
+    choice = cfg.consolidate.checkpoint
+    if choice == "best":
+        if "best_checkpoint" not in train_manifest:
+            raise UserError("consolidate.checkpoint: best, but the train stage recorded no best checkpoint "
+                            "(it needs train.eval_every and train.keep_best when it runs)")
+        chosen = train / train_manifest["best_checkpoint"]
+    else:
+        step = int(choice.removeprefix("step-")) if choice != "final" else 0
+        chosen = final if choice == "final" else complete_step(train / "checkpoints", step,
+                                                                f"consolidate.checkpoint: {choice}")
+    return chosen, chosen.resolve() == final.resolve()
 
 
 def write_verified(cfg: RunConfig, checkpoint: Path, target: Path,

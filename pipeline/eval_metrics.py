@@ -27,12 +27,16 @@ def capped(table: pa.Table, max_rows: int | None) -> pa.Table:
 
 
 def rank_batches(table: pa.Table, batch_size: int, pad_id: int,
-                 dist: DistEnv) -> Iterator[tuple[pa.Table, dict[str, Any]]]:
-    """(rows, collated batch) for each batch this rank scores: every world_size-th of one process's."""
-    for index, start in enumerate(range(0, table.num_rows, batch_size)):
-        if index % dist.world_size == dist.rank:
-            rows = table.slice(start, batch_size)
-            yield rows, collate_table(rows, pad_id)
+                 dist: DistEnv) -> Iterator[tuple[pa.Table | None, dict[str, Any]]]:
+    """(rows, collated batch) for each batch this rank scores: every world_size-th of one process's.
+    Every rank runs as many forward passes (a sharded model needs every rank in each one): a rank
+    short of a batch in the last round runs its first one again, with rows None (not counted)."""
+    starts = list(range(0, table.num_rows, batch_size))
+    rounds = -(-len(starts) // dist.world_size)
+    for index in range(dist.rank, rounds * dist.world_size, dist.world_size):
+        counted = index < len(starts)
+        rows = table.slice(starts[index if counted else dist.rank % max(1, len(starts))], batch_size)
+        yield (rows if counted else None), collate_table(rows, pad_id)
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -45,8 +49,9 @@ def language_model_sums(model: torch.nn.Module, table: pa.Table, batch_size: int
     """[summed loss, targets] over this rank's batches, in float64 (targets stay exact below 2**53)."""
     sums = np.zeros(2, dtype=np.float64)
     for rows, batch in rank_batches(table, batch_size, pad_id, dist):
-        sums[0] += float(summed_loss(model, to_device(batch, dist.device), "causal_lm"))
-        sums[1] += int(rows.column("num_targets").to_numpy().sum())
+        loss = float(summed_loss(model, to_device(batch, dist.device), "causal_lm"))
+        if rows is not None:
+            sums += (loss, int(rows.column("num_targets").to_numpy().sum()))
     return sums
 
 
@@ -60,9 +65,10 @@ def confusion_counts(model: torch.nn.Module, table: pa.Table, batch_size: int, p
     """This rank's confusion matrix (rows: truth, columns: prediction), int64."""
     confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
     backend = attention_backend(model)
-    for _, batch in rank_batches(table, batch_size, pad_id, dist):
+    for rows, batch in rank_batches(table, batch_size, pad_id, dist):
         logits = model(**model_inputs(to_device(batch, dist.device), backend)).logits
-        np.add.at(confusion, (batch["labels"].numpy(), logits.argmax(-1).cpu().numpy()), 1)
+        if rows is not None:
+            np.add.at(confusion, (batch["labels"].numpy(), logits.argmax(-1).cpu().numpy()), 1)
     return confusion
 
 

@@ -18,12 +18,12 @@ from pipeline.consolidate import with_run_labels, write_verified
 from pipeline.errors import UserError
 from pipeline.precision import as_trained
 from pipeline.run_dir import RunDir
-from pipeline.train.checkpoint import STEP_DIR, complete_checkpoints, step_dir
+from pipeline.train.checkpoint import complete_step
 
 
 def export(run_dir: RunDir, step: int, out: Path) -> dict[str, Any]:
     cfg = with_run_labels(as_trained(load_config(run_dir.config_file), run_dir), run_dir)
-    checkpoint = complete_step(run_dir, step)
+    checkpoint = complete_step(run_dir.stage("train") / "checkpoints", step, f"--step {step}")
     check_out(out, run_dir)
     final = (run_dir.read_manifest("train") or {}).get("final_checkpoint")
     is_final = final is not None and (run_dir.stage("train") / final).resolve() == checkpoint.resolve()
@@ -31,17 +31,6 @@ def export(run_dir: RunDir, step: int, out: Path) -> dict[str, Any]:
     report = write_verified(cfg, checkpoint, out, verify_file)
     return {"checkpoint": str(checkpoint.relative_to(run_dir.root)), "step": step, "final": is_final,
             **report}
-
-
-def complete_step(run_dir: RunDir, step: int) -> Path:
-    root = run_dir.stage("train") / "checkpoints"
-    found = complete_checkpoints(root)
-    wanted = step_dir(root, step)
-    if wanted in found:
-        return wanted
-    steps = ", ".join(str(int(STEP_DIR.match(p.name).group(1))) for p in found) or "none"
-    state = "is not complete" if wanted.exists() else "does not exist"
-    raise UserError(f"--step {step}: {wanted} {state}; complete checkpoints of {run_dir.root}: steps {steps}")
 
 
 def check_out(out: Path, run_dir: RunDir) -> None:

@@ -34,7 +34,7 @@ PLUMBING = ("pipeline", "pipeline.config", "pipeline.config_errors", "pipeline.c
 # stay out of the shard fingerprint, so changing them does not re-shard.
 NOT_SHARD_KEYS = {"max_seq_len", "overlong", "loss_on", "chat_template", "packing", "num_workers"}
 # Settings that change how, not what, the run trains: changing them resumes instead of restarting.
-TRAIN_HOW = {"checkpoint_every", "keep_last", "log_every", "sample_ledger"}
+TRAIN_HOW = {"checkpoint_every", "keep_last", "log_every", "sample_ledger", "eval_every", "keep_best"}
 BATCH_LAYOUT = {"micro_batch_size", "grad_accum"}
 
 ConfigInputs = Callable[[RunConfig, DigestCache], dict[str, Any]]
@@ -68,7 +68,9 @@ def train_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
 def consolidate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
     # The chat template, the label names and the training precision reach it through train's inputs.
     # Runs consolidated before this section existed see `consolidate.dtype: (unset) -> auto` here.
-    return {"consolidate": cfg.consolidate.model_dump()}
+    # checkpoint: final, the only choice before it could be set, is left out like an unset key.
+    return {"consolidate": cfg.consolidate.model_dump(exclude={"checkpoint"} if
+                                                      cfg.consolidate.checkpoint == "final" else set())}
 
 
 def evaluate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
@@ -149,7 +151,7 @@ _DECLARED = (
           ("pipeline.train", "pipeline.train.stage", "pipeline.train.build", "pipeline.train.checkpoint",
            "pipeline.train.data", "pipeline.train.ds_engine", "pipeline.train.engine", "pipeline.train.fsdp",
            "pipeline.train.loop", "pipeline.train.objective", "pipeline.train.partial",
-           "pipeline.train.step_log",
+           "pipeline.train.step_log", "pipeline.train.held_out", "pipeline.eval_metrics",
            "pipeline.preemption", "pipeline.precision", "pipeline.models", "pipeline.distributed",
            "pipeline.tokenized", "pipeline.unpickling", "pipeline.system_metrics"),
           distributed=True, gpu=True, keeps="checkpoints/step-*/COMPLETE",
@@ -157,12 +159,14 @@ _DECLARED = (
     Stage("consolidate", "pipeline.consolidate:run", ("train",), consolidate_inputs,
           ("pipeline.consolidate", "pipeline.precision", "pipeline.checkpoint_readers", "pipeline.hf_writer",
            "pipeline.models", "pipeline.tokenizer", "pipeline.unpickling", "pipeline.lora_out",
-           "pipeline.model_checks")),
+           "pipeline.model_checks", "pipeline.train", "pipeline.train.checkpoint", "pipeline.train.engine",
+           "pipeline.distributed")),
     Stage("evaluate", "pipeline.evaluate:run", ("consolidate",), evaluate_inputs,
           ("pipeline.evaluate", "pipeline.eval_metrics", "pipeline.consolidate", "pipeline.precision",
            "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.lora_out", "pipeline.model_checks",
            "pipeline.models", "pipeline.tokenizer", "pipeline.tokenized", "pipeline.distributed",
-           "pipeline.train", "pipeline.train.data", "pipeline.train.objective", "pipeline.unpickling"),
+           "pipeline.train", "pipeline.train.data", "pipeline.train.objective", "pipeline.unpickling",
+           "pipeline.train.checkpoint", "pipeline.train.engine"),
           distributed=True,  # data parallel on the training ranks, under torchrun like train
           gpu_for_large_model=True),
 )

@@ -54,6 +54,17 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+def complete_step(root: Path, step: int, key: str) -> Path:
+    """The complete checkpoint of `step` under `root`; a UserError naming `key` and the complete steps."""
+    found = complete_checkpoints(root)
+    wanted = step_dir(root, step)
+    if wanted in found:
+        return wanted
+    steps = ", ".join(str(int(STEP_DIR.match(p.name).group(1))) for p in found) or "none"
+    state = "is not complete" if wanted.exists() else "does not exist"
+    raise UserError(f"{key}: {wanted} {state}; complete checkpoints in {root}: steps {steps}")
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     found = complete_checkpoints(root)
     return found[-1] if found else None
@@ -147,10 +158,13 @@ def load_checkpoint(folder: Path, engine: TrainEngine, dist: DistEnv = DistEnv()
     return json.loads((folder / "trainer_state.json").read_text())
 
 
-def prune(root: Path, keep_last: int) -> None:
-    """Drop old complete checkpoints beyond keep_last, and partial ones a crash left behind."""
+def prune(root: Path, keep_last: int, keep_steps: set[int] | None = None) -> None:
+    """Drop old complete checkpoints beyond keep_last (but not those of keep_steps: the best one),
+    and partial ones a crash left behind."""
+    kept = {step_dir(root, step) for step in keep_steps or ()}
     for folder in complete_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder not in kept:
+            shutil.rmtree(folder, ignore_errors=True)
     for folder in root.glob(".step-*.partial*"):
         shutil.rmtree(folder, ignore_errors=True)
 

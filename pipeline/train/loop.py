@@ -23,6 +23,7 @@ from pipeline.run_dir import atomic_write_bytes, room_for
 from pipeline.train.checkpoint import prune, save_checkpoint, step_dir
 from pipeline.train.data import TrainBatches
 from pipeline.train.engine import TrainEngine, lr_factor
+from pipeline.train.held_out import HeldOut, tracked
 from pipeline.train.objective import summed_loss
 from pipeline.train.step_log import StepLog
 
@@ -37,10 +38,12 @@ class LoopState:
     seconds: float = 0.0
     target_samples: int = 0
     length: dict[str, Any] = field(default_factory=dict)  # the train.max_steps/epochs target_samples is for
+    best_loss: float | None = None  # the lowest held-out loss so far (train.eval_every), and its step
+    best_step: int | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LoopState:
-        keys = ("step", "samples", "tokens", "seconds", "target_samples", "length")
+        keys = ("step", "samples", "tokens", "seconds", "target_samples", "length", "best_loss", "best_step")
         return cls(**{k: data[k] for k in keys if k in data})
 
 
@@ -60,6 +63,8 @@ class LoopSettings:
     stop: StopRequest = field(default_factory=StopRequest)
     lead: LeadCheck = field(default_factory=LeadCheck)
     step_log: StepLog | None = None  # a line per logged step where no progress bar shows
+    held_out: HeldOut | None = None  # train.eval_every
+    keep_best: bool = False
 
 
 def run_step(engine: TrainEngine, batches: TrainBatches, offset: int, rank: int,
@@ -107,7 +112,9 @@ def train_loop(engine: TrainEngine, batches: TrainBatches, settings: LoopSetting
                 state.step + steps_left(state, global_batch))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-        due = state.step % settings.checkpoint_every == 0 or state.samples >= state.target_samples
+        last = state.samples >= state.target_samples
+        kept_best = evaluate_now(engine, settings, state, log, last)
+        due = state.step % settings.checkpoint_every == 0 or last or kept_best
         if due:
             saving = time.perf_counter()
             checkpoint(engine, settings, state)
@@ -118,6 +125,23 @@ def train_loop(engine: TrainEngine, batches: TrainBatches, settings: LoopSetting
             stop_here(engine, settings, state, saved=due, signum=stop_signal)
     bar.close()
     return state
+
+
+def evaluate_now(engine: TrainEngine, settings: LoopSettings, state: LoopState,
+                 log: Callable[[dict[str, float], int], None], last: bool) -> bool:
+    """Score the held-out split when due (all ranks together); True when train.keep_best wants a
+    checkpoint of this step (its loss is the lowest so far)."""
+    held = settings.held_out
+    if held is None or not held.due(state.step, last):
+        return False
+    metrics = held.score(engine, settings.dist)  # the same numbers on every rank (reduced exactly)
+    if settings.dist.is_main:
+        held.record(state.step, metrics)
+        log(tracked(metrics), state.step)
+    better = state.best_loss is None or metrics["loss"] < state.best_loss
+    if better:
+        state.best_loss, state.best_step = metrics["loss"], state.step
+    return better and settings.keep_best
 
 
 def stop_here(engine: TrainEngine, settings: LoopSettings, state: LoopState, saved: bool,
@@ -132,7 +156,8 @@ def stop_here(engine: TrainEngine, settings: LoopSettings, state: LoopState, sav
 def checkpoint(engine: TrainEngine, settings: LoopSettings, state: LoopState) -> Path:
     folder = save_checkpoint(settings.checkpoint_root, state.step, engine, asdict(state), settings.dist)
     if settings.dist.is_main:
-        prune(settings.checkpoint_root, settings.keep_last)
+        kept = {state.best_step} if settings.keep_best and state.best_step else set()
+        prune(settings.checkpoint_root, settings.keep_last, kept)
     distributed.barrier()
     return folder
 
@@ -188,6 +213,8 @@ def truncate_logs(settings: LoopSettings, last_step: int) -> None:
     """Rank 0 trims the metrics and every rank's ledger (ranks of an earlier world size too)."""
     if settings.dist.is_main:
         truncate_log(settings.metrics_file, last_step)
+        if settings.held_out:
+            truncate_log(settings.held_out.file, last_step)
         for ledger in sorted(settings.ledger_dir.glob("rank-*.jsonl")) if settings.ledger_dir else []:
             truncate_log(ledger, last_step)
     distributed.barrier()

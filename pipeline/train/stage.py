@@ -22,6 +22,7 @@ from pipeline.config import RunConfig, TrainConfig
 from pipeline.context import StageContext
 from pipeline.distributed import DistEnv
 from pipeline.errors import UserError
+from pipeline.eval_metrics import capped
 from pipeline.precision import trained_precision
 from pipeline.preemption import LeadCheck, StopRequest
 from pipeline.run_dir import atomic_write_bytes
@@ -31,6 +32,7 @@ from pipeline.train.build import build_engine
 from pipeline.train.checkpoint import load_checkpoint, set_aside, usable_checkpoint
 from pipeline.train.data import TrainBatches, batch_layout, collate
 from pipeline.train.engine import TrainEngine
+from pipeline.train.held_out import HeldOut
 from pipeline.train.loop import LoopSettings, LoopState, train_loop, truncate_logs
 from pipeline.train.step_log import StepLog, matmul_peak
 
@@ -87,7 +89,8 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
         metrics_file=out / "metrics.jsonl",
         ledger_dir=out / "ledger" if cfg.train.sample_ledger else None, dist=dist,
         progress=ctx.progress and dist.is_main, stop=stop, lead=_lead_check(cfg, dist),
-        step_log=_step_log(engine, cfg, dist, table.num_rows) if dist.is_main and not ctx.progress else None)
+        step_log=_step_log(engine, cfg, dist, table.num_rows) if dist.is_main and not ctx.progress else None,
+        held_out=_held_out(cfg, ctx, pad_id), keep_best=cfg.train.keep_best)
 
     def target(train: TrainConfig) -> int:
         return target_samples(train, table.num_rows, layout.global_batch)
@@ -105,7 +108,24 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
             "resumed_from_step": resumed,
             "trainable_parameters": _trainable(engine), **training_length(cfg.train),
             "extended_from": extended, "final_checkpoint": f"checkpoints/step-{state.step:06d}",
-            "peak_memory": memory}
+            "peak_memory": memory, **_best(state, cfg)}
+
+
+def _held_out(cfg: RunConfig, ctx: StageContext, pad_id: int) -> HeldOut | None:
+    if not cfg.train.eval_every:
+        return None
+    table = capped(open_split(ctx.run_dir.stage("tokenize") / "eval"), cfg.evaluate.max_rows)
+    if table.num_rows == 0:
+        raise UserError("train.eval_every: there are no held-out rows; set data.eval or data.eval_fraction")
+    return HeldOut(table, cfg.train.eval_every, cfg.evaluate.batch_size, pad_id, cfg.model.task,
+                   cfg.model.num_labels, ctx.run_dir.stage("train") / "eval.jsonl")
+
+
+def _best(state: LoopState, cfg: RunConfig) -> dict[str, Any]:
+    if state.best_step is None:
+        return {}
+    kept = {"best_checkpoint": f"checkpoints/step-{state.best_step:06d}"} if cfg.train.keep_best else {}
+    return {"best_step": state.best_step, "best_eval_loss": state.best_loss, **kept}
 
 
 def peak_memory(ctx: StageContext, dist: DistEnv) -> list[dict[str, Any]]:

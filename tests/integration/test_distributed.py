@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from launch.sweep import link_shared_data
+from pipeline.plots import read_jsonl
 from pipeline.run_dir import RunDir
 from pipeline.tokenized import open_split
 from pipeline.train.data import SampleOrder
@@ -33,6 +34,7 @@ STRATEGIES = {
                                                              "offload_params": "cpu"}},
 }
 TWO_RANKS = {"backend": "torchrun", "nproc_per_node": 2}
+HELD_OUT = {"eval_every": 3}  # scored at steps 3 and 5 (the last); how, not what, is trained
 # The same global batch (8) on one rank (grad_accum 4) and on two (grad_accum 2).
 BATCH = {"max_steps": 5, "micro_batch_size": 2, "global_batch_size": 8, "lr": 1e-3, "checkpoint_every": 5}
 
@@ -64,17 +66,21 @@ def workspace(tmp_path_factory, tiny_llama) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def single_run(workspace, tiny_llama) -> Path:
     tmp, data = workspace
-    assert ftpipe("run", _config(tmp, tiny_llama, data, "single", {}), *TRAINED) == 0
+    assert ftpipe("run", _config(tmp, tiny_llama, data, "single", HELD_OUT), *TRAINED) == 0
     return tmp / "runs" / "single"
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
 def test_two_ranks_match_the_single_process_run(workspace, tiny_llama, single_run, name):
     tmp, data = workspace
-    config = _config(tmp, tiny_llama, data, name, STRATEGIES[name], TWO_RANKS)
+    config = _config(tmp, tiny_llama, data, name, {**STRATEGIES[name], **HELD_OUT}, TWO_RANKS)
     assert ftpipe("run", config, *TRAINED) == 0
     run = tmp / "runs" / name
     assert manifest(run, "train")["world_size"] == 2
+    # held-out scoring during training, every rank in lockstep (sharded models too), reduced exactly
+    held_out = [read_jsonl(r / "train" / "eval.jsonl") for r in (run, single_run)]
+    assert [e["step"] for e in held_out[0]] == [3, 5] == [e["step"] for e in held_out[1]]
+    assert [e["loss"] for e in held_out[0]] == pytest.approx([e["loss"] for e in held_out[1]], rel=1e-4)
     assert [peaks["rank"] for peaks in manifest(run, "train")["peak_memory"]] == [0, 1]  # gathered
     assert losses(run)[:5] == pytest.approx(losses(single_run)[:5], rel=1e-4)
     assert_close_weights(weights(run), weights(single_run), rtol=1e-4, atol=1e-5)

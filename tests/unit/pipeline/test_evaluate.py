@@ -50,16 +50,22 @@ def _ranks(world_size: int) -> list[DistEnv]:
     return [DistEnv(rank, world_size) for rank in range(world_size)]
 
 
-def test_every_batch_of_one_process_is_scored_by_exactly_one_rank():
-    table = _rows(11, 50)
+def test_every_batch_of_one_process_is_scored_by_exactly_one_rank_in_lockstep():
+    table = _rows(11, 50)  # 4 batches of 3
     def share(dist: DistEnv) -> list[list[list[int]]]:
-        return [rows.column("input_ids").to_pylist() for rows, _ in rank_batches(table, 3, PAD, dist)]
+        return [rows.column("input_ids").to_pylist() for rows, _ in rank_batches(table, 3, PAD, dist)
+                if rows is not None]
+
+    def forwards(dist: DistEnv) -> int:
+        return len(list(rank_batches(table, 3, PAD, dist)))
 
     alone = share(DistEnv())
     for world_size in (2, 3, 5):
         shares = [share(d) for d in _ranks(world_size)]
         assert sorted(b for share in shares for b in share) == sorted(alone)
         assert shares[1] == alone[1::world_size]  # strided: the batches themselves, not only their rows
+        # a sharded model needs every rank in every forward: as many on each rank, fillers uncounted
+        assert {forwards(d) for d in _ranks(world_size)} == {-(-4 // world_size)}
 
 
 def test_max_rows_is_the_first_rows_for_any_world_size():
