@@ -71,7 +71,10 @@ def run_step(engine: TrainEngine, batches: TrainBatches, offset: int, rank: int,
              task: str) -> tuple[float, int, list[int]]:
     """Forward/backward every micro-batch at `offset` for this rank; return (loss share, tokens, rows)."""
     denominator = max(1, batches.global_targets(offset))
-    loss_total, tokens, rows = 0.0, 0, []
+    # Summed on the device in float64 and read once per step: a float() per micro-batch would make the
+    # host wait for the GPU every time.
+    loss_total = torch.zeros((), dtype=torch.float64, device=engine.device)
+    tokens, rows = 0, []
     for micro in range(batches.layout.grad_accum):
         batch = batches.micro_batch(offset, micro, rank)
         on_device = {k: v.to(engine.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
@@ -79,10 +82,10 @@ def run_step(engine: TrainEngine, batches: TrainBatches, offset: int, rank: int,
         with engine.autocast():
             loss = summed_loss(engine.model, on_device, task) / denominator
         engine.backward(loss)
-        loss_total += float(loss.detach())
+        loss_total += loss.detach().double()
         tokens += int(batch["attention_mask"].sum())
         rows.extend(int(r) for r in batch["rows"])
-    return loss_total, tokens, rows
+    return float(loss_total), tokens, rows
 
 
 def steps_left(state: LoopState, global_batch: int) -> int:
