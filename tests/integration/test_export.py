@@ -61,7 +61,7 @@ def test_export_refuses_what_it_cannot_do_and_writes_nothing(chat_run, tmp_path,
     (tmp_path / "full" / "notes.txt").write_text("mine")
     before = sorted(p.name for p in (chat_run / "consolidate").iterdir())
     cases = [(["--step", "3", "--out", tmp_path / "a"], "step-000003 does not exist; complete "
-              f"checkpoints of {chat_run}: steps 1, 2"),
+              f"checkpoints in {chat_run / 'train' / 'checkpoints'}: steps 1, 2"),
              (["--step", "1", "--out", tmp_path / "full"], "exists and is not an empty folder"),
              (["--step", "1", "--out", chat_run / "consolidate" / "mine"],
               "only the consolidate stage writes")]

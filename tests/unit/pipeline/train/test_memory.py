@@ -98,7 +98,9 @@ def test_a_full_fine_tune_in_bf16_still_loads_fp32_weights(tmp_path, tiny_llama,
 
 
 def test_a_bf16_lora_run_checkpoints_a_bf16_base_and_consolidates_verified(tmp_path, tiny_llama, text_data):
-    cfg = causal_config(tmp_path, tiny_llama, text_data, train={"precision": "bf16", "max_steps": 2})
+    # allow_slow_bf16: bf16 even where the CPU emulates it (a tiny model; else it trains in fp32)
+    train = {"precision": "bf16", "allow_slow_bf16": True, "max_steps": 2}
+    cfg = causal_config(tmp_path, tiny_llama, text_data, train=train)
     cfg["model"]["lora"] = {"r": 4}
     assert ftpipe("run", write_config(tmp_path / "lora.yaml", cfg), "--no-progress", "--stages",
                   "shard,tokenize,train,consolidate") == 0
