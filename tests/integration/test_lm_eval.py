@@ -3,12 +3,16 @@ the consolidated tiny Llama and on its base model, into metrics.json and a real 
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
+from launch.local import print_summary
+from pipeline.config import validate_config
 from tests import fixtures
 from tests.fixtures import LM_EVAL_DOCS as DOCS
 from tests.fixtures import LM_EVAL_TASK as TASK
@@ -48,7 +52,8 @@ def harness_alone(model_dir: Path, tasks: Path) -> dict:
 
     model = HFLM(pretrained=str(model_dir), device="cpu", dtype="float32", batch_size=4)
     manager = TaskManager(include_path=str(tasks), include_defaults=False)
-    return lm_eval.simple_evaluate(model=model, tasks=[TASK], task_manager=manager)["results"][TASK]
+    output = lm_eval.simple_evaluate(model=model, tasks=[TASK], task_manager=manager, bootstrap_iters=0)
+    return output["results"][TASK]
 
 
 def test_task_scores_after_and_before_fine_tuning_match_lm_eval_run_alone(finished, tiny_llama):
@@ -61,6 +66,15 @@ def test_task_scores_after_and_before_fine_tuning_match_lm_eval_run_alone(finish
                                                 ["perplexity,none"], rel=1e-5)
     assert before["perplexity"] == pytest.approx(harness_alone(tiny_llama, tasks)["perplexity,none"],
                                                  rel=1e-5)
+
+
+def test_the_summary_after_a_run_shows_each_task_metric_before_and_after(finished):
+    run, _, _ = finished
+    metrics = json.loads((run / "evaluate" / "metrics.json").read_text())
+    out = io.StringIO()
+    print_summary(validate_config(yaml.safe_load((run / "config.yaml").read_text())), out)
+    before, after = metrics["base"]["lm_eval"][TASK]["acc"], metrics["lm_eval"][TASK]["acc"]
+    assert f"  lm_eval {TASK} acc: {before:.4g} -> {after:.4g}\n" in out.getvalue()
 
 
 def test_task_scores_are_the_evaluate_runs_mlflow_metrics(finished):
