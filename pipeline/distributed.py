@@ -223,8 +223,8 @@ def on_main(work: Callable[[], Any], timeout: datetime.timedelta) -> Any:
         if dist.get_rank() == 0:
             try:
                 box = [(work(), None)]
-            except Exception as err:
-                dist.broadcast_object_list([(None, str(err))], src=0, group=group)
+            except BaseException as err:  # a stop signal too: nobody is left waiting for two days
+                dist.broadcast_object_list([(None, str(err) or type(err).__name__)], src=0, group=group)
                 raise
         dist.broadcast_object_list(box, src=0, group=group)
     finally:
