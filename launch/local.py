@@ -129,4 +129,15 @@ def print_summary(cfg: RunConfig, out=None) -> None:
     for key in keys:
         before = f"{base[key]:>12.4f}" if base and key in base else ""
         print(f"  {key:<14}{before}{metrics[key]:>12.4f}", file=out)
+    print_lm_eval(metrics, out)
     print(f"model: {run_dir.model_dir}", file=out)
+
+
+def print_lm_eval(metrics: dict[str, Any], out) -> None:
+    """evaluate.lm_eval's scores, a line per task and metric, before (the base model) and after."""
+    base = (metrics.get("base") or {}).get("lm_eval") or {}
+    for task, scores in (metrics.get("lm_eval") or {}).items():
+        for name, value in scores.items():
+            before = base.get(task, {}).get(name)
+            print(f"  lm_eval {task} {name}: " + (f"{before:.4g} -> " if before is not None else "")
+                  + f"{value:.4g}", file=out)

@@ -20,6 +20,7 @@ from pipeline.attention import check_run_attention
 from pipeline.config_consolidate import ConsolidateConfig
 from pipeline.config_errors import Section
 from pipeline.config_launch import LaunchConfig, ranks_per_node
+from pipeline.config_lm_eval import LmEvalConfig
 from pipeline.config_model import MAX_LABELS, LoraConfig, ModelConfig  # noqa: F401 - re-exported
 from pipeline.config_sources import ENTRY_TAGS, SourceEntry
 from pipeline.config_tracking import TrackingConfig
@@ -242,6 +243,9 @@ class EvaluateConfig(Section):
     max_rows: int | None = Field(
         None, ge=1, le=10**15, description="Score only the first max_rows held-out rows (the same rows for "
         "any number of ranks); null: all of them.")
+    lm_eval: LmEvalConfig | None = Field(
+        None, description="lm-evaluation-harness tasks, scored on the consolidated model (and the base "
+        "model with compare_base); needs the `eval` extra. null: none.")
 
 
 class RunConfig(Section):
@@ -266,6 +270,8 @@ class RunConfig(Section):
                 f"{'classification' if classify else 'text'!r}, got {self.data.format!r}")
         if classify:
             self._check_labels()
+            if self.evaluate.lm_eval is not None:
+                raise ValueError("evaluate.lm_eval scores language models: it needs model.task causal_lm")
         self._check_launch()
         check_run_attention(self.model.attn_implementation, self.train.device, self.launch.backend)
         if (self.train.keep_best or self.consolidate.checkpoint == "best") and not self.train.eval_every:

@@ -14,7 +14,7 @@ import os
 import random
 import resource
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,6 +209,30 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(work: Callable[[], Any], timeout: datetime.timedelta) -> Any:
+    """`work()`, run by rank 0 alone while the other ranks wait for it up to `timeout` (in a gloo group
+    of their own: the main group's TIMEOUT is too short for a long evaluation); every rank gets its
+    result, or leaves with its error."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return work()
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    box: list[Any] = [None]
+    try:
+        if dist.get_rank() == 0:
+            try:
+                box = [(work(), None)]
+            except BaseException as err:  # a stop signal too: nobody is left waiting for two days
+                dist.broadcast_object_list([(None, str(err) or type(err).__name__)], src=0, group=group)
+                raise
+        dist.broadcast_object_list(box, src=0, group=group)
+    finally:
+        dist.destroy_process_group(group)
+    result, error = box[0]
+    if error is not None:
+        raise UserError(f"rank 0 failed: {error}")
+    return result
 
 
 def all_gather_object(obj: Any) -> list[Any]:

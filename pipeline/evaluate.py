@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import torch
 
-from pipeline import distributed
+from pipeline import distributed, lm_eval_run
 from pipeline.config import RunConfig
 from pipeline.consolidate import load_consolidated
 from pipeline.context import StageContext
@@ -120,6 +120,7 @@ def held_out(cfg: RunConfig, ctx: StageContext) -> pa.Table:
 def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     dist = distributed.init(need_group=False)  # joins torchrun's group; alone otherwise
     cfg = as_trained(cfg, ctx.run_dir)  # bf16 asked of a CPU without native bf16 trained in fp32
+    harness = lm_eval_run.prepared(cfg.evaluate.lm_eval)  # None unless set; lm_eval imported only then
     table = held_out(cfg, ctx)
     pad_id = ctx.run_dir.read_manifest("tokenize")["pad_token_id"]
     model_dir = ctx.run_dir.model_dir
@@ -128,12 +129,16 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     samples = None
     if cfg.model.task == "causal_lm" and cfg.evaluate.num_generations:
         samples = generations(model, load_tokenizer(model_dir), table, cfg, pad_id, dist)
+    if harness:
+        metrics["lm_eval"] = harness.scores(model, load_tokenizer(model_dir))
     del model  # before the base model comes onto the device
     if cfg.evaluate.compare_base:
         # Same seed as training, so a fresh classification head starts where training started.
         seed_everything(cfg.train.seed)
         base = on_device(load_model(cfg.model, cfg.data.labels), cfg, dist.device)
         metrics["base"] = score(base, cfg, table, pad_id, dist)
+        if harness:
+            metrics["base"]["lm_eval"] = harness.scores(base, load_tokenizer(cfg.model.name_or_path))
     if dist.is_main:
         write_results(ctx, metrics, samples)
     return {"metrics": metrics, "world_size": dist.world_size, "device": dist.device.type,

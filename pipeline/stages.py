@@ -26,7 +26,7 @@ PACKAGE_ROOT = Path(pipeline.__file__).parent.parent
 # fingerprinted as config. Every other package module a stage imports must be in its `code`.
 PLUMBING = ("pipeline", "pipeline.config", "pipeline.config_errors", "pipeline.config_launch",
             "pipeline.config_sources", "pipeline.config_tracking", "pipeline.config_consolidate",
-            "pipeline.config_model",
+            "pipeline.config_model", "pipeline.config_lm_eval",
             "pipeline.attention", "pipeline.context", "pipeline.errors", "pipeline.run_dir",
             "pipeline.digests", "pipeline.stages")
 
@@ -74,9 +74,21 @@ def consolidate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
 
 
 def evaluate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
-    # max_rows unset is left out: evaluations written before the key existed stay up to date.
-    unset = {"max_rows"} if cfg.evaluate.max_rows is None else set()
-    return {"evaluate": cfg.evaluate.model_dump(exclude=unset), "train": {"seed": cfg.train.seed}}
+    # Keys left unset are left out: evaluations written before they existed stay up to date.
+    unset = {key for key in ("max_rows", "lm_eval") if getattr(cfg.evaluate, key) is None}
+    inputs = {"evaluate": cfg.evaluate.model_dump(exclude=unset), "train": {"seed": cfg.train.seed}}
+    lm_eval = cfg.evaluate.lm_eval
+    if lm_eval is not None and lm_eval.include_path is not None:
+        inputs["lm_eval task files"] = folder_digests(Path(lm_eval.include_path), cache)
+    return inputs
+
+
+def folder_digests(root: Path, cache: DigestCache) -> dict[str, str]:
+    """Every file under `root` (or `root` itself, a file) by its path relative to `root`: task YAMLs
+    and any data files kept beside them."""
+    if root.is_file():
+        return {root.name: cache.digest(root)}
+    return {p.relative_to(root).as_posix(): cache.digest(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _resolve(target: str) -> Any:
@@ -166,7 +178,7 @@ _DECLARED = (
            "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.lora_out", "pipeline.model_checks",
            "pipeline.models", "pipeline.tokenizer", "pipeline.tokenized", "pipeline.distributed",
            "pipeline.train", "pipeline.train.data", "pipeline.train.objective", "pipeline.unpickling",
-           "pipeline.train.checkpoint", "pipeline.train.engine"),
+           "pipeline.train.checkpoint", "pipeline.train.engine", "pipeline.lm_eval_run"),
           distributed=True,  # data parallel on the training ranks, under torchrun like train
           gpu_for_large_model=True),
 )

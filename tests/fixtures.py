@@ -139,3 +139,23 @@ def merge(base: dict, extra: dict) -> dict:
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
+
+
+LM_EVAL_TASK = "tiny_continuations"
+LM_EVAL_DOCS = 6
+
+
+def write_lm_eval_task(folder: Path) -> Path:
+    """An lm-eval task for evaluate.lm_eval, read from local files only: the perplexity and greedy
+    accuracy of a continuation (loglikelihood) over LM_EVAL_DOCS documents."""
+    folder.mkdir(parents=True)
+    docs = [{"context": " ".join(s.split()[:3]), "continuation": " " + " ".join(s.split()[3:])}
+            for s in sentences(LM_EVAL_DOCS, seed=5)]
+    data = write_jsonl(folder / "docs.jsonl", docs)
+    (folder / f"{LM_EVAL_TASK}.yaml").write_text(
+        f"task: {LM_EVAL_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: loglikelihood\ndoc_to_text: '{{context}}'\n"
+        "doc_to_target: '{{continuation}}'\ntarget_delimiter: ''\nmetric_list:\n"
+        "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    return folder

@@ -36,11 +36,16 @@ def _prepared(raw: dict):
 def causal(tmp_path_factory, tiny_llama):
     tmp = tmp_path_factory.mktemp("eval-lm")
     data = fixtures.write_jsonl(tmp / "text.jsonl", [{"text": s} for s in fixtures.sentences(120)])
+    # An lm-eval task too: rank 0 alone runs it while rank 1 waits, and both ranks return its scores.
+    folder = fixtures.write_lm_eval_task(tmp / "tasks")
+    tasks = {"tasks": [fixtures.LM_EVAL_TASK], "include_path": str(folder)}
     cfg, ctx = _prepared(fixtures.causal_config(
         tmp, tiny_llama, data, data={"packing": True},
-        evaluate={"batch_size": 2, "num_generations": 3, "max_rows": 9}, **TWO_RANKS))
+        evaluate={"batch_size": 2, "num_generations": 3, "max_rows": 9, "lm_eval": tasks}, **TWO_RANKS))
     shutil.copytree(tiny_llama, ctx.run_dir.model_dir)
-    return cfg, ctx
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_OFFLINE", "1")  # the task's data is a local file; torchrun's ranks inherit
+        yield cfg, ctx
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +91,7 @@ def test_two_ranks_report_the_one_process_metrics(request, task):
         # batch 0 (2 samples) from rank 0, batch 1 (1 sample) from rank 1: the same samples, in order
         assert (ctx.run_dir.stage("evaluate") / "samples.jsonl").read_text() == samples
         assert len(samples.splitlines()) == 3
+        assert two["metrics"]["lm_eval"][fixtures.LM_EVAL_TASK]["sample_len"] == fixtures.LM_EVAL_DOCS
     else:
         rows = ctx.run_dir.read_manifest("tokenize")["splits"]["eval"]["rows"]
         assert two["metrics"]["eval_examples"] == two["metrics"]["eval_rows"] == rows
