@@ -69,8 +69,8 @@ def test_prompts_file_prompts_are_the_samples(lm_run):
     assert all(s["generated"] for s in samples) and "generated_base" not in samples[0]
     assert table == {"columns": ["prompt", "reference", "generated"],
                      "data": [[s["prompt"], s["reference"], s["generated"]] for s in samples]}
-    jsonl, _, _ = _evaluate(lm_run, prompts=str(tmp / "prompts.jsonl"))
-    assert [(s["prompt"], s["reference"]) for s in jsonl] == [("the mat", "is red"), ("one bird", "")]
+    jsonl = read_prompts(tmp / "prompts.jsonl", chat=False)
+    assert jsonl == [PromptEntry("the mat", "is red"), PromptEntry("one bird")]
 
 
 def test_compare_base_puts_the_base_continuation_beside_and_fills_the_card(lm_run):
