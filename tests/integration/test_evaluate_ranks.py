@@ -38,7 +38,8 @@ def causal(tmp_path_factory, tiny_llama):
     data = fixtures.write_jsonl(tmp / "text.jsonl", [{"text": s} for s in fixtures.sentences(120)])
     cfg, ctx = _prepared(fixtures.causal_config(
         tmp, tiny_llama, data, data={"packing": True},
-        evaluate={"batch_size": 2, "num_generations": 3, "max_rows": 9}, **TWO_RANKS))
+        # Sampled: each batch is seeded by its position, so the ranks sample what one process samples.
+        evaluate={"batch_size": 2, "num_generations": 3, "max_rows": 9, "temperature": 1.0}, **TWO_RANKS))
     shutil.copytree(tiny_llama, ctx.run_dir.model_dir)
     return cfg, ctx
 
