@@ -32,6 +32,8 @@ def check_inputs(cfg: RunConfig) -> None:
     if cfg.train.deepspeed.config:
         check_json_file("train.deepspeed.config", Path(cfg.train.deepspeed.config))
     if cfg.evaluate.prompts:
+        if cfg.model.task != "causal_lm":
+            raise UserError(f"evaluate.prompts: only causal_lm runs generate; model.task is {cfg.model.task}")
         read_prompts(cfg.evaluate.prompts, cfg.data.format == "chat")  # a bad line now, not after training
     model_config = check_model(cfg.model.name_or_path)
     check_output(cfg)

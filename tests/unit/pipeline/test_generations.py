@@ -123,6 +123,10 @@ def test_a_bad_prompts_file_is_refused_at_validate_naming_its_line(lm_run, tmp_p
     cfg = validate_config(fixtures.merge(raw, {"evaluate": {"prompts": str(bad)}}))
     with pytest.raises(UserError, match=rf"evaluate.prompts: {bad}:2: no \"prompt\" text"):
         preflight.check_inputs(cfg)
+    classify = fixtures.merge(raw, {"model": {"task": "sequence_classification", "num_labels": 2},
+                                    "data": {"format": "classification"}, "evaluate": {"prompts": str(bad)}})
+    with pytest.raises(UserError, match="evaluate.prompts: only causal_lm runs generate"):
+        preflight.check_inputs(validate_config(classify))
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     with pytest.raises(UserError, match=r":1: \"messages\" needs data.format chat"):
         read_prompts(bad, chat=False)
