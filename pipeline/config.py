@@ -19,8 +19,8 @@ from pipeline import config_errors
 from pipeline.attention import check_run_attention
 from pipeline.config_consolidate import ConsolidateConfig
 from pipeline.config_errors import Section
+from pipeline.config_evaluate import MAX_BATCH, EvaluateConfig  # noqa: F401 - re-exported
 from pipeline.config_launch import LaunchConfig, ranks_per_node
-from pipeline.config_lm_eval import LmEvalConfig
 from pipeline.config_model import MAX_LABELS, LoraConfig, ModelConfig  # noqa: F401 - re-exported
 from pipeline.config_sources import ENTRY_TAGS, SourceEntry
 from pipeline.config_tracking import TrackingConfig
@@ -28,7 +28,6 @@ from pipeline.errors import UserError
 
 # Bounds far above any real run that stop absurd values at `validate` instead of hours later (or in
 # the kernel's OOM killer): the sizes of batches, label sets and names.
-MAX_BATCH = 65_536  # examples per forward pass, per optimizer step
 MAX_NAME = 200  # run names; a temporary name adds 14 characters, and a path component holds 255 bytes
 
 
@@ -232,20 +231,6 @@ class TrainConfig(Section):
     keep_best: bool = Field(
         False, description="Keep the checkpoint with the lowest held-out loss (needs eval_every) besides the "
         "keep_last ones; consolidate.checkpoint: best picks it.")
-
-
-class EvaluateConfig(Section):
-    batch_size: int = Field(32, ge=1, le=MAX_BATCH, description="Examples per evaluation forward pass.")
-    compare_base: bool = Field(False, description="Also score the untouched base model (before/after table).")
-    num_generations: int = Field(
-        4, ge=0, le=100_000, description="causal_lm: eval examples continued into samples.jsonl.")
-    max_new_tokens: int = Field(32, ge=1, le=1_048_576, description="causal_lm: tokens generated per sample.")
-    max_rows: int | None = Field(
-        None, ge=1, le=10**15, description="Score only the first max_rows held-out rows (the same rows for "
-        "any number of ranks); null: all of them.")
-    lm_eval: LmEvalConfig | None = Field(
-        None, description="lm-evaluation-harness tasks, scored on the consolidated model (and the base "
-        "model with compare_base); needs the `eval` extra. null: none.")
 
 
 class RunConfig(Section):

@@ -29,6 +29,7 @@ from pipeline.context import StageContext
 from pipeline.errors import UserError
 from pipeline.hf_writer import WriteResult, write_model_dir
 from pipeline.lora_out import adapter_names, is_peft, merged_lora, write_adapter
+from pipeline.model_card import CARD, card_text
 from pipeline.model_checks import (
     DTYPES,
     check_stored_dtype,
@@ -53,7 +54,7 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     target = ctx.run_dir.model_dir
     # verify.pt holds the final model's logits; another checkpoint is checked by weights and a forward.
     report = write_verified(with_run_labels(as_trained(cfg, ctx.run_dir), ctx.run_dir), checkpoint, target,
-                            ctx.run_dir.stage("train") / "verify.pt" if final else None)
+                            ctx.run_dir.stage("train") / "verify.pt" if final else None, ctx.run_dir)
     return {"model_dir": target.name, "checkpoint": str(checkpoint.relative_to(ctx.run_dir.root)),
             **report, "seconds": round(time.perf_counter() - start, 3)}
 
@@ -76,10 +77,11 @@ def chosen_checkpoint(cfg: RunConfig, run_dir: RunDir, train_manifest: dict[str,
     return chosen, chosen.resolve() == final.resolve()
 
 
-def write_verified(cfg: RunConfig, checkpoint: Path, target: Path,
-                   verify_file: Path | None) -> dict[str, Any]:
+def write_verified(cfg: RunConfig, checkpoint: Path, target: Path, verify_file: Path | None,
+                   run_dir: RunDir | None = None) -> dict[str, Any]:
     """Write `checkpoint` as a model directory at `target` (atomically: all or nothing) and check it;
-    `verify_file`: the final model's logits (None for a checkpoint they do not belong to)."""
+    `verify_file`: the final model's logits (None for a checkpoint they do not belong to). The model
+    card (README.md) describes the training and data of `run_dir`."""
     reader = open_checkpoint(checkpoint)
     adapter = is_peft(reader) and cfg.model.lora is not None and not cfg.model.lora.merge
     dtype = "fp32" if adapter else out_dtype(cfg)
@@ -88,6 +90,7 @@ def write_verified(cfg: RunConfig, checkpoint: Path, target: Path,
             written = write_adapter(tmp, reader, cfg, training_tokenizer(cfg))
         else:
             written = write_full(tmp, reader, cfg)
+        (tmp / CARD).write_text(card_text(cfg, run_dir, adapter, checkpoint), encoding="utf-8")
         check_stored_dtype(tmp, written.files, dtype)
         check = verify(tmp, reader, cfg, verify_file, adapter, dtype)
     return {"format": reader.format, "mode": "adapter" if adapter else "full", "dtype": dtype,

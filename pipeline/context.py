@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from pipeline.run_dir import RunDir
@@ -13,6 +14,8 @@ from pipeline.run_dir import RunDir
 class StageTracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
     def log_params(self, params: dict[str, Any]) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def log_table(self, path: Path) -> None: ...
 
 
 class NullStageTracker:
@@ -20,6 +23,12 @@ class NullStageTracker:
         pass
 
     def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_table(self, path: Path) -> None:
         pass
 
 

@@ -21,11 +21,15 @@ from pipeline.context import StageContext
 from pipeline.distributed import DistEnv, seed_everything
 from pipeline.errors import UserError
 from pipeline.eval_metrics import capped, scored
+from pipeline.model_card import add_metrics
 from pipeline.models import load_model
 from pipeline.precision import as_trained
+from pipeline.prompts import Prompt, encoded, read_prompts
 from pipeline.run_dir import atomic_write_json, atomic_write_text
 from pipeline.tokenized import open_split
 from pipeline.tokenizer import load_tokenizer
+
+SAMPLES_TABLE = "samples.json"  # samples.jsonl as an MLflow table
 
 
 def eval_dtype(cfg: RunConfig) -> torch.dtype:
@@ -79,35 +83,51 @@ def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
 
 
 def generate(model: torch.nn.Module, prompts: list[list[int]], pad_id: int, max_new_tokens: int,
-             device: torch.device) -> list[list[int]]:
-    """Greedy continuations of a batch of prompts, with the cache (unlike loss evaluation)."""
+             device: torch.device, temperature: float = 0.0, top_p: float = 1.0) -> list[list[int]]:
+    """Continuations of a batch of prompts, with the cache (unlike loss evaluation): greedy at
+    temperature 0, else sampled from the torch generator's state (top_k off: top_p alone cuts)."""
     ids, mask = left_padded(prompts, pad_id)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature \
+        else {"do_sample": False}
     output = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
-                            use_cache=True)
+                            max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True, **sampling)
     return output[:, ids.size(1):].tolist()
 
 
-def generations(model: torch.nn.Module, tokenizer: Any, table: pa.Table, cfg: RunConfig, pad_id: int,
-                dist: DistEnv) -> list[dict[str, str]]:
-    """Greedy continuations of the first evaluate.num_generations held-out examples, a batch at a time;
-    each rank generates every world_size-th batch (as it scores), and every rank gets all, in order."""
-    pairs = generation_prompts(table, cfg.evaluate.num_generations)
-    size, mine = cfg.evaluate.batch_size, []
+def sample_prompts(cfg: RunConfig, tokenizer: Any, table: pa.Table) -> list[Prompt]:
+    """evaluate.prompts' prompts, else the first evaluate.num_generations held-out ones."""
+    if cfg.evaluate.prompts:
+        chat = cfg.data.format == "chat"
+        return encoded(read_prompts(cfg.evaluate.prompts, chat), tokenizer, chat)
+    return [Prompt(tokenizer.decode(ids, skip_special_tokens=True), ids,
+                   tokenizer.decode(reference, skip_special_tokens=True))
+            for ids, reference in generation_prompts(table, cfg.evaluate.num_generations)]
+
+
+def generations(model: torch.nn.Module, tokenizer: Any, prompts: list[Prompt], cfg: RunConfig, pad_id: int,
+                dist: DistEnv) -> list[str]:
+    """The continuations of `prompts`, a batch at a time; each rank generates every world_size-th batch
+    (as it scores), and every rank gets all, in order. A sampled batch is seeded by train.seed and its
+    position, so its samples are the same for any world size and for the base model."""
+    size, ev, mine = cfg.evaluate.batch_size, cfg.evaluate, []
     with torch.inference_mode(), precision(cfg, dist.device):
-        for start in range(dist.rank * size, len(pairs), size * dist.world_size):
-            chunk = pairs[start: start + size]
-            outputs = generate(model, [p for p, _ in chunk], pad_id, cfg.evaluate.max_new_tokens, dist.device)
-            mine += [(start + i, _sample(tokenizer, prompt, reference, output))
-                     for i, ((prompt, reference), output) in enumerate(zip(chunk, outputs))]
+        for start in range(dist.rank * size, len(prompts), size * dist.world_size):
+            chunk = prompts[start: start + size]
+            torch.manual_seed(cfg.train.seed + start)
+            outputs = generate(model, [p.ids for p in chunk], pad_id, ev.max_new_tokens, dist.device,
+                               ev.temperature, ev.top_p)
+            mine += [(start + i, tokenizer.decode(output, skip_special_tokens=True))
+                     for i, output in enumerate(outputs)]
     everyone = [item for share in distributed.all_gather_objects(mine) for item in share]
-    return [sample for _, sample in sorted(everyone, key=lambda item: item[0])]
+    return [text for _, text in sorted(everyone, key=lambda item: item[0])]
 
 
-def _sample(tokenizer: Any, prompt: list[int], reference: list[int], output: list[int]) -> dict[str, str]:
-    return {"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
-            "reference": tokenizer.decode(reference, skip_special_tokens=True),
-            "generated": tokenizer.decode(output, skip_special_tokens=True)}
+def samples_of(prompts: list[Prompt], generated: list[str], base: list[str] | None) -> list[dict[str, str]]:
+    samples = [{"prompt": p.text, "reference": p.reference, "generated": text}
+               for p, text in zip(prompts, generated)]
+    for sample, text in zip(samples, base or []):
+        sample["generated_base"] = text
+    return samples
 
 
 def held_out(cfg: RunConfig, ctx: StageContext) -> pa.Table:
@@ -126,31 +146,46 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
     model_dir = ctx.run_dir.model_dir
     model = on_device(load_consolidated(cfg, model_dir), cfg, dist.device)  # full, or base + adapter
     metrics = {**score(model, cfg, table, pad_id, dist), "eval_rows": table.num_rows}
-    samples = None
-    if cfg.model.task == "causal_lm" and cfg.evaluate.num_generations:
-        samples = generations(model, load_tokenizer(model_dir), table, cfg, pad_id, dist)
+    tokenizer, prompts, generated, base_generated = load_tokenizer(model_dir), [], [], None
+    if cfg.model.task == "causal_lm" and (cfg.evaluate.num_generations or cfg.evaluate.prompts):
+        prompts = sample_prompts(cfg, tokenizer, table)
+        generated = generations(model, tokenizer, prompts, cfg, pad_id, dist)
     if harness:
-        metrics["lm_eval"] = harness.scores(model, load_tokenizer(model_dir))
+        metrics["lm_eval"] = harness.scores(model, tokenizer)
     del model  # before the base model comes onto the device
     if cfg.evaluate.compare_base:
         # Same seed as training, so a fresh classification head starts where training started.
         seed_everything(cfg.train.seed)
         base = on_device(load_model(cfg.model, cfg.data.labels), cfg, dist.device)
         metrics["base"] = score(base, cfg, table, pad_id, dist)
+        base_generated = generations(base, tokenizer, prompts, cfg, pad_id, dist) if prompts else None
         if harness:
             metrics["base"]["lm_eval"] = harness.scores(base, load_tokenizer(cfg.model.name_or_path))
     if dist.is_main:
-        write_results(ctx, metrics, samples)
+        write_results(ctx, metrics, samples_of(prompts, generated, base_generated) if prompts else None)
     return {"metrics": metrics, "world_size": dist.world_size, "device": dist.device.type,
             "dtype": str(eval_dtype(cfg)).removeprefix("torch.")}
 
 
 def write_results(ctx: StageContext, metrics: dict[str, Any], samples: list[dict[str, str]] | None) -> None:
     if samples is not None:
-        out = ctx.run_dir.stage("evaluate")
-        atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+        write_samples(ctx, samples)
     atomic_write_json(ctx.run_dir.metrics_file, metrics)
     ctx.tracker.log_metrics(scalar_metrics(metrics))
+    card = add_metrics(ctx.run_dir.model_dir, metrics)
+    if card is not None:
+        ctx.tracker.log_artifact(card, "model")
+
+
+def write_samples(ctx: StageContext, samples: list[dict[str, str]]) -> None:
+    """samples.jsonl, and the same as an MLflow table (written as mlflow.log_table writes one: pandas'
+    orient="split", which the MLflow UI shows as a table)."""
+    out = ctx.run_dir.stage("evaluate")
+    atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    columns = list(samples[0]) if samples else ["prompt", "reference", "generated"]
+    atomic_write_json(out / SAMPLES_TABLE, {"columns": columns,
+                                            "data": [[s[c] for c in columns] for s in samples]})
+    ctx.tracker.log_table(out / SAMPLES_TABLE)
 
 
 def scalar_metrics(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:

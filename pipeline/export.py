@@ -28,7 +28,7 @@ def export(run_dir: RunDir, step: int, out: Path) -> dict[str, Any]:
     final = (run_dir.read_manifest("train") or {}).get("final_checkpoint")
     is_final = final is not None and (run_dir.stage("train") / final).resolve() == checkpoint.resolve()
     verify_file = run_dir.stage("train") / "verify.pt" if is_final else None
-    report = write_verified(cfg, checkpoint, out, verify_file)
+    report = write_verified(cfg, checkpoint, out, verify_file, run_dir)
     return {"checkpoint": str(checkpoint.relative_to(run_dir.root)), "step": step, "final": is_final,
             **report}
 

@@ -13,6 +13,7 @@ from typing import Any
 from pipeline.config import RunConfig
 from pipeline.digests import WEIGHT_SUFFIXES
 from pipeline.errors import UserError
+from pipeline.prompts import read_prompts
 from pipeline.sources import check_paths
 
 HUB_ID = r"[\w.-]+(/[\w.-]+)?"
@@ -30,6 +31,10 @@ def check_inputs(cfg: RunConfig) -> None:
     check_paths(cfg)
     if cfg.train.deepspeed.config:
         check_json_file("train.deepspeed.config", Path(cfg.train.deepspeed.config))
+    if cfg.evaluate.prompts:
+        if cfg.model.task != "causal_lm":
+            raise UserError(f"evaluate.prompts: only causal_lm runs generate; model.task is {cfg.model.task}")
+        read_prompts(cfg.evaluate.prompts, cfg.data.format == "chat")  # a bad line now, not after training
     model_config = check_model(cfg.model.name_or_path)
     check_output(cfg)
     if model_config is not None:

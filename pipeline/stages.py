@@ -26,7 +26,7 @@ PACKAGE_ROOT = Path(pipeline.__file__).parent.parent
 # fingerprinted as config. Every other package module a stage imports must be in its `code`.
 PLUMBING = ("pipeline", "pipeline.config", "pipeline.config_errors", "pipeline.config_launch",
             "pipeline.config_sources", "pipeline.config_tracking", "pipeline.config_consolidate",
-            "pipeline.config_model", "pipeline.config_lm_eval",
+            "pipeline.config_model", "pipeline.config_evaluate", "pipeline.config_lm_eval",
             "pipeline.attention", "pipeline.context", "pipeline.errors", "pipeline.run_dir",
             "pipeline.digests", "pipeline.stages")
 
@@ -73,10 +73,19 @@ def consolidate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
                                                       cfg.consolidate.checkpoint == "final" else set())}
 
 
+# Keys added to the evaluate section later, with their defaults: a key at its default is left out, so
+# evaluations written before it existed stay up to date.
+EVALUATE_LATER_KEYS = {"max_rows": None, "prompts": None, "temperature": 0.0, "top_p": 1.0, "lm_eval": None}
+
+
 def evaluate_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
-    # Keys left unset are left out: evaluations written before they existed stay up to date.
-    unset = {key for key in ("max_rows", "lm_eval") if getattr(cfg.evaluate, key) is None}
+    section = cfg.evaluate.model_dump()
+    # Keys at their defaults are left out: evaluations written before they existed stay up to date.
+    unset = {key for key, default in EVALUATE_LATER_KEYS.items() if section.get(key) == default}
     inputs = {"evaluate": cfg.evaluate.model_dump(exclude=unset), "train": {"seed": cfg.train.seed}}
+    prompts = cfg.evaluate.prompts
+    if prompts and Path(prompts).is_file():
+        inputs["prompts file"] = cache.digest(Path(prompts))
     lm_eval = cfg.evaluate.lm_eval
     if lm_eval is not None and lm_eval.include_path is not None:
         inputs["lm_eval task files"] = folder_digests(Path(lm_eval.include_path), cache)
@@ -171,10 +180,11 @@ _DECLARED = (
     Stage("consolidate", "pipeline.consolidate:run", ("train",), consolidate_inputs,
           ("pipeline.consolidate", "pipeline.precision", "pipeline.checkpoint_readers", "pipeline.hf_writer",
            "pipeline.models", "pipeline.tokenizer", "pipeline.unpickling", "pipeline.lora_out",
-           "pipeline.model_checks", "pipeline.train", "pipeline.train.checkpoint", "pipeline.train.engine",
-           "pipeline.distributed")),
+           "pipeline.model_checks", "pipeline.model_card", "pipeline.train", "pipeline.train.checkpoint",
+           "pipeline.train.engine", "pipeline.distributed")),
     Stage("evaluate", "pipeline.evaluate:run", ("consolidate",), evaluate_inputs,
-          ("pipeline.evaluate", "pipeline.eval_metrics", "pipeline.consolidate", "pipeline.precision",
+          ("pipeline.evaluate", "pipeline.eval_metrics", "pipeline.consolidate", "pipeline.prompts",
+           "pipeline.model_card", "pipeline.precision",
            "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.lora_out", "pipeline.model_checks",
            "pipeline.models", "pipeline.tokenizer", "pipeline.tokenized", "pipeline.distributed",
            "pipeline.train", "pipeline.train.data", "pipeline.train.objective", "pipeline.unpickling",

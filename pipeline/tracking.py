@@ -36,6 +36,7 @@ log = logging.getLogger("ftpipe.tracking")
 FLUSH_TIMEOUT_S = 60.0  # at exit, a server that keeps answering gets this long for the queue
 EXIT_STALL_S = 5.0  # at exit, a server that answers nothing for this long gets the rest spooled
 RETRY_DELAYS_S = (0.5, 1.0, 2.0)
+LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # the tag mlflow.log_table sets
 PROBE_INTERVAL_S = 30.0
 # ftpipe retries itself; MLflow's defaults (7 retries, 120 s timeout) would hold a call for minutes.
 MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
@@ -202,6 +203,13 @@ class StageRun:
     def log_params(self, params: dict[str, Any]) -> None:
         self.tracker.submit(ops.batch(self.key, params=params))
 
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.tracker.submit(ops.artifact(self.key, str(path), artifact_path))
+
+    def log_table(self, path: Path) -> None:
+        for op in table_ops(self.key, path):
+            self.tracker.submit(op)
+
     def finish(self, status: str, manifest_path: Path | None = None) -> None:
         if manifest_path is not None and manifest_path.is_file():
             self.tracker.submit(ops.artifact(self.key, str(manifest_path), self.name))
@@ -292,6 +300,13 @@ def read_parent(run_dir: RunDir, uri: str) -> str | None:
     return found.get("run_id") if found.get("uri") == redact(uri) else None
 
 
+def table_ops(key: str, path: Path) -> list[dict[str, Any]]:
+    """A JSON table file (columns/data, as mlflow.log_table writes one) at the run's artifact root, and
+    the tag by which the MLflow UI lists it among the run's tables."""
+    tag = json.dumps([{"path": path.name, "type": "table"}])
+    return [ops.artifact(key, str(path)), ops.batch(key, tags={LOGGED_ARTIFACTS_TAG: tag})]
+
+
 class AttachedStageRun:
     """A stage run created by the pipeline process, logged to from another process (a torchrun
     rank): same background thread, same retries and spool."""
@@ -305,6 +320,13 @@ class AttachedStageRun:
 
     def log_params(self, params: dict[str, Any]) -> None:
         self.sender.submit(ops.batch(self.key, params=params))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.sender.submit(ops.artifact(self.key, str(path), artifact_path))
+
+    def log_table(self, path: Path) -> None:
+        for op in table_ops(self.key, path):
+            self.sender.submit(op)
 
     def close(self) -> bool:
         return self.sender.close()

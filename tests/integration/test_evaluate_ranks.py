@@ -41,7 +41,9 @@ def causal(tmp_path_factory, tiny_llama):
     tasks = {"tasks": [fixtures.LM_EVAL_TASK], "include_path": str(folder)}
     cfg, ctx = _prepared(fixtures.causal_config(
         tmp, tiny_llama, data, data={"packing": True},
-        evaluate={"batch_size": 2, "num_generations": 3, "max_rows": 9, "lm_eval": tasks}, **TWO_RANKS))
+        # Sampled: each batch is seeded by its position, so the ranks sample what one process samples.
+        evaluate={"batch_size": 2, "num_generations": 3, "max_rows": 9, "lm_eval": tasks, "temperature": 1.0},
+        **TWO_RANKS))
     shutil.copytree(tiny_llama, ctx.run_dir.model_dir)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HF_DATASETS_OFFLINE", "1")  # the task's data is a local file; torchrun's ranks inherit

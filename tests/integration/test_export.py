@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.model_card import NOT_EVALUATED
 from pipeline.tokenized import open_split
 from tests import fixtures
 from tests.helpers import assert_same_weights, ftpipe, manifest
@@ -42,6 +43,19 @@ def test_the_model_renders_chats_as_training_saw_them(chat_run, tiny_llama):
     assert AutoTokenizer.from_pretrained(tiny_llama).chat_template is None  # it came from data.chat_template
 
 
+def test_the_model_folder_has_a_card_of_the_run(chat_run, tiny_llama):
+    """README.md: base model, training summary, data sources with their row counts, prompt format, and
+    an evaluation section the evaluate stage fills in; listed with the folder's files."""
+    card = (chat_run / "consolidate" / "model" / "README.md").read_text()
+    assert "README.md" in manifest(chat_run, "consolidate")["files"]
+    for section in ("## Training", "## Data", "## Prompt format", "## Evaluation", NOT_EVALUATED):
+        assert section in card
+    assert card.startswith(f'---\nbase_model: "{tiny_llama}"\nlibrary_name: transformers\n')
+    assert "| steps | 2 |" in card and "| strategy | single |" in card and "| learning rate | 0.001 |" in card
+    assert f"| `{chat_run.parent.parent / 'chat.jsonl'}` | 2 | 0 |" in card
+    assert f"Chat template ({chat_run.parent.parent / 'chat.jinja'}) saved with the tokenizer" in card
+
+
 def test_export_writes_any_complete_step_verified(chat_run, tmp_path, capsys):
     assert ftpipe("export", chat_run, "--step", "1", "--out", tmp_path / "step1") == 0
     assert ftpipe("export", chat_run, "--step", "2", "--out", tmp_path / "step2") == 0
@@ -53,6 +67,7 @@ def test_export_writes_any_complete_step_verified(chat_run, tmp_path, capsys):
     first = AutoModelForCausalLM.from_pretrained(tmp_path / "step1").state_dict()
     assert any(not first[k].equal(final[k]) for k in final)
     assert AutoTokenizer.from_pretrained(tmp_path / "step1").chat_template == TEMPLATE
+    assert "| steps | 1 |" in (tmp_path / "step1" / "README.md").read_text()  # the card of what it holds
     assert manifest(chat_run, "consolidate")["checkpoint"] == "train/checkpoints/step-000002"
 
 

@@ -10,6 +10,7 @@ import torch
 
 from pipeline import evaluate
 from pipeline.config import validate_config
+from pipeline.digests import DigestCache
 from pipeline.distributed import DistEnv, all_reduce_sum_array
 from pipeline.eval_metrics import (
     capped,
@@ -113,13 +114,22 @@ def test_two_ranks_sums_add_up_to_the_one_process_metrics(llama, bert_classifier
     assert summarize_confusion(sum(confusions)) == summarize_confusion(confusion)
 
 
-def test_max_rows_unset_leaves_the_evaluate_fingerprint_as_it_was(tmp_path):
-    """Evaluations finished before evaluate.max_rows existed stay up to date; setting it redoes them."""
+def test_later_keys_at_their_defaults_leave_the_evaluate_fingerprint_as_it_was(tmp_path):
+    """Evaluations finished before evaluate.max_rows, prompts, temperature and top_p existed stay up to
+    date; setting one redoes them, and so does a change in the prompts file."""
     cfg = validate_config(fixtures.causal_config(tmp_path, tmp_path, tmp_path / "x.jsonl"))
-    covered = STAGES["evaluate"].config_inputs(cfg, None)["evaluate"]
-    assert covered == {"batch_size": 8, "compare_base": False, "num_generations": 2, "max_new_tokens": 5}
-    cfg.evaluate.max_rows = 5
-    assert STAGES["evaluate"].config_inputs(cfg, None)["evaluate"]["max_rows"] == 5
+    covered = STAGES["evaluate"].config_inputs(cfg, DigestCache(tmp_path / "digests.json"))
+    assert covered == {"evaluate": {"batch_size": 8, "compare_base": False, "num_generations": 2,
+                                    "max_new_tokens": 5}, "train": {"seed": 0}}
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the cat\n")
+    set_keys = {"max_rows": 5, "temperature": 0.7, "top_p": 0.9, "prompts": str(prompts)}
+    for key, value in set_keys.items():
+        setattr(cfg.evaluate, key, value)
+    inputs = STAGES["evaluate"].config_inputs(cfg, DigestCache(tmp_path / "digests.json"))
+    assert {k: inputs["evaluate"][k] for k in set_keys} == set_keys
+    prompts.write_text("the dog\n")
+    assert STAGES["evaluate"].config_inputs(cfg, DigestCache(tmp_path / "d2.json")) != inputs
 
 
 def _config(tmp_path, tiny_llama, precision: str):

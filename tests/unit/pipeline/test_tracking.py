@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import subprocess
+from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
@@ -49,7 +50,23 @@ def _check_recorded(uri: str, experiment: str) -> None:
     memory = {k for k in children["train"].data.metrics if k.startswith("memory/")}
     assert memory == {"memory/rank0/peak_rss_bytes"}  # the CUDA peaks are null here: not logged
     assert [a.path for a in client.list_artifacts(train, "train")] == ["train/manifest.json"]
-    assert "perplexity" in children["evaluate"].data.metrics
+    evaluation = children["evaluate"]
+    assert "perplexity" in evaluation.data.metrics
+    _check_samples_and_card(client, evaluation)
+
+
+def _check_samples_and_card(client: MlflowClient, evaluation) -> None:
+    """samples.jsonl as a table MLflow loads back, and the model card with its metrics."""
+    import pandas as pd
+
+    run_id = evaluation.info.run_id
+    assert json.loads(evaluation.data.tags["mlflow.loggedArtifacts"]) == [{"path": "samples.json",
+                                                                           "type": "table"}]
+    # Read back as MlflowClient.load_table reads a table (its search goes through the global store).
+    table = pd.read_json(client.download_artifacts(run_id, "samples.json"), orient="split")
+    assert list(table.columns) == ["prompt", "reference", "generated"] and len(table) == 2
+    card = Path(client.download_artifacts(run_id, "model/README.md"))
+    assert "| perplexity |" in card.read_text()
 
 
 def test_default_sqlite_store_records_everything(tmp_path, tiny_llama, text_data):
