@@ -11,7 +11,7 @@ from pipeline import lm_eval_run
 from pipeline.config import validate_config
 from pipeline.digests import DigestCache
 from pipeline.errors import UserError
-from pipeline.stages import STAGES
+from pipeline.stages import EVALUATE_LATER_KEYS, STAGES
 from tests import fixtures
 from tests.fixtures import LM_EVAL_TASK as TASK
 from tests.fixtures import write_lm_eval_task as write_task
@@ -61,7 +61,7 @@ def test_the_fingerprint_covers_the_settings_and_the_task_files_and_not_an_unset
     cache = DigestCache(tmp_path / "digests.json")
     inputs = STAGES["evaluate"].config_inputs
     plain = validate_config(_config(tmp_path))
-    before_the_key = plain.evaluate.model_dump(exclude={"max_rows", "lm_eval"})
+    before_the_key = plain.evaluate.model_dump(exclude=set(EVALUATE_LATER_KEYS))
     assert inputs(plain, cache) == {"evaluate": before_the_key, "train": {"seed": 0}}  # still up to date
     tasks = write_task(tmp_path / "tasks")
     cfg = validate_config(_config(tmp_path, {"tasks": [TASK], "include_path": str(tasks)}))
