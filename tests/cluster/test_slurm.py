@@ -280,7 +280,7 @@ def test_a_sweep_shares_one_dataset_and_one_mlflow_parent(slurm_cluster, tmp_pat
     password = "pw-31b7d2"
     cfg = fixtures.causal_config(tmp_path, tiny_llama, text_data, name="sw", launch={"backend": "slurm"},
                                  train={"device": "cpu"},
-                                 tracking={"enabled": True, "experiment": "sweep",
+                                 tracking={"enabled": True, "experiment": "sweep", "report": True,
                                            "mlflow_uri": mlflow_server.replace("//", f"//u:{password}@")})
     config = fixtures.write_config(tmp_path / "sw.yaml", cfg)
     assert ftpipe("submit", config, "--sweep", "data.max_seq_len=16,32") == 2
@@ -297,6 +297,7 @@ def test_a_sweep_shares_one_dataset_and_one_mlflow_parent(slurm_cluster, tmp_pat
     assert ([r["name"] for r in rows] == names
             and all(r["state"] == "done" and "loss" in r["metrics"] for r in rows))
     assert [j.stage for j in read_jobs(base)] == ["shard", "tokenize"], "the data is prepared once"
+    assert (base.sweep_dir / "sweep.png").is_file() and (base.root / "report" / "report.html").is_file()
     for name, lr in zip(names, (1e-3, 3e-3)):
         member = RunDir(tmp_path / "runs" / name)
         assert member.stage("shard").is_symlink() and member.stage("tokenize").is_symlink()
@@ -312,6 +313,8 @@ def test_a_sweep_shares_one_dataset_and_one_mlflow_parent(slurm_cluster, tmp_pat
     by_name = {r.info.run_name: r for r in runs}
     parent = by_name["sw"]
     assert "mlflow.parentRunId" not in parent.data.tags and parent.info.status == "FINISHED"
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/summary.md", "sweep/sweep.png"} <= logged
     for name in names:
         assert by_name[name].data.tags["mlflow.parentRunId"] == parent.info.run_id
     stages = [r for r in runs if "ftpipe.stage" in r.data.tags]
