@@ -40,7 +40,8 @@ def reported(tmp_path_factory, tiny_bert):
     server = start_mlflow_server(tmp_path, port)
     try:
         tracking = {"enabled": True, "report": True, "mlflow_uri": f"http://127.0.0.1:{port}"}
-        cfg = fixtures.classification_config(tmp_path, tiny_bert, data, tracking=tracking)
+        cfg = fixtures.classification_config(tmp_path, tiny_bert, data, tracking=tracking,
+                                             train={"max_steps": 6, "checkpoint_every": 6})
         assert ftpipe("run", fixtures.write_config(tmp_path / "cls.yaml", cfg), "--no-progress") == 0
         yield RunDir(tmp_path / "runs" / "cls"), f"http://127.0.0.1:{port}"
     finally:
