@@ -21,12 +21,16 @@ STOPPED_EXIT = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; runnin
 DEBUG_ENV = "FTPIPE_DEBUG"  # set by `ftpipe --debug`; torchrun ranks and SLURM jobs inherit it
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to whatever sys.stderr is now (tests and notebooks swap it)."""
+class _CurrentStreamHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr (or sys.stdout) is now: tests and notebooks swap them."""
+
+    def __init__(self, name: str = "stderr"):
+        super().__init__()
+        self.name_of_stream = name
 
     @property
     def stream(self):
-        return sys.stderr
+        return getattr(sys, self.name_of_stream)
 
     @stream.setter
     def stream(self, value) -> None:
@@ -49,22 +53,10 @@ class _BeforeDeepSpeed(importlib.abc.MetaPathFinder):
         return None  # the usual finders import it
 
 
-class _StdoutHandler(logging.StreamHandler):
-    """Writes to whatever sys.stdout is now, flushed per line (SLURM log files are read while written)."""
-
-    @property
-    def stream(self):
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
-
-
 def quiet_libraries() -> None:
     root = logging.getLogger("ftpipe")
     if not root.handlers:
-        handler = _StderrHandler()
+        handler = _CurrentStreamHandler()
         handler.setFormatter(logging.Formatter("ftpipe: %(message)s"))
         root.addHandler(handler)
         root.setLevel(logging.INFO)
@@ -72,7 +64,7 @@ def quiet_libraries() -> None:
     # Progress (stage start and end, a line per logged training step) is the run's output: stdout.
     progress = logging.getLogger(PROGRESS_LOGGER)
     if not progress.handlers:
-        progress.addHandler(_StdoutHandler())
+        progress.addHandler(_CurrentStreamHandler("stdout"))
         progress.propagate = False
     for name in ("alembic", "mlflow", "urllib3", "httpx", "datasets", "filelock"):
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -194,15 +194,6 @@ def all_reduce_sum_array(values: np.ndarray) -> np.ndarray:
     return tensor.cpu().numpy()
 
 
-def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's `obj` (picklable), in rank order, on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return obj
@@ -236,7 +227,7 @@ def on_main(work: Callable[[], Any], timeout: datetime.timedelta) -> Any:
 
 
 def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order (on every rank)."""
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return [obj]
     gathered: list[Any] = [None] * dist.get_world_size()

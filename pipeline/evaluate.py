@@ -118,7 +118,7 @@ def generations(model: torch.nn.Module, tokenizer: Any, prompts: list[Prompt], c
                                ev.temperature, ev.top_p)
             mine += [(start + i, tokenizer.decode(output, skip_special_tokens=True))
                      for i, output in enumerate(outputs)]
-    everyone = [item for share in distributed.all_gather_objects(mine) for item in share]
+    everyone = [item for share in distributed.all_gather_object(mine) for item in share]
     return [text for _, text in sorted(everyone, key=lambda item: item[0])]
 
 

@@ -64,7 +64,7 @@ def curves_figure(rows: list[dict[str, Any]], evals: list[dict[str, Any]]):
 
 
 def confusion_matrix(run_dir: RunDir, out: Path, labels: list[str] | None = None) -> Path | None:
-    metrics = _json(run_dir.metrics_file)
+    metrics = read_json(run_dir.metrics_file)
     matrix = np.array(metrics.get("confusion_matrix") or [])
     if matrix.ndim != 2 or matrix.size == 0:
         return None
@@ -147,7 +147,7 @@ def sweep_comparison(members: list[tuple[str, RunDir]], out: Path) -> Path | Non
     left.set_title("training loss")
     left.set_xlabel("step")
     left.legend(fontsize="small")
-    finals = [(name, _json(run.metrics_file)) for name, run in members]
+    finals = [(name, read_json(run.metrics_file)) for name, run in members]
     key = "accuracy" if any("accuracy" in m for _, m in finals) else "loss"
     right.bar([n for n, _ in finals], [m.get(key, np.nan) for _, m in finals])
     right.set_title(f"held-out {key}")
@@ -155,7 +155,7 @@ def sweep_comparison(members: list[tuple[str, RunDir]], out: Path) -> Path | Non
     return _save(figure, out / "sweep.png")
 
 
-def _json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

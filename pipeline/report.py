@@ -95,7 +95,7 @@ def _images(images: list[Path]) -> str:
 
 
 def _metrics(run_dir: RunDir) -> str:
-    metrics = plots._json(run_dir.metrics_file)
+    metrics = plots.read_json(run_dir.metrics_file)
     base = metrics.get("base") or {}
     rows = [[key, base.get(key, ""), value] for key, value in metrics.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool)]

@@ -65,7 +65,7 @@ def run_tags(cfg: RunConfig, run_dir: Path, environ: Mapping[str, str] | None = 
     environ = os.environ if environ is None else environ
     launch = cfg.launch
     tags = {"ftpipe.run_dir": str(run_dir), "ftpipe.version": pipeline.__version__,
-            "ftpipe.host": socket.gethostname(), "ftpipe.strategy": cfg.train.strategy,
+            "ftpipe.strategy": cfg.train.strategy,
             "ftpipe.world_size": str(launch.nnodes * launch.nproc_per_node), "ftpipe.backend": launch.backend}
     commit = git_commit(Path.cwd())
     if commit:
@@ -75,9 +75,9 @@ def run_tags(cfg: RunConfig, run_dir: Path, environ: Mapping[str, str] | None = 
 
 
 def stage_tags(stage: str | None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """A stage run's tags: the stage, the host it ran on, its SLURM job and nodes."""
+    """A stage run's tags (None: the parent run's): the stage, the host, its SLURM job and nodes."""
     environ = os.environ if environ is None else environ
-    tags = {"ftpipe.stage": stage, "ftpipe.host": socket.gethostname() if stage else None,
+    tags = {"ftpipe.stage": stage, "ftpipe.host": socket.gethostname(),
             "ftpipe.slurm_job_id": environ.get("SLURM_JOB_ID"),
             "ftpipe.slurm_nodes": environ.get("SLURM_JOB_NODELIST")}
     return {k: v for k, v in tags.items() if v}

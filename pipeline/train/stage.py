@@ -106,7 +106,7 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
             "tokens_per_second": state.tokens / max(state.seconds, 1e-9), "global_batch": layout.global_batch,
             "world_size": dist.world_size, "strategy": cfg.train.strategy, "precision": precision,
             "resumed_from_step": resumed,
-            "trainable_parameters": _trainable(engine), **training_length(cfg.train),
+            "trainable_parameters": _parameters(engine, trainable_only=True), **training_length(cfg.train),
             "extended_from": extended, "final_checkpoint": f"checkpoints/step-{state.step:06d}",
             "peak_memory": memory, **_best(state, cfg)}
 
@@ -201,13 +201,13 @@ def _extend(state: LoopState, fresh: LoopState, target: Callable[[dict[str, Any]
 
 def _step_log(engine: TrainEngine, cfg: RunConfig, dist: DistEnv, rows: int) -> StepLog:
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    parameters = sum(getattr(p, "ds_numel", p.numel()) for p in engine.unwrapped.parameters())
-    return StepLog(rows, parameters, matmul_peak(dist.device, dtype), dist.device)
+    return StepLog(rows, _parameters(engine), matmul_peak(dist.device, dtype), dist.device)
 
 
-def _trainable(engine: TrainEngine) -> int:
+def _parameters(engine: TrainEngine, trainable_only: bool = False) -> int:
     # Global counts: DTensor.numel() is the full size; ZeRO-3 keeps it in ds_numel.
-    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.unwrapped.parameters() if p.requires_grad)
+    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.unwrapped.parameters()
+               if p.requires_grad or not trainable_only)
 
 
 def verification_batch(ctx: StageContext, rows: int = VERIFY_ROWS) -> dict[str, torch.Tensor]:

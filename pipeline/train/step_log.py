@@ -8,12 +8,12 @@ the start (attention's FLOPs left out: an estimate, as in nanoGPT and torchtitan
 
 from __future__ import annotations
 
-import resource
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from pipeline import distributed
 from pipeline.context import clock, stamp
 
 # Probe sizes: big enough to reach a GPU's peak; on a CPU (which may emulate bf16) small enough to be quick.
@@ -41,9 +41,8 @@ def _synchronize(device: torch.device) -> None:
 
 def peak_memory(device: torch.device) -> int:
     """Bytes: the CUDA allocator's high-water mark, else this process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peaks = distributed.peak_memory(device)
+    return peaks["cuda_max_allocated_bytes"] or peaks["peak_rss_bytes"]
 
 
 def _size(value: float) -> str:
