@@ -5,6 +5,7 @@ only when evaluate.lm_eval is set (lm_eval is the optional `eval` extra)."""
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +69,10 @@ def _scores(model: torch.nn.Module, tokenizer: Any, settings: LmEvalConfig, mana
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
+    # lm_eval bootstraps standard errors (perplexity's, say) in a forked multiprocessing pool. A fork of
+    # a process running torch's and gloo's threads can leave the child holding a lock no thread will
+    # release: a torchrun rank hung forever that way. Its single-process path gives the same numbers.
+    os.environ["DISABLE_MULTIPROC"] = "1"
     limit = settings.limit if settings.limit is None or settings.limit < 1 else int(settings.limit)
     harness_model = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
     output = lm_eval.simple_evaluate(

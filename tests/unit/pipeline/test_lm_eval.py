@@ -1,14 +1,16 @@
-"""evaluate.lm_eval without a model: what `validate` says, unknown task names, the evaluate
-fingerprint, metric names."""
+"""evaluate.lm_eval: what `validate` says, unknown task names, the evaluate fingerprint, metric names,
+and a task scored on the tiny model without forking."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
 
 from pipeline import lm_eval_run
 from pipeline.config import validate_config
+from pipeline.config_lm_eval import LmEvalConfig
 from pipeline.digests import DigestCache
 from pipeline.errors import UserError
 from pipeline.stages import EVALUATE_LATER_KEYS, STAGES
@@ -79,3 +81,20 @@ def test_metric_names_drop_the_none_filter_and_keep_numbers_only():
                      "sample_len": 6}}
     assert lm_eval_run.task_metrics(results) == {"t": {"acc": 0.5, "exact_match_strict-match": 1.0,
                                                        "sample_len": 6.0}}
+
+
+def test_a_task_is_scored_without_forking_a_process(tmp_path, tiny_llama, monkeypatch):
+    """lm_eval's bootstrap standard errors fork a multiprocessing pool unless told not to; a fork from a
+    process running torch's and gloo's threads can deadlock the child (it hung a torchrun rank in CI)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    def forbidden():
+        raise AssertionError("lm_eval forked a process")
+
+    monkeypatch.delenv("DISABLE_MULTIPROC", raising=False)
+    settings = LmEvalConfig(tasks=[TASK], include_path=str(write_task(tmp_path / "tasks")))
+    harness = lm_eval_run.prepared(settings)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    monkeypatch.setattr(os, "fork", forbidden)
+    scores = harness.scores(model, AutoTokenizer.from_pretrained(tiny_llama))
+    assert scores[TASK]["sample_len"] == fixtures.LM_EVAL_DOCS and scores[TASK]["perplexity_stderr"] >= 0
