@@ -84,8 +84,12 @@ def test_report_loads_in_headless_chromium(reported, tmp_path):
         "self-contained: nothing loaded from elsewhere, no script"
     harness = tmp_path / "harness.html"
     harness.write_text(HARNESS.format(page=page.as_uri()))
+    # No background networking: on a machine with a closed network chromium's own connections (updates,
+    # sync, lookups of Google's hosts) are refused or left waiting.
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
-             "--virtual-time-budget=5000", f"--user-data-dir={tmp_path / 'chromium'}"]
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--disable-quic", "--virtual-time-budget=5000",
+             f"--user-data-dir={tmp_path / 'chromium'}"]
     dom = subprocess.run([browser, *flags, "--enable-logging=stderr", "--v=0", "--dump-dom",
                           harness.as_uri()], capture_output=True, text=True, timeout=120)
     found = json.loads(dom.stdout.split('<pre id="result">')[1].split("</pre>")[0])
