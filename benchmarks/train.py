@@ -53,7 +53,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--json", type=Path, help="write the numbers here too")
-    ap.add_argument("--work", type=Path, help="scratch folder (default: a temporary one, removed after)")
+    ap.add_argument("--work", type=Path, help="an empty scratch folder to keep (default: a temporary one)")
     return ap.parse_args(argv)
 
 
@@ -66,6 +66,8 @@ def input_error(args: argparse.Namespace) -> str | None:
         return f"{args.data}: no such file"
     if importlib.util.find_spec("trl") is None:
         return 'TRL is not installed: pip install -e ".[bench]"'
+    if args.work and args.work.exists() and any(args.work.iterdir()):
+        return f"--work {args.work}: not empty (a run there would resume instead of training anew)"
     if args.steps <= args.warmup or args.warmup < 0:
         return f"--steps ({args.steps}) must be more than --warmup ({args.warmup}), which must be >= 0"
     return None
@@ -85,7 +87,7 @@ def preload() -> None:
 
 def in_child(function: Callable[[dict[str, Any]], dict[str, Any]], spec: dict[str, Any]) -> dict[str, Any]:
     """function(spec) in a forked child; its result and the child's peak RSS (wait4's, in MiB)."""
-    result_file = Path(spec["work"]) / f"result-{function.__name__}.json"
+    result_file = Path(spec["work"]) / f"result-{function.__name__}-{spec.get('trainer', '')}.json"
     sys.stdout.flush()
     sys.stderr.flush()
     started = time.monotonic()
@@ -121,6 +123,8 @@ def run_all(spec: dict[str, Any]) -> dict[str, Any]:
     records = {"ftpipe": in_child(train_runs.ftpipe_train, {**spec, "trainer": "ftpipe"})}
     for trainer in ("trl", "padded"):
         records[trainer] = in_child(train_runs.hf_train, {**spec, "trainer": trainer})
+    trained = {name: record["precision"] for name, record in records.items()}
+    assert set(trained.values()) == {spec["precision"]}, f"asked for {spec['precision']}, trained {trained}"
     return {"peak": peak, "records": records}
 
 

@@ -84,7 +84,8 @@ def ftpipe_record(run: Path) -> dict[str, Any]:
     manifest = json.loads((run / "train" / "manifest.json").read_text())
     assert manifest["tokens_trained"] == tokens, (manifest["tokens_trained"], tokens)
     return {"steps": steps, "losses": [m["loss"] for m in metrics],
-            "parameters": manifest["trainable_parameters"], "tokens_trained": manifest["tokens_trained"]}
+            "parameters": manifest["trainable_parameters"], "tokens_trained": manifest["tokens_trained"],
+            "precision": manifest["precision"]}
 
 
 def example_lengths(input_ids, attention_mask=None, position_ids=None) -> list[int]:
@@ -190,4 +191,5 @@ def hf_train(spec: dict[str, Any]) -> dict[str, Any]:
     trainer.train()
     hook.remove()
     parameters = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return {"steps": meter.steps, "losses": meter.losses, "parameters": parameters}
+    return {"steps": meter.steps, "losses": meter.losses, "parameters": parameters,
+            "precision": "bf16" if trainer.args.bf16 else "fp32"}
