@@ -148,7 +148,13 @@ def benchmark(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "precision": args.precision, "steps": args.steps, "warmup": args.warmup, "max_len": args.max_len,
             "micro_batch": args.micro_batch, "work": str(work), "shape": train_report.model_shape(config)}
     preload()
-    return build_report(spec, run_all(spec))
+    return {**build_report(spec, run_all(spec)), "imports_rss_mib": rss_mib()}
+
+
+def rss_mib() -> float:
+    """This process's resident set now: the imported libraries every forked child starts with."""
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,7 +123,8 @@ def heading(report: dict[str, Any]) -> str:
             f"max_len {run['max_len']}, micro batch {run['micro_batch']}, {run['precision']}, "
             f"{run['steps']} steps of which the first {run['warmup']} left out; matmul peak "
             f"{peak['flops_per_second'] / 1e9:.1f} GFLOP/s at the model's shapes "
-            f"({peak['tokens']} tokens, {peak['threads']} threads)")
+            f"({peak['tokens']} tokens, {peak['threads']} threads); each peak RSS includes the "
+            f"{report['imports_rss_mib']:.0f} MiB of libraries imported before the trainers were forked")
 
 
 def markdown(report: dict[str, Any]) -> str:
