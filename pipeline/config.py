@@ -220,6 +220,10 @@ class TrainConfig(Section):
         "fp32", description="fp32, or bf16 autocast. On a CPU without native bf16 (no avx512_bf16/AMX/ARM "
         "bf16) bf16 is emulated, ~20x slower: training runs in fp32 there, with a warning giving the "
         "measured cost, unless allow_slow_bf16.")
+    fused_loss: Literal["auto", "on", "off"] = Field(
+        "auto", description="The causal LM loss without full-vocabulary fp32 logits. auto: Liger's fused "
+        "linear cross-entropy on CUDA when liger-kernel is installed, else the loss in chunks of tokens from "
+        "the final hidden states (same result); on: Liger's kernel or an error; off: full logits.")
     allow_slow_bf16: bool = Field(
         False, description="Train in bf16 even on a CPU without native bf16 (see precision).")
     checkpoint_every: int = Field(100, ge=1, le=10**10, description="Optimizer steps between checkpoints.")
