@@ -173,7 +173,7 @@ _DECLARED = (
            "pipeline.train.data", "pipeline.train.ds_engine", "pipeline.train.engine", "pipeline.train.fsdp",
            "pipeline.train.loop", "pipeline.train.objective", "pipeline.train.partial",
            "pipeline.train.loss_head", "pipeline.train.step_log", "pipeline.train.held_out",
-           "pipeline.eval_metrics",
+           "pipeline.train.prefetch", "pipeline.eval_metrics",
            "pipeline.preemption", "pipeline.precision", "pipeline.models", "pipeline.distributed",
            "pipeline.tokenized", "pipeline.unpickling", "pipeline.system_metrics"),
           distributed=True, gpu=True, keeps="checkpoints/step-*/COMPLETE",

@@ -30,9 +30,11 @@ class SampleOrder:
         self._cached: tuple[int, np.ndarray] | None = None
 
     def permutation(self, epoch: int) -> np.ndarray:
-        if self._cached is None or self._cached[0] != epoch:
-            self._cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_rows))
-        return self._cached[1]
+        cached = self._cached  # read once: the prefetch thread may replace it meanwhile
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_rows))
+            self._cached = cached
+        return cached[1]
 
     def rows(self, start: int, count: int) -> np.ndarray:
         positions = np.arange(start, start + count)
