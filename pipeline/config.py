@@ -196,6 +196,9 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(
         False, description="Recompute each transformer block's activations in backward (less memory, ~30% "
         "more compute), for every strategy (FSDP2: the block is wrapped before fully_shard).")
+    compile: bool = Field(
+        False, description="torch.compile each transformer block's forward (strategies single and ddp; "
+        "others train uncompiled, with a warning). The first steps pay the compilation.")
     freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="Partial fine-tuning.")
     sample_ledger: bool = Field(
         False, description="Write train/ledger/rank-N.jsonl: the row ids each rank trained at each step.")

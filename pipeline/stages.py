@@ -34,7 +34,9 @@ PLUMBING = ("pipeline", "pipeline.config", "pipeline.config_errors", "pipeline.c
 # stay out of the shard fingerprint, so changing them does not re-shard.
 NOT_SHARD_KEYS = {"max_seq_len", "overlong", "loss_on", "chat_template", "packing", "num_workers"}
 # Settings that change how, not what, the run trains: changing them resumes instead of restarting.
-TRAIN_HOW = {"checkpoint_every", "keep_last", "log_every", "sample_ledger", "eval_every", "keep_best"}
+# fused_loss and compile compute the same numbers faster (and runs from before they existed resume).
+TRAIN_HOW = {"checkpoint_every", "keep_last", "log_every", "sample_ledger", "eval_every", "keep_best",
+             "fused_loss", "compile"}
 BATCH_LAYOUT = {"micro_batch_size", "grad_accum"}
 
 ConfigInputs = Callable[[RunConfig, DigestCache], dict[str, Any]]
