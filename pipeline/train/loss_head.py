@@ -68,7 +68,7 @@ class LossHead:
         kept = targets != -100
         picked = hidden[:, :-1][kept]
         kind = loss_kind(self.mode, hidden.device.type, self.plain_linear, liger_available())
-        if kind == "liger":
+        if kind == "liger" and picked.size(0):  # no targets: the chunked path's one empty chunk
             return liger_loss(self.head[0], picked, targets[kept])
         return chunked_loss(self.forward, picked, targets[kept], self.chunk_tokens)
 
