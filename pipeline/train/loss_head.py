@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 from collections.abc import Callable, Iterator
 
 import torch
@@ -23,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pipeline.errors import UserError
 
+log = logging.getLogger("ftpipe")
 CHUNK_BYTES = 128 * 2**20  # fp32 logits of one chunk
 
 
@@ -52,6 +54,29 @@ class LossHead:
         self.mode = mode
         self.chunk_tokens = max(64, CHUNK_BYTES // (4 * head.out_features))
         self.targets: torch.Tensor | None = None
+        self.returned: torch.Tensor | None = None
+        self.checked = False  # the model hands on what the head returned (see summed)
+
+    def summed(self, forward: Callable[[], torch.Tensor], targets: torch.Tensor) -> torch.Tensor | None:
+        """The summed loss of forward() (the model's forward, returning its logits) for these targets;
+        None where the model changed what its head returned (Gemma 2's logit softcapping, Cohere's
+        scaling), which turns this head off for the rest of the run. Checked by value, once (a host
+        sync): wrappers such as ZeRO-3's hooks hand the same value on as another tensor."""
+        with self.computing(targets):
+            result = forward()
+        returned, self.returned = self.returned, None
+        if returned is None or result.shape != ():
+            return self._off()
+        if not self.checked and bool(returned.detach() != 0):  # a zero loss cannot tell
+            self.checked = torch.equal(result.detach(), returned.detach())
+            if not self.checked:
+                return self._off()
+        return result
+
+    def _off(self) -> None:
+        log.warning("warning: train.fused_loss: this model transforms its logits after the output head; "
+                    "training on with full logits (set train.fused_loss: off to silence this)")
+        self.mode = "off"
 
     @contextlib.contextmanager
     def computing(self, targets: torch.Tensor) -> Iterator[None]:
@@ -62,8 +87,12 @@ class LossHead:
             self.targets = None
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.targets is None:
+        if self.targets is None or self.mode == "off":
             return self.forward(hidden)
+        self.returned = self._loss(hidden)
+        return self.returned
+
+    def _loss(self, hidden: torch.Tensor) -> torch.Tensor:
         targets = self.targets
         kept = targets != -100
         picked = hidden[:, :-1][kept]
@@ -102,7 +131,7 @@ def liger_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
 def install_loss_head(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     """Give a causal LM's output head a LossHead (not for train.fused_loss: off)."""
     head = model.get_output_embeddings()
-    if mode != "off" and head is not None and not isinstance(head.forward, LossHead):
+    if mode != "off" and hasattr(head, "out_features") and not isinstance(head.forward, LossHead):
         head.forward = LossHead(head, mode)
     return model
 
@@ -113,4 +142,4 @@ def loss_head(model: torch.nn.Module) -> LossHead | None:
     getter = getattr(inner, "get_output_embeddings", None)
     head = getter() if getter is not None else None
     forward = getattr(head, "forward", None)
-    return forward if isinstance(forward, LossHead) else None
+    return forward if isinstance(forward, LossHead) and forward.mode != "off" else None

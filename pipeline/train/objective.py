@@ -41,8 +41,9 @@ def summed_loss(model: torch.nn.Module, batch: dict[str, Any], task: str) -> tor
     targets = batch["labels"][:, 1:]
     head = loss_head(model)
     if head is not None:  # train.fused_loss: the head returns the summed loss in place of logits
-        with head.computing(targets):
-            return model(**inputs).logits
+        loss = head.summed(lambda: model(**inputs).logits, targets)
+        if loss is not None:
+            return loss
     shifted = model(**inputs).logits[:, :-1, :].float()
     return F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")

@@ -11,7 +11,7 @@ from pipeline.config import validate_config
 from pipeline.errors import UserError
 from pipeline.train.build import pretrained
 from pipeline.train.data import collate_table
-from pipeline.train.loss_head import LossHead, loss_head, loss_kind
+from pipeline.train.loss_head import LossHead, install_loss_head, loss_head, loss_kind
 from pipeline.train.objective import summed_loss
 from tests.fixtures import causal_config
 
@@ -82,3 +82,30 @@ def test_which_loss_each_setting_picks():
     assert loss_kind("on", "cuda", plain_linear=True, liger=True) == "liger"
     with pytest.raises(UserError, match="train.fused_loss: on needs CUDA"):
         loss_kind("on", "cpu", plain_linear=True, liger=True)
+
+
+def test_a_model_that_transforms_its_logits_after_the_head_trains_on_full_logits():
+    """Gemma 2 softcaps the head's logits: applied to a summed loss that would be a silently wrong loss."""
+    import logging
+
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                          final_logit_softcapping=2.0)
+    model = install_loss_head(Gemma2ForCausalLM(config), "auto")
+    batch = _batch(packed=False)
+    logger, records = logging.getLogger("ftpipe"), []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    try:
+        got = summed_loss(model, batch, "causal_lm")
+    finally:
+        logger.removeHandler(handler)
+    assert loss_head(model) is None and "transforms its logits" in records[0].getMessage()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 128), batch["labels"][:, 1:].reshape(-1),
+                                                 reduction="sum")
+    torch.testing.assert_close(got, expected)
