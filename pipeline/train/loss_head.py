@@ -14,6 +14,7 @@ ZeRO-3's per-module parameter fetch all run as they do for logits; parameter nam
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ log = logging.getLogger("ftpipe")
 CHUNK_BYTES = 128 * 2**20  # fp32 logits of one chunk
 
 
+@functools.cache  # asked every micro-batch
 def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
