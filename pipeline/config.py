@@ -196,6 +196,9 @@ class TrainConfig(Section):
     activation_checkpointing: bool = Field(
         False, description="Recompute each transformer block's activations in backward (less memory, ~30% "
         "more compute), for every strategy (FSDP2: the block is wrapped before fully_shard).")
+    compile: bool = Field(
+        False, description="torch.compile each transformer block's forward (strategies single and ddp; "
+        "others train uncompiled, with a warning). The first steps pay the compilation.")
     freeze: FreezeConfig = Field(default_factory=FreezeConfig, description="Partial fine-tuning.")
     sample_ledger: bool = Field(
         False, description="Write train/ledger/rank-N.jsonl: the row ids each rank trained at each step.")
@@ -220,6 +223,10 @@ class TrainConfig(Section):
         "fp32", description="fp32, or bf16 autocast. On a CPU without native bf16 (no avx512_bf16/AMX/ARM "
         "bf16) bf16 is emulated, ~20x slower: training runs in fp32 there, with a warning giving the "
         "measured cost, unless allow_slow_bf16.")
+    fused_loss: Literal["auto", "on", "off"] = Field(
+        "auto", description="The causal LM loss without full-vocabulary fp32 logits. auto: Liger's fused "
+        "linear cross-entropy on CUDA when liger-kernel is installed, else the loss in chunks of tokens from "
+        "the final hidden states (same result); on: Liger's kernel or an error; off: full logits.")
     allow_slow_bf16: bool = Field(
         False, description="Train in bf16 even on a CPU without native bf16 (see precision).")
     checkpoint_every: int = Field(100, ge=1, le=10**10, description="Optimizer steps between checkpoints.")

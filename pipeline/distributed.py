@@ -107,6 +107,15 @@ def prepare_accelerator_env() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def rank_threads(environ: Mapping[str, str], cores: int | None = None) -> int:
+    """Intra-op threads for this rank: the cores it may run on, shared by the ranks of its node. Set
+    here, once per rank as it joins: torchrun sets OMP_NUM_THREADS=1 for every rank of a multi-rank
+    node, which leaves all but one core per rank idle on a CPU node, and one rank per node alone
+    should not oversubscribe the cores a scheduler (SLURM, taskset) gave it."""
+    cores = len(os.sched_getaffinity(0)) if cores is None else cores
+    return max(1, cores // max(1, int(environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 _SOLO_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 _saved_env: dict[str, str | None] | None = None
 
@@ -117,6 +126,7 @@ def init(need_group: bool, device: str = "auto", warn_cpu_fallback: bool = False
     global _device_type
     if dist.is_initialized():
         return current()
+    torch.set_num_threads(rank_threads(os.environ))
     _device_type = choose_device(device, warn_cpu_fallback)
     prepare_accelerator_env()
     if launched_by_torchrun():

@@ -34,7 +34,9 @@ PLUMBING = ("pipeline", "pipeline.config", "pipeline.config_errors", "pipeline.c
 # stay out of the shard fingerprint, so changing them does not re-shard.
 NOT_SHARD_KEYS = {"max_seq_len", "overlong", "loss_on", "chat_template", "packing", "num_workers"}
 # Settings that change how, not what, the run trains: changing them resumes instead of restarting.
-TRAIN_HOW = {"checkpoint_every", "keep_last", "log_every", "sample_ledger", "eval_every", "keep_best"}
+# fused_loss and compile compute the same numbers faster (and runs from before they existed resume).
+TRAIN_HOW = {"checkpoint_every", "keep_last", "log_every", "sample_ledger", "eval_every", "keep_best",
+             "fused_loss", "compile"}
 BATCH_LAYOUT = {"micro_batch_size", "grad_accum"}
 
 ConfigInputs = Callable[[RunConfig, DigestCache], dict[str, Any]]
@@ -172,7 +174,8 @@ _DECLARED = (
           ("pipeline.train", "pipeline.train.stage", "pipeline.train.build", "pipeline.train.checkpoint",
            "pipeline.train.data", "pipeline.train.ds_engine", "pipeline.train.engine", "pipeline.train.fsdp",
            "pipeline.train.loop", "pipeline.train.objective", "pipeline.train.partial",
-           "pipeline.train.step_log", "pipeline.train.held_out", "pipeline.eval_metrics",
+           "pipeline.train.loss_head", "pipeline.train.step_log", "pipeline.train.held_out",
+           "pipeline.train.prefetch", "pipeline.eval_metrics",
            "pipeline.preemption", "pipeline.precision", "pipeline.models", "pipeline.distributed",
            "pipeline.tokenized", "pipeline.unpickling", "pipeline.system_metrics"),
           distributed=True, gpu=True, keeps="checkpoints/step-*/COMPLETE",
@@ -188,6 +191,7 @@ _DECLARED = (
            "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.lora_out", "pipeline.model_checks",
            "pipeline.models", "pipeline.tokenizer", "pipeline.tokenized", "pipeline.distributed",
            "pipeline.train", "pipeline.train.data", "pipeline.train.objective", "pipeline.unpickling",
+           "pipeline.train.loss_head",
            "pipeline.train.checkpoint", "pipeline.train.engine", "pipeline.lm_eval_run"),
           distributed=True,  # data parallel on the training ranks, under torchrun like train
           gpu_for_large_model=True),

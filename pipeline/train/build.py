@@ -11,11 +11,18 @@ from pipeline.config import RunConfig
 from pipeline.distributed import DistEnv
 from pipeline.models import MODEL_CLASSES, base_dtype, load_model, load_model_config, prepare_pad_token
 from pipeline.train.engine import DDPEngine, SingleEngine, TrainEngine
+from pipeline.train.loss_head import install_loss_head, liger_available, loss_kind
 from pipeline.train.partial import prepare_model
 
 
 def pretrained(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
-    return prepare_model(load_model(cfg.model, cfg.data.labels, dtype=base_dtype(cfg)).to(device), cfg)
+    model = prepare_model(load_model(cfg.model, cfg.data.labels, dtype=base_dtype(cfg)).to(device), cfg)
+    return with_loss_head(model, cfg)
+
+
+def with_loss_head(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+    """train.fused_loss for causal LMs, installed before any wrapping (see loss_head.py)."""
+    return install_loss_head(model, cfg.train.fused_loss) if cfg.model.task == "causal_lm" else model
 
 
 def skeleton(cfg: RunConfig) -> torch.nn.Module:
@@ -28,11 +35,13 @@ def skeleton(cfg: RunConfig) -> torch.nn.Module:
     model.tie_weights()  # init_empty_weights re-registers parameters, which unties them
     prepare_pad_token(model)
     with init_empty_weights(include_buffers=False):
-        return prepare_model(model, cfg)
+        return with_loss_head(prepare_model(model, cfg), cfg)
 
 
 def build_engine(cfg: RunConfig, dist: DistEnv, resume_from: Path | None = None) -> TrainEngine:
     strategy = cfg.train.strategy
+    if cfg.model.task == "causal_lm":  # train.fused_loss: on fails here, before any weight is read
+        loss_kind(cfg.train.fused_loss, dist.device.type, plain_linear=True, liger=liger_available())
     if strategy == "single":
         return SingleEngine(pretrained(cfg, dist.device), cfg.train, dist)
     if strategy == "ddp":

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from pipeline.config import TrainConfig
@@ -29,9 +30,11 @@ class SampleOrder:
         self._cached: tuple[int, np.ndarray] | None = None
 
     def permutation(self, epoch: int) -> np.ndarray:
-        if self._cached is None or self._cached[0] != epoch:
-            self._cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_rows))
-        return self._cached[1]
+        cached = self._cached  # read once: the prefetch thread may replace it meanwhile
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, np.random.default_rng([self.seed, epoch]).permutation(self.num_rows))
+            self._cached = cached
+        return cached[1]
 
     def rows(self, start: int, count: int) -> np.ndarray:
         positions = np.arange(start, start + count)
@@ -95,39 +98,71 @@ class TrainBatches:
 
 
 def collate_table(table: pa.Table, pad_id: int) -> dict[str, Any]:
-    """A batch from tokenized rows, whichever optional columns (loss_mask, seq_lens, label) they have."""
-    def column(name: str) -> list | None:
-        return table.column(name).to_pylist() if name in table.column_names else None
+    """A batch from tokenized rows, whichever optional columns (loss_mask, seq_lens, label) they have,
+    built from the Arrow buffers with numpy: no Python work per token or per row."""
+    def column(name: str) -> Ragged | None:
+        return ragged_column(table.column(name)) if name in table.column_names else None
 
-    batch = collate(column("input_ids"), pad_id, column("loss_mask"), column("seq_lens"))
+    batch = collate_ragged(column("input_ids"), pad_id, column("loss_mask"), column("seq_lens"))
     if "label" in table.column_names:
-        batch["labels"] = torch.tensor(column("label"), dtype=torch.long)
+        batch["labels"] = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
     return batch
 
 
 def collate(sequences: list[list[int]], pad_id: int, masks: list[list[int]] | None = None,
             seq_lens: list[list[int]] | None = None) -> dict[str, Any]:
+    """collate_ragged of Python lists (verification rows, tests)."""
+    def ragged(rows: list[list[int]] | None) -> Ragged | None:
+        return None if rows is None else ragged_column(pa.array(rows, type=pa.list_(pa.int64())))
+
+    return collate_ragged(ragged(sequences), pad_id, ragged(masks), ragged(seq_lens))
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """A list column as its flat values and the length of each row."""
+    values: np.ndarray
+    lengths: np.ndarray
+
+    @property
+    def rows(self) -> np.ndarray:
+        return np.repeat(np.arange(len(self.lengths)), self.lengths)
+
+    @property
+    def columns(self) -> np.ndarray:
+        """Each value's index within its row."""
+        starts = np.cumsum(self.lengths) - self.lengths
+        return np.arange(len(self.values)) - np.repeat(starts, self.lengths)
+
+
+def ragged_column(column: pa.Array | pa.ChunkedArray) -> Ragged:
+    lengths = pc.list_value_length(column).to_numpy().astype(np.int64)
+    return Ragged(pc.list_flatten(column).to_numpy(), lengths)
+
+
+def collate_ragged(ids: Ragged, pad_id: int, masks: Ragged | None = None,
+                   seq_lens: Ragged | None = None) -> dict[str, Any]:
     """Right-pad to the longest sequence; labels are the ids with padding ignored (-100), and with
     every token whose loss mask is 0 ignored too when masks (tokenize's `loss_mask`) are given.
     Packed rows (`seq_lens`, the example lengths of each row) also get the position_ids (and flash
     kernels' boundaries) that keep every example to itself: see packed_inputs."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    counted = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for i, seq in enumerate(sequences):
-        ids[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-        mask[i, : len(seq)] = 1
-        counted[i, : len(seq)] = torch.tensor(masks[i], dtype=torch.bool) if masks is not None else True
-    batch = {"input_ids": ids, "attention_mask": mask}
+    shape = (len(ids.lengths), int(ids.lengths.max()))
+    where = (ids.rows, ids.columns)
+    tokens = np.full(shape, pad_id, dtype=np.int64)
+    tokens[where] = ids.values
+    mask = np.zeros(shape, dtype=np.int64)
+    mask[where] = 1
+    counted = np.zeros(shape, dtype=bool)
+    counted[where] = masks.values.astype(bool) if masks is not None else True
+    batch: dict[str, Any] = {"input_ids": torch.from_numpy(tokens), "attention_mask": torch.from_numpy(mask)}
     if seq_lens is not None:
-        batch.update(packed_inputs(seq_lens, width))
-        counted &= batch.pop("example_start").logical_not()
-    batch["labels"] = ids.masked_fill(~counted, -100)
+        batch.update(packed_inputs(seq_lens, shape[1]))
+        counted &= ~batch.pop("example_start").numpy()
+    batch["labels"] = torch.from_numpy(np.where(counted, tokens, -100))
     return batch
 
 
-def packed_inputs(seq_lens: list[list[int]], width: int) -> dict[str, Any]:
+def packed_inputs(seq_lens: Ragged, width: int) -> dict[str, Any]:
     """position_ids that restart at 0 for every example: with no attention_mask and no cache,
     transformers finds the examples from them and builds each backend's own block-diagonal causal mask
     (sdpa/eager: still L x L, per forward; flash: none). Padding positions are all 0, so each padding
@@ -135,16 +170,17 @@ def packed_inputs(seq_lens: list[list[int]], width: int) -> dict[str, Any]:
     flattened batch, a row's padding one more segment) and `max_length` (an int: no device sync).
     `example_start` marks each example's first token, which must not be the target of the previous
     example's last one."""
-    positions = torch.zeros((len(seq_lens), width), dtype=torch.long)
-    start = torch.zeros((len(seq_lens), width), dtype=torch.bool)
-    segments: list[int] = []
-    for i, lens in enumerate(seq_lens):
-        offset = 0
-        for length in lens:
-            positions[i, offset: offset + length] = torch.arange(length)
-            start[i, offset] = True
-            offset += length
-        segments += list(lens) + ([width - offset] if width > offset else [])
-    cu_seq_lens = torch.tensor([0] + segments, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    return {"position_ids": positions, "example_start": start, "cu_seq_lens": cu_seq_lens,
-            "max_length": max(segments)}
+    lens = seq_lens.values.astype(np.int64)
+    per_row = np.bincount(seq_lens.rows, lens, len(seq_lens.lengths)).astype(np.int64)
+    examples = Ragged(np.repeat(lens, lens), per_row)  # the examples' tokens, as laid out in the rows
+    within = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)  # position in its example
+    positions = np.zeros((len(seq_lens.lengths), width), dtype=np.int64)
+    positions[examples.rows, examples.columns] = within
+    start = np.zeros_like(positions, dtype=bool)
+    start[examples.rows, examples.columns] = within == 0
+    padding = width - examples.lengths
+    ends = np.cumsum(seq_lens.lengths)  # a row's padding segment follows its last example
+    segments = np.insert(lens, ends[padding > 0], padding[padding > 0])
+    cu_seq_lens = np.concatenate([[0], np.cumsum(segments)]).astype(np.int32)
+    return {"position_ids": torch.from_numpy(positions), "example_start": torch.from_numpy(start),
+            "cu_seq_lens": torch.from_numpy(cu_seq_lens), "max_length": int(segments.max())}

@@ -174,7 +174,8 @@ def saved_world_size(folder: Path) -> int:
 
 
 def _client_optimizer(model: torch.nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    optimizer = build_optimizer(model, cfg.train)
+    # foreach as before: ZeRO swaps in its own flat partitions and steps the optimizer itself.
+    optimizer = build_optimizer(model, cfg.train, fused=False)
     # zero.Init already flattened parameters to empty 1-d shards, so build_optimizer's ndim test
     # would put every matrix in the no-decay group: regroup by the real shape (ds_shape).
     params = [p for group in optimizer.param_groups for p in group["params"]]

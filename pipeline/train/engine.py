@@ -56,12 +56,20 @@ class TrainEngine(Protocol):
         """What consolidation needs to know about the checkpoint format (written to meta.json)."""
 
 
-def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; biases and norm weights (1-d tensors) get no weight decay."""
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW over trainable parameters; biases and norm weights (1-d tensors) get no weight decay.
+    Fused (one kernel per step over all tensors) where torch has the kernel for the parameters'
+    device (CPU and CUDA), else foreach."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, foreach=True)
+    settings = {"lr": cfg.lr, "betas": (0.9, 0.999), "eps": 1e-8}
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, **settings, fused=True)
+        except RuntimeError:  # no fused kernel for this device or dtype
+            pass
+    return torch.optim.AdamW(groups, **settings, foreach=True)
 
 
 def lr_factor(samples: int, target_samples: int, warmup_ratio: float, global_batch: int = 1) -> float:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.attention import is_flash
+from pipeline.train.loss_head import loss_head
 
 
 def attention_backend(model: torch.nn.Module) -> str:
@@ -36,8 +37,13 @@ def summed_loss(model: torch.nn.Module, batch: dict[str, Any], task: str) -> tor
         logits = model(**model_inputs(batch)).logits
         return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
     # No cache in training or loss evaluation: building one costs memory and turns packing detection off.
-    logits = model(**{**model_inputs(batch, attention_backend(model)), "use_cache": False}).logits
-    shifted = logits[:, :-1, :].float()
+    inputs = {**model_inputs(batch, attention_backend(model)), "use_cache": False}
     targets = batch["labels"][:, 1:]
+    head = loss_head(model)
+    if head is not None:  # train.fused_loss: the head returns the summed loss in place of logits
+        loss = head.summed(lambda: model(**inputs).logits, targets)
+        if loss is not None:
+            return loss
+    shifted = model(**inputs).logits[:, :-1, :].float()
     return F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1),
                            ignore_index=-100, reduction="sum")

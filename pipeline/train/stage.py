@@ -34,6 +34,7 @@ from pipeline.train.data import TrainBatches, batch_layout, collate
 from pipeline.train.engine import TrainEngine
 from pipeline.train.held_out import HeldOut
 from pipeline.train.loop import LoopSettings, LoopState, train_loop, truncate_logs
+from pipeline.train.prefetch import Prefetcher
 from pipeline.train.step_log import StepLog, matmul_peak
 
 log = logging.getLogger("ftpipe")
@@ -98,7 +99,8 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
     fresh = LoopState(target_samples=target(cfg.train), length=training_length(cfg.train))
     state, resumed = _resume(settings, saved, fresh)
     extended = _extend(state, fresh, lambda length: target(cfg.train.model_copy(update=length)))
-    state = train_loop(engine, batches, settings, state, ctx.tracker.log_metrics)
+    with Prefetcher(batches, dist.rank) as ahead:  # the next micro-batches collate while this one computes
+        state = train_loop(engine, ahead, settings, state, ctx.tracker.log_metrics)
     memory = peak_memory(ctx, dist)
     write_verify_logits(engine, ctx, out / VERIFY_FILE, dist, precision)
     return {"steps": state.step, "samples": state.samples, "target_samples": state.target_samples,

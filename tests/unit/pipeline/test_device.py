@@ -133,3 +133,18 @@ def test_flash_attention_under_slurm_is_checked_in_the_job_not_at_submit(flash_i
     assert f"node {socket.gethostname()}" in str(err.value)
     with pytest.raises(UserError, match="needs CUDA but train.device is cpu"):
         validate_config(config(model=flash, launch={"backend": "slurm"}, train={"device": "cpu"}))
+
+
+def test_each_rank_gets_its_share_of_the_cores_as_threads(monkeypatch):
+    """torchrun's OMP_NUM_THREADS=1 would leave 15 of 16 cores idle for 2 ranks on a CPU node."""
+    assert distributed.rank_threads({"LOCAL_WORLD_SIZE": "2"}, cores=16) == 8
+    assert distributed.rank_threads({}, cores=16) == 16
+    assert distributed.rank_threads({"LOCAL_WORLD_SIZE": "4"}, cores=2) == 1
+    before = torch.get_num_threads()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    torch.set_num_threads(7)
+    try:
+        distributed.init(need_group=False)
+        assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) // 2)
+    finally:
+        torch.set_num_threads(before)

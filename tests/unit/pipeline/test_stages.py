@@ -109,3 +109,19 @@ def test_declarations_and_planning_import_neither_torch_nor_transformers():
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]"
+
+
+def test_speed_settings_leave_the_train_fingerprint_alone(tmp_path, model_dir):
+    """train.fused_loss and train.compile compute the same numbers faster: changing them, or a run from
+    before they existed, resumes instead of asking for --force."""
+    from pipeline.config import validate_config
+    from pipeline.digests import DigestCache
+    from pipeline.stages import train_inputs
+    from tests.fixtures import causal_config
+
+    def inputs(**train) -> dict:
+        cfg = validate_config(causal_config(tmp_path, model_dir, tmp_path / "data.jsonl", train=train))
+        return train_inputs(cfg, DigestCache(tmp_path / "digests.json"))
+
+    assert inputs() == inputs(fused_loss="off", compile=True)
+    assert inputs() != inputs(lr=0.5)

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline import distributed
 from pipeline.config import validate_config
@@ -116,3 +117,14 @@ def test_lr_schedule_warms_up_then_decays_to_zero():
     # The schedule follows samples: two steps of 4 samples land where one of 8 does.
     assert lr_factor(20, 40, 0.1, global_batch=4) == lr_factor(20, 40, 0.1, global_batch=8) < 1.0
     assert lr_factor(0, 40, 0.5, global_batch=4) == 0.2
+
+
+def test_adamw_is_fused_where_torch_has_the_kernel_and_foreach_for_deepspeed(tmp_path, tiny_llama):
+    from pipeline.train.build import pretrained
+    from pipeline.train.engine import build_optimizer
+
+    cfg = _config(tmp_path, tiny_llama)
+    model = pretrained(cfg, torch.device("cpu"))
+    assert build_optimizer(model, cfg.train).defaults["fused"] is True  # torch 2.13 has a CPU kernel
+    client = build_optimizer(model, cfg.train, fused=False).defaults  # what DeepSpeed's ZeRO wraps
+    assert client["foreach"] is True and not client["fused"]

@@ -1,0 +1,147 @@
+"""The causal LM loss without full-vocabulary fp32 logits (train.fused_loss).
+
+Full logits cost tokens x vocabulary floats per micro-batch (49k x 2048 tokens: 400 MB, three times
+over with the fp32 copy and its gradient). Instead the output head's forward is replaced, on the plain
+model before any wrapping, by a LossHead: while summed_loss has given it the targets, the head returns
+the summed cross-entropy of the positions that have a target, computed chunk by chunk (logits in the
+compute dtype, upcast per chunk, each chunk recomputed in backward), or by Liger's fused kernel on CUDA.
+
+Why the head and not the model's inner modules: summed_loss keeps calling the top-level (wrapped)
+model, so FSDP2's root hooks (which gather the embeddings and the head), DeepSpeed's engine forward and
+ZeRO-3's per-module parameter fetch all run as they do for logits; parameter names do not change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from pipeline.errors import UserError
+
+log = logging.getLogger("ftpipe")
+CHUNK_BYTES = 128 * 2**20  # fp32 logits of one chunk
+
+
+@functools.cache  # asked every micro-batch
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def loss_kind(mode: str, device_type: str, plain_linear: bool, liger: bool) -> str:
+    """What train.fused_loss computes the loss with here: "liger", "chunked" or "logits"."""
+    if mode == "off":
+        return "logits"
+    usable = device_type == "cuda" and liger and plain_linear
+    if mode == "on" and not usable:
+        raise UserError("train.fused_loss: on needs CUDA, liger-kernel installed and a plain linear output "
+                        "head (no LoRA on it); use auto for the chunked loss elsewhere")
+    return "liger" if usable else "chunked"
+
+
+class LossHead:
+    """Stands in for the output head's forward: logits as usual, or, inside `computing(targets)`, the
+    summed cross-entropy over the positions whose target is not -100 (a 0-d tensor)."""
+
+    def __init__(self, head: torch.nn.Module, mode: str):
+        self.forward = head.forward  # the head's own forward, bound to it
+        self.plain_linear = type(head) is torch.nn.Linear
+        self.head = [head]  # in a list: not a submodule of anything
+        self.mode = mode
+        self.chunk_tokens = max(64, CHUNK_BYTES // (4 * head.out_features))
+        self.targets: torch.Tensor | None = None
+        self.returned: torch.Tensor | None = None
+        self.checked = False  # the model hands on what the head returned (see summed)
+
+    def summed(self, forward: Callable[[], torch.Tensor], targets: torch.Tensor) -> torch.Tensor | None:
+        """The summed loss of forward() (the model's forward, returning its logits) for these targets;
+        None where the model changed what its head returned (Gemma 2's logit softcapping, Cohere's
+        scaling), which turns this head off for the rest of the run. Checked by value, once (a host
+        sync): wrappers such as ZeRO-3's hooks hand the same value on as another tensor."""
+        with self.computing(targets):
+            result = forward()
+        returned, self.returned = self.returned, None
+        if returned is None or result.shape != ():
+            return self._off()
+        if not self.checked and bool(returned.detach() != 0):  # a zero loss cannot tell
+            self.checked = torch.equal(result.detach(), returned.detach())
+            if not self.checked:
+                return self._off()
+        return result
+
+    def _off(self) -> None:
+        log.warning("warning: train.fused_loss: this model transforms its logits after the output head; "
+                    "training on with full logits (set train.fused_loss: off to silence this)")
+        self.mode = "off"
+
+    @contextlib.contextmanager
+    def computing(self, targets: torch.Tensor) -> Iterator[None]:
+        self.targets = targets
+        try:
+            yield
+        finally:
+            self.targets = None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.targets is None or self.mode == "off":
+            return self.forward(hidden)
+        self.returned = self._loss(hidden)
+        return self.returned
+
+    def _loss(self, hidden: torch.Tensor) -> torch.Tensor:
+        targets = self.targets
+        kept = targets != -100
+        picked = hidden[:, :-1][kept]
+        kind = loss_kind(self.mode, hidden.device.type, self.plain_linear, liger_available())
+        if kind == "liger" and picked.size(0):  # no targets: the chunked path's one empty chunk
+            return liger_loss(self.head[0], picked, targets[kept])
+        return chunked_loss(self.forward, picked, targets[kept], self.chunk_tokens)
+
+
+def chunked_loss(forward: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                 targets: torch.Tensor, chunk_tokens: int) -> torch.Tensor:
+    """Summed cross-entropy of (tokens, hidden) against (tokens,), one chunk of logits at a time. An
+    empty selection still runs the head once, so every rank's head gets its (zero) gradient."""
+    total = None
+    for start in range(0, max(1, hidden.size(0)), chunk_tokens):
+        part = (forward, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens])
+        loss = checkpoint(_chunk_loss, *part, use_reentrant=False) if torch.is_grad_enabled() \
+            else _chunk_loss(*part)
+        total = loss if total is None else total + loss
+    return total
+
+
+def _chunk_loss(forward: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,
+                targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(forward(hidden).float(), targets, reduction="sum")
+
+
+def liger_loss(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Liger's fused linear cross-entropy (CUDA only: it cannot run on this project's CPU test machines)."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    return liger_fused_linear_cross_entropy(hidden, head.weight, targets, bias=head.bias,
+                                            ignore_index=-100, reduction="sum")
+
+
+def install_loss_head(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """Give a causal LM's output head a LossHead (not for train.fused_loss: off)."""
+    head = model.get_output_embeddings()
+    if mode != "off" and hasattr(head, "out_features") and not isinstance(head.forward, LossHead):
+        head.forward = LossHead(head, mode)
+    return model
+
+
+def loss_head(model: torch.nn.Module) -> LossHead | None:
+    """The LossHead of a model, through DDP's or DeepSpeed's wrapper and peft's; None without one."""
+    inner = getattr(model, "module", model)
+    getter = getattr(inner, "get_output_embeddings", None)
+    head = getter() if getter is not None else None
+    forward = getattr(head, "forward", None)
+    return forward if isinstance(forward, LossHead) and forward.mode != "off" else None
