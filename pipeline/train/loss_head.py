@@ -52,6 +52,9 @@ class LossHead:
     def __init__(self, head: torch.nn.Module, mode: str):
         self.forward = head.forward  # the head's own forward, bound to it
         self.plain_linear = type(head) is torch.nn.Linear
+        # The head's gradients computed in the forward pass (LinearCrossEntropy) where its weight is used
+        # as is: a plain Linear (not LoRA's) outside autocast; elsewhere checkpointed chunks.
+        self.forward_gradients = self.plain_linear
         self.head = [head]  # in a list: not a submodule of anything
         self.mode = mode
         self.chunk_tokens = max(64, CHUNK_BYTES // (4 * head.out_features))
@@ -98,9 +101,13 @@ class LossHead:
         targets = self.targets
         kept = targets != -100
         picked = hidden[:, :-1][kept]
-        kind = loss_kind(self.mode, hidden.device.type, self.plain_linear, liger_available())
+        device = hidden.device.type
+        kind = loss_kind(self.mode, device, self.plain_linear, liger_available())
         if kind == "liger" and picked.size(0):  # no targets: the chunked path's one empty chunk
             return liger_loss(self.head[0], picked, targets[kept])
+        if self.forward_gradients and torch.is_grad_enabled() and not torch.is_autocast_enabled(device):
+            head = self.head[0]
+            return LinearCrossEntropy.apply(picked, head.weight, head.bias, targets[kept], self.chunk_tokens)
         return chunked_loss(self.forward, picked, targets[kept], self.chunk_tokens)
 
 
@@ -115,6 +122,45 @@ def chunked_loss(forward: Callable[[torch.Tensor], torch.Tensor], hidden: torch.
             else _chunk_loss(*part)
         total = loss if total is None else total + loss
     return total
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of `hidden @ weight.T + bias` against `targets`, a chunk of tokens at a time,
+    with the gradients computed in the forward pass (as Liger's kernel does on CUDA): each chunk's logits
+    live only while its chunk is computed, and the head is not run a second time in backward (the
+    checkpointed chunks' cost). Plain fp32 or bf16 weights outside autocast only."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens):
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if weight.requires_grad else None
+        grad_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and bias.requires_grad \
+            else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.size(0), chunk_tokens):
+            part, picked = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+            logits = F.linear(part, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, picked[:, None]).squeeze(1)).sum()
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+            grad[torch.arange(picked.size(0), device=grad.device), picked] -= 1
+            grad_hidden[start:start + chunk_tokens] = (grad.to(weight.dtype) @ weight).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t(), part.float())
+            if grad_bias is not None:
+                grad_bias += grad.sum(0)
+        ctx.save_for_backward(grad_hidden, _cast(grad_weight, weight), _cast(grad_bias, bias))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
+        grads = (grad_hidden, grad_weight, grad_bias)
+        return (*[None if g is None else g * grad_total.to(g.dtype) for g in grads], None, None)
+
+
+def _cast(grad: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    return None if grad is None else grad.to(like.dtype)
 
 
 def _chunk_loss(forward: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor,

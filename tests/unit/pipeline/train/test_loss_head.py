@@ -11,7 +11,7 @@ from pipeline.config import validate_config
 from pipeline.errors import UserError
 from pipeline.train.build import pretrained
 from pipeline.train.data import collate_table
-from pipeline.train.loss_head import LossHead, install_loss_head, loss_head, loss_kind
+from pipeline.train.loss_head import LinearCrossEntropy, LossHead, install_loss_head, loss_head, loss_kind
 from pipeline.train.objective import summed_loss
 from tests.fixtures import causal_config
 
@@ -35,18 +35,30 @@ def _model(tmp_path, tiny_llama, fused_loss: str, lora: dict | None) -> torch.nn
     return pretrained(cfg, torch.device("cpu"))
 
 
+def _counted(forward, calls: list):
+    def counting(*args):
+        calls.append(1)
+        return forward(*args)
+    return staticmethod(counting)
+
+
 def _loss_and_grads(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
     loss = summed_loss(model, batch, "causal_lm")
     loss.backward()
     return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.parametrize("forward_gradients", [True, False], ids=["forward-gradients", "checkpointed"])
 @pytest.mark.parametrize("lora", [None, LORA], ids=["full", "lora"])
-def test_the_chunked_loss_and_its_gradients_equal_the_full_logits_ones(tmp_path, tiny_llama, lora):
+def test_the_chunked_loss_and_its_gradients_equal_the_full_logits_ones(tmp_path, tiny_llama, lora,
+                                                                       forward_gradients, monkeypatch):
     reference = _model(tmp_path, tiny_llama, "off", lora)
     chunked = _model(tmp_path, tiny_llama, "auto", lora)
     assert loss_head(reference) is None and isinstance(loss_head(chunked), LossHead)
     loss_head(chunked).chunk_tokens = 4  # several chunks, the last one short
+    loss_head(chunked).forward_gradients = forward_gradients
+    calls = []
+    monkeypatch.setattr(LinearCrossEntropy, "forward", _counted(LinearCrossEntropy.forward, calls))
     for packed in (False, True):
         batch = _batch(packed)
         expected, expected_grads = _loss_and_grads(reference, batch)
@@ -56,6 +68,7 @@ def test_the_chunked_loss_and_its_gradients_equal_the_full_logits_ones(tmp_path,
         for name, grad in grads.items():
             torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-6, msg=name)
         reference.zero_grad(), chunked.zero_grad()
+    assert len(calls) == (2 if forward_gradients else 0), "the path under test computed the loss"
     # outside summed_loss the head still gives logits (verify logits, generation)
     ids = torch.tensor(ROWS[1:])
     torch.testing.assert_close(chunked(input_ids=ids).logits, reference(input_ids=ids).logits)
