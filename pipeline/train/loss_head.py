@@ -4,7 +4,9 @@ Full logits cost tokens x vocabulary floats per micro-batch (49k x 2048 tokens: 
 over with the fp32 copy and its gradient). Instead the output head's forward is replaced, on the plain
 model before any wrapping, by a LossHead: while summed_loss has given it the targets, the head returns
 the summed cross-entropy of the positions that have a target, computed chunk by chunk (logits in the
-compute dtype, upcast per chunk, each chunk recomputed in backward), or by Liger's fused kernel on CUDA.
+compute dtype, upcast per chunk): for a plain Linear head outside autocast with the head's gradients
+computed in the forward pass (LinearCrossEntropy), else with each chunk recomputed in backward; or by
+Liger's fused kernel on CUDA.
 
 Why the head and not the model's inner modules: summed_loss keeps calling the top-level (wrapped)
 model, so FSDP2's root hooks (which gather the embeddings and the head), DeepSpeed's engine forward and
@@ -35,7 +37,8 @@ def liger_available() -> bool:
 
 
 def loss_kind(mode: str, device_type: str, plain_linear: bool, liger: bool) -> str:
-    """What train.fused_loss computes the loss with here: "liger", "chunked" or "logits"."""
+    """What train.fused_loss computes the loss with here: "liger", "chunked" (LinearCrossEntropy or
+    checkpointed chunks, see LossHead._loss) or "logits"."""
     if mode == "off":
         return "logits"
     usable = device_type == "cuda" and liger and plain_linear
