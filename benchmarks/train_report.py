@@ -69,8 +69,14 @@ def probe_tokens(shape: dict[str, int], tokens: int, dtype, repeats: int) -> int
 
 
 def matmul_peak(shape: dict[str, int], tokens: int, precision: str, repeats: int = 2) -> dict[str, Any]:
-    """FLOP/s of the model's own products (each Linear counted as often as the model has it)."""
+    """FLOP/s of the model's own products (each Linear counted as often as the model has it), with the
+    allocator settings ftpipe trains with on the CPU (pipeline/host_memory.py): a peak that paid page
+    faults for each product's output would be too low and flatter every MFU."""
     import torch
+
+    from pipeline.host_memory import keep_freed_memory
+
+    keep_freed_memory()
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     used = probe_tokens(shape, tokens, dtype, repeats)

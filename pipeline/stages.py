@@ -175,7 +175,8 @@ _DECLARED = (
            "pipeline.train.data", "pipeline.train.ds_engine", "pipeline.train.engine", "pipeline.train.fsdp",
            "pipeline.train.loop", "pipeline.train.objective", "pipeline.train.partial",
            "pipeline.train.loss_head", "pipeline.train.step_log", "pipeline.train.held_out",
-           "pipeline.train.prefetch", "pipeline.eval_metrics",
+           "pipeline.train.prefetch", "pipeline.train.tiled_attention", "pipeline.eval_metrics",
+           "pipeline.host_memory",
            "pipeline.preemption", "pipeline.precision", "pipeline.models", "pipeline.distributed",
            "pipeline.tokenized", "pipeline.unpickling", "pipeline.system_metrics"),
           distributed=True, gpu=True, keeps="checkpoints/step-*/COMPLETE",
@@ -191,7 +192,7 @@ _DECLARED = (
            "pipeline.checkpoint_readers", "pipeline.hf_writer", "pipeline.lora_out", "pipeline.model_checks",
            "pipeline.models", "pipeline.tokenizer", "pipeline.tokenized", "pipeline.distributed",
            "pipeline.train", "pipeline.train.data", "pipeline.train.objective", "pipeline.unpickling",
-           "pipeline.train.loss_head",
+           "pipeline.train.loss_head", "pipeline.train.tiled_attention",
            "pipeline.train.checkpoint", "pipeline.train.engine", "pipeline.lm_eval_run"),
           distributed=True,  # data parallel on the training ranks, under torchrun like train
           gpu_for_large_model=True),

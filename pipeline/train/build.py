@@ -13,6 +13,7 @@ from pipeline.models import MODEL_CLASSES, base_dtype, load_model, load_model_co
 from pipeline.train.engine import DDPEngine, SingleEngine, TrainEngine
 from pipeline.train.loss_head import install_loss_head, liger_available, loss_kind
 from pipeline.train.partial import prepare_model
+from pipeline.train.tiled_attention import use_tiled_attention
 
 
 def pretrained(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
@@ -21,7 +22,10 @@ def pretrained(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
 
 
 def with_loss_head(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
-    """train.fused_loss for causal LMs, installed before any wrapping (see loss_head.py)."""
+    """train.fused_loss for causal LMs and tiled attention for packed rows, both installed before any
+    wrapping (see loss_head.py and tiled_attention.py)."""
+    if cfg.data.packing:
+        use_tiled_attention(model)
     return install_loss_head(model, cfg.train.fused_loss) if cfg.model.task == "causal_lm" else model
 
 

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
+from pipeline.train.tiled_attention import tile_layout
 
 
 class SampleOrder:
@@ -167,7 +168,8 @@ def packed_inputs(seq_lens: Ragged, width: int) -> dict[str, Any]:
     transformers finds the examples from them and builds each backend's own block-diagonal causal mask
     (sdpa/eager: still L x L, per forward; flash: none). Padding positions are all 0, so each padding
     token is an example of its own. Flash kernels read `cu_seq_lens` (example boundaries in the
-    flattened batch, a row's padding one more segment) and `max_length` (an int: no device sync).
+    flattened batch, a row's padding one more segment) and `max_length` (an int: no device sync);
+    tiled sdpa its tiles' layout (train/tiled_attention.py).
     `example_start` marks each example's first token, which must not be the target of the previous
     example's last one."""
     lens = seq_lens.values.astype(np.int64)
@@ -183,4 +185,5 @@ def packed_inputs(seq_lens: Ragged, width: int) -> dict[str, Any]:
     segments = np.insert(lens, ends[padding > 0], padding[padding > 0])
     cu_seq_lens = np.concatenate([[0], np.cumsum(segments)]).astype(np.int32)
     return {"position_ids": torch.from_numpy(positions), "example_start": torch.from_numpy(start),
-            "cu_seq_lens": torch.from_numpy(cu_seq_lens), "max_length": int(segments.max())}
+            "cu_seq_lens": torch.from_numpy(cu_seq_lens), "max_length": int(segments.max()),
+            **tile_layout(positions)}

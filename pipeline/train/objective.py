@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from pipeline.attention import is_flash
 from pipeline.train.loss_head import loss_head
+from pipeline.train.tiled_attention import KEYS as TILE_KEYS
+from pipeline.train.tiled_attention import NAME as TILED
 
 
 def attention_backend(model: torch.nn.Module) -> str:
@@ -22,13 +24,16 @@ def model_inputs(batch: dict[str, Any], backend: str = "sdpa") -> dict[str, Any]
     """The forward arguments of a batch. Packed rows (train/data.py packed_inputs) pass restarted
     position_ids, no attention_mask and no cache: transformers then keeps every example to itself
     (an all-ones mask or a cache would silently let examples attend to each other). Flash kernels
-    with several rows need the boundaries in the flattened batch as well."""
+    with several rows need the boundaries in the flattened batch as well; tiled sdpa (train/
+    tiled_attention.py) its tiles' layout, where collate found that tiles pay."""
     if "position_ids" not in batch:
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     if is_flash(backend):
         inputs.update(cu_seq_lens_q=batch["cu_seq_lens"], cu_seq_lens_k=batch["cu_seq_lens"],
                       max_length_q=batch["max_length"], max_length_k=batch["max_length"])
+    if backend == TILED:
+        inputs.update({key: batch[key] for key in TILE_KEYS if key in batch})
     return inputs
 
 

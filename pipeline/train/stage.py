@@ -23,6 +23,7 @@ from pipeline.context import StageContext
 from pipeline.distributed import DistEnv
 from pipeline.errors import UserError
 from pipeline.eval_metrics import capped
+from pipeline.host_memory import keep_freed_memory
 from pipeline.precision import trained_precision
 from pipeline.preemption import LeadCheck, StopRequest
 from pipeline.run_dir import atomic_write_bytes
@@ -62,6 +63,8 @@ def run(cfg: RunConfig, ctx: StageContext) -> dict[str, Any]:
         try:
             # Validation on a SLURM login node could not know this node's device.
             check_attn_device(cfg.model.attn_implementation, dist.device.type)
+            if dist.device.type == "cpu":
+                keep_freed_memory()  # no page faults for the blocks every step frees and allocates again
             with SystemMetrics(ctx.tracker.log_metrics, enabled=dist.is_main):
                 return train(cfg, ctx, dist, stop)
         finally:

@@ -122,3 +122,27 @@ def test_a_model_that_transforms_its_logits_after_the_head_trains_on_full_logits
     expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 128), batch["labels"][:, 1:].reshape(-1),
                                                  reduction="sum")
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_a_target_far_below_the_best_logit_keeps_its_exact_loss(with_bias):
+    """The loss comes from the softmax (-log p); where p underflows in fp32 (a target 100 nats below
+    the best logit) it must still be logsumexp - logit, never inf, and the gradients those of the
+    full logits. Chunks of 3 tokens: the buffers are reused across chunks, the last one shorter."""
+    torch.manual_seed(0)
+    hidden = torch.randn(7, 8, requires_grad=True)
+    weight = torch.randn(11, 8).requires_grad_()
+    bias = torch.randn(11).requires_grad_() if with_bias else None
+    targets = torch.tensor([1, 2, 3, 4, 5, 6, 7])
+    with torch.no_grad():
+        weight[2] -= 40 * hidden[1].detach() / hidden[1].detach().norm() ** 2 * 3  # target 2 of token 1
+    loss = LinearCrossEntropy.apply(hidden, weight, bias, targets, 3)
+    grads = torch.autograd.grad(loss, [t for t in (hidden, weight, bias) if t is not None])
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    assert float(logits[1].max() - logits[1, 2]) > 100  # the case this test is about
+    expected = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    expected_grads = torch.autograd.grad(expected, [t for t in (hidden, weight, bias) if t is not None])
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-4)
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
