@@ -9,7 +9,7 @@ same next sample at any world size or batch layout.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -70,6 +70,17 @@ def batch_layout(cfg: TrainConfig, world_size: int) -> BatchLayout:
         raise UserError(f"train.global_batch_size: {cfg.global_batch_size} is not a multiple of "
                         f"micro_batch_size x ranks = {cfg.micro_batch_size} x {world_size}")
     return BatchLayout(cfg.micro_batch_size, cfg.global_batch_size // per_micro, world_size)
+
+
+class BatchSource(Protocol):
+    """Where the loop reads micro-batches: TrainBatches, or a Prefetcher collating ahead of it."""
+
+    @property
+    def layout(self) -> BatchLayout: ...
+
+    def global_targets(self, offset: int) -> int: ...
+
+    def micro_batch(self, offset: int, micro: int, rank: int) -> dict[str, torch.Tensor]: ...
 
 
 class TrainBatches:

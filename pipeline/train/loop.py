@@ -21,11 +21,10 @@ from pipeline.errors import StagePreempted
 from pipeline.preemption import LeadCheck, StopRequest
 from pipeline.run_dir import atomic_write_bytes, room_for
 from pipeline.train.checkpoint import prune, save_checkpoint, step_dir
-from pipeline.train.data import TrainBatches
+from pipeline.train.data import BatchSource
 from pipeline.train.engine import TrainEngine, lr_factor
 from pipeline.train.held_out import HeldOut, tracked
 from pipeline.train.objective import summed_loss
-from pipeline.train.prefetch import Prefetcher
 from pipeline.train.step_log import StepLog
 
 log = logging.getLogger("ftpipe.train")
@@ -68,7 +67,7 @@ class LoopSettings:
     keep_best: bool = False
 
 
-def run_step(engine: TrainEngine, batches: TrainBatches | Prefetcher, offset: int, rank: int,
+def run_step(engine: TrainEngine, batches: BatchSource, offset: int, rank: int,
              task: str) -> tuple[float, int, list[int]]:
     """Forward/backward every micro-batch at `offset` for this rank; return (loss share, tokens, rows)."""
     denominator = max(1, batches.global_targets(offset))
@@ -93,7 +92,7 @@ def steps_left(state: LoopState, global_batch: int) -> int:
     return -(-max(0, state.target_samples - state.samples) // global_batch)
 
 
-def train_loop(engine: TrainEngine, batches: TrainBatches | Prefetcher, settings: LoopSettings,
+def train_loop(engine: TrainEngine, batches: BatchSource, settings: LoopSettings,
                state: LoopState, log: Callable[[dict[str, float], int], None]) -> LoopState:
     """Train until state.samples reaches state.target_samples, checkpointing and logging on the way."""
     global_batch = batches.layout.global_batch
