@@ -17,7 +17,7 @@ from launch.sweep import link_shared_data
 from pipeline.plots import read_jsonl
 from pipeline.run_dir import RunDir
 from pipeline.tokenized import open_split
-from pipeline.train.data import SampleOrder
+from pipeline.train.data import SampleOrder, collate_table
 from tests import fixtures
 from tests.helpers import assert_close_weights, ftpipe, losses, manifest, weights
 from tests.processes import kill_tree, output, rank_pid, start_run, wait_for_file, wait_for_lines
@@ -86,6 +86,39 @@ def test_two_ranks_match_the_single_process_run(workspace, tiny_llama, single_ru
     assert_close_weights(weights(run), weights(single_run), rtol=1e-4, atol=1e-5)
     assert manifest(run, "consolidate")["verify_max_abs_diff"] <= 1e-4
 
+
+
+# Packed rows of 192 tokens of 4-14 word sentences: collate gives them tiled attention's layout.
+PACKED = {"max_seq_len": 192, "packing": True}
+
+
+def _packed_config(tmp: Path, model: Path, data: Path, name: str, train: dict, launch: dict | None) -> Path:
+    cfg = fixtures.causal_config(tmp, model, data, name=name, train={**BATCH, **train}, data=PACKED)
+    cfg["launch"] = launch or {}
+    if name != "packed-single":
+        link_shared_data(RunDir(tmp / "runs" / "packed-single"), RunDir(tmp / "runs" / name))
+    return fixtures.write_config(tmp / f"{name}.yaml", cfg)
+
+
+@pytest.fixture(scope="module")
+def packed_single(workspace, tiny_llama) -> Path:
+    tmp, data = workspace
+    config = _packed_config(tmp, tiny_llama, data, "packed-single", {}, None)
+    assert ftpipe("run", config, "--stages", "shard,tokenize,train", "--no-progress") == 0
+    return tmp / "runs" / "packed-single"
+
+
+@pytest.mark.parametrize("name", ["fsdp", "zero3"])
+def test_packed_rows_in_attention_tiles_train_on_two_ranks_as_on_one(workspace, tiny_llama, packed_single,
+                                                                     name):
+    """The tiles' layout reaches the attention through FSDP2's and DeepSpeed's wrappers as forward
+    keyword arguments (train/tiled_attention.py)."""
+    tmp, data = workspace
+    rows = open_split(packed_single / "tokenize" / "train")
+    assert all("tile_mask" in collate_table(rows.slice(start, 2), 0) for start in range(0, 16, 2))
+    config = _packed_config(tmp, tiny_llama, data, f"packed-{name}", STRATEGIES[name], TWO_RANKS)
+    assert ftpipe("run", config, "--stages", "train", "--no-progress") == 0
+    assert losses(tmp / "runs" / f"packed-{name}") == pytest.approx(losses(packed_single), rel=1e-4)
 
 LONG_FSDP = {**STRATEGIES["fsdp"], "max_steps": 40, "checkpoint_every": 4, "keep_last": 20}
 
