@@ -168,7 +168,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 def _logits_into(out: torch.Tensor, part: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:
     """fp32 logits of a chunk, written into `out`."""
-    if weight.dtype != out.dtype:
+    if not part.dtype == weight.dtype == out.dtype:
         return out.copy_(F.linear(part, weight, bias))
     if bias is None:
         return torch.mm(part, weight.t(), out=out)
@@ -184,7 +184,8 @@ def _matmul_into(out: torch.Tensor, grad: torch.Tensor, weight: torch.Tensor) ->
 
 def _summed_nll(logits: torch.Tensor, probs: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
     """Summed -log p(target) from the softmax; where p underflowed (a target some 87 nats below the
-    best logit), logsumexp - logit from the logits instead."""
+    best logit), logsumexp - logit from the logits instead. Asking whether any did is a host sync per
+    chunk: nothing on the CPU, a short wait on a GPU without liger-kernel (which takes Liger's kernel)."""
     chosen = probs.gather(1, picked[:, None]).squeeze(1)
     tiny = chosen < torch.finfo(torch.float32).tiny * 2**10
     nll = -torch.log(chosen)

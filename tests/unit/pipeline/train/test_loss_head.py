@@ -146,3 +146,19 @@ def test_a_target_far_below_the_best_logit_keeps_its_exact_loss(with_bias):
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-4)
     for grad, want in zip(grads, expected_grads):
         torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_weights_give_the_loss_and_gradients_of_bf16_logits():
+    """A bf16 head (a LoRA run's frozen base in bf16): logits computed in bf16, upcast per chunk."""
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(13, 16, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, 13, (9,))
+    loss = LinearCrossEntropy.apply(hidden, weight, None, targets, 4)
+    grads = torch.autograd.grad(loss, [hidden, weight])
+    expected = torch.nn.functional.cross_entropy((hidden @ weight.t()).float(), targets, reduction="sum")
+    expected_grads = torch.autograd.grad(expected, [hidden, weight])
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for grad, want in zip(grads, expected_grads):
+        assert grad.dtype == torch.bfloat16
+        torch.testing.assert_close(grad, want, rtol=2e-2, atol=2e-2)
