@@ -18,10 +18,10 @@ from pipeline.train.tiled_attention import use_tiled_attention
 
 def pretrained(cfg: RunConfig, device: torch.device) -> torch.nn.Module:
     model = prepare_model(load_model(cfg.model, cfg.data.labels, dtype=base_dtype(cfg)).to(device), cfg)
-    return with_loss_head(model, cfg)
+    return with_train_kernels(model, cfg)
 
 
-def with_loss_head(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+def with_train_kernels(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
     """train.fused_loss for causal LMs and tiled attention for packed rows, both installed before any
     wrapping (see loss_head.py and tiled_attention.py)."""
     if cfg.data.packing:
@@ -39,7 +39,7 @@ def skeleton(cfg: RunConfig) -> torch.nn.Module:
     model.tie_weights()  # init_empty_weights re-registers parameters, which unties them
     prepare_pad_token(model)
     with init_empty_weights(include_buffers=False):
-        return with_loss_head(prepare_model(model, cfg), cfg)
+        return with_train_kernels(prepare_model(model, cfg), cfg)
 
 
 def build_engine(cfg: RunConfig, dist: DistEnv, resume_from: Path | None = None) -> TrainEngine:

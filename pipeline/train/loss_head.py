@@ -190,7 +190,8 @@ def _summed_nll(logits: torch.Tensor, probs: torch.Tensor, picked: torch.Tensor)
     tiny = chosen < torch.finfo(torch.float32).tiny * 2**10
     nll = -torch.log(chosen)
     if bool(tiny.any()):
-        exact = torch.logsumexp(logits[tiny], dim=-1) - logits[tiny].gather(1, picked[tiny, None]).squeeze(1)
+        rows = logits[tiny]
+        exact = torch.logsumexp(rows, dim=-1) - rows.gather(1, picked[tiny, None]).squeeze(1)
         nll = nll.masked_scatter(tiny, exact)
     return nll.sum()
 
