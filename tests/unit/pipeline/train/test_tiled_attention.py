@@ -13,9 +13,10 @@ import torch
 
 from pipeline.config import ModelConfig
 from pipeline.models import load_model
+from pipeline.train import tiled_attention
 from pipeline.train.data import collate_table
 from pipeline.train.objective import attention_backend, model_inputs, summed_loss
-from pipeline.train.tiled_attention import NAME, TILE, tile_layout, use_tiled_attention
+from pipeline.train.tiled_attention import NAME, TILE, reach_class, tile_layout, use_tiled_attention
 
 PAD = 3
 
@@ -30,6 +31,13 @@ def packed_rows(lengths: list[list[int]], seed: int = 0) -> pa.Table:
 
 # Short examples, rows of different fill (the last one padded), width 150: not a multiple of TILE.
 SHORT = [[9, 30, 4, 17, 22, 40, 28], [25] * 6, [12, 33, 7, 21, 50, 11, 16], [5, 9, 14]]
+# The same with one long example: its tiles reach far back, the others' tiles stay short.
+ONE_LONG = [[9, 30, 4, 17, 22, 40, 28], [140, 10], [12, 33, 7, 21, 50, 11, 16], [5, 9, 14]]
+
+
+def keys_scored(batch) -> int:
+    """Query-key pairs the tiles score (per head), against a row's width squared for the mask path."""
+    return sum(count * TILE * (TILE + reach) for count, reach in batch["tile_classes"])
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +48,20 @@ def models(tiny_llama):
     return plain, tiled
 
 
+@pytest.fixture
+def tile_calls(monkeypatch) -> list[int]:
+    """The tiles each sdpa call of the tiled path scores: proof that a test ran that path."""
+    calls: list[int] = []
+    attend = tiled_attention._attend
+
+    def counted(queries, *args):
+        calls.append(queries.size(0) // TILE)
+        return attend(queries, *args)
+
+    monkeypatch.setattr(tiled_attention, "_attend", counted)
+    return calls
+
+
 def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     loss = summed_loss(model, batch, "causal_lm")
@@ -47,26 +69,32 @@ def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-def test_tiles_give_the_loss_and_gradients_of_the_block_diagonal_mask(models):
+@pytest.mark.parametrize("lengths", [SHORT, ONE_LONG], ids=["short", "one-long"])
+def test_tiles_give_the_loss_and_gradients_of_the_block_diagonal_mask(models, lengths, tile_calls):
     plain, tiled = models
-    batch = collate_table(packed_rows(SHORT), PAD)
-    assert batch["input_ids"].shape == (4, 150) and batch["tile_mask"].shape[-2] == TILE
-    assert batch["tile_reach"] < 50  # the tiles see far fewer keys than the row's 150
+    batch = collate_table(packed_rows(lengths), PAD)
+    assert batch["input_ids"].shape == (4, 150)
+    assert keys_scored(batch) < 4 * 150 * 150 / 2  # the tiles see far fewer keys than the rows' 150
     assert "tile_mask" in model_inputs(batch, NAME) and "tile_mask" not in model_inputs(batch, "sdpa")
     expected, expected_grads = loss_and_grads(plain, batch)
+    assert not tile_calls
     loss, grads = loss_and_grads(tiled, batch)
+    layers = tiled.config.num_hidden_layers
+    assert tile_calls == [count for count, _ in batch["tile_classes"]] * layers
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
     for name, grad in expected_grads.items():
         torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @torch.no_grad()
-def test_every_example_still_sees_only_itself(models):
+@pytest.mark.parametrize("rows", [SHORT, ONE_LONG], ids=["short", "one-long"])
+def test_every_example_still_sees_only_itself(models, rows, tile_calls):
     _, tiled = models
-    batch = collate_table(packed_rows(SHORT), PAD)
+    batch = collate_table(packed_rows(rows), PAD)
     logits = tiled(**model_inputs(batch, NAME)).logits
+    assert sum(tile_calls) == 4 * 5 * tiled.config.num_hidden_layers  # every tile of every layer
     ids = batch["input_ids"]
-    for row, lengths in enumerate(SHORT):
+    for row, lengths in enumerate(rows):
         starts = np.cumsum([0] + lengths[:-1])
         for start, n in zip(starts, lengths):
             alone = tiled(input_ids=ids[row:row + 1, start:start + n], use_cache=False).logits[0]
@@ -76,17 +104,42 @@ def test_every_example_still_sees_only_itself(models):
 def test_rows_of_long_examples_keep_the_mask_path():
     assert tile_layout(np.tile(np.arange(128), (2, 1))) == {}  # one example per row: no saving
     short = np.tile(np.concatenate([np.arange(16)] * 8), (2, 1))
-    assert tile_layout(short)["tile_reach"] == 0  # examples that never cross a tile's start
+    assert tile_layout(short)["tile_classes"] == ((8, 0),)  # examples that never cross a tile's start
+
+
+def test_one_long_example_costs_only_its_own_tiles_their_keys():
+    """Tiles are grouped by how far back their examples started: the long example's tiles reach back
+    32, 64, 96 and 128 keys, every other tile 32 at most. One reach for all tiles (128) would not halve
+    the work, and the whole batch would take the L x L mask."""
+    batch = collate_table(packed_rows(ONE_LONG), PAD)
+    assert dict((reach, count) for count, reach in batch["tile_classes"]) == {0: 8, TILE: 9, 64: 1, 96: 1,
+                                                                              128: 1}
+    assert keys_scored(batch) < 0.45 * 4 * 150 * 150
+
+
+def test_reach_classes_round_up_to_two_significant_bits_of_tiles():
+    reach = np.array([0, 1, 32, 33, 64, 65, 96, 97, 129, 193, 200, 257, 385, 1000])
+    assert reach_class(reach).tolist() == [TILE * k for k in (0, 1, 1, 2, 2, 3, 3, 4, 6, 8, 8, 12, 16, 32)]
+
+
+def test_attention_the_tiles_do_not_model_takes_transformers_path():
+    classes = ((6, 0), (2, 64))
+    tiles_model = tiled_attention._tiles_model
+    assert tiles_model({"dropout": 0.0, "scaling": 0.1, "sliding_window": None, "use_cache": False}, classes)
+    assert tiles_model({"sliding_window": TILE + 64}, classes)
+    assert not tiles_model({"sliding_window": TILE + 63}, classes)  # a tile's keys would pass the window
+    assert not tiles_model({"softcap": 30.0}, classes) and not tiles_model({"position_bias": 1}, classes)
 
 
 @torch.no_grad()
-def test_batches_without_a_layout_run_transformers_sdpa(models):
+def test_batches_without_a_layout_run_transformers_sdpa(models, tile_calls):
     plain, tiled = models
     padded = collate_table(pa.table({"input_ids": [[5, 6, 7, 8, 9], [10, 11]], "num_targets": [4, 1]}), PAD)
     for batch in (padded, collate_table(packed_rows([[5, 4], [6]]), PAD)):
         assert "tile_mask" not in batch
         torch.testing.assert_close(tiled(**model_inputs(batch, NAME)).logits,
                                    plain(**model_inputs(batch, "sdpa")).logits)
+    assert not tile_calls
 
 
 def test_the_saved_config_names_no_ftpipe_attention(models, tmp_path):
