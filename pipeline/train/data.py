@@ -18,7 +18,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.errors import UserError
-from pipeline.train.tiled_attention import tile_layout
+from pipeline.train.tiled_attention import tile_layout, tile_work
 
 
 class SampleOrder:
@@ -86,11 +86,12 @@ class BatchSource(Protocol):
 class TrainBatches:
     """Builds padded micro-batches for one rank and the global target count for a step."""
 
-    def __init__(self, table: pa.Table, layout: BatchLayout, seed: int, pad_id: int):
+    def __init__(self, table: pa.Table, layout: BatchLayout, seed: int, pad_id: int, join_rows: bool = False):
         self.table = table
         self.layout = layout
         self.order = SampleOrder(table.num_rows, seed)
         self.pad_id = pad_id
+        self.join_rows = join_rows  # packed rows as one row (see collate_table)
         self.num_targets = table.column("num_targets").to_numpy()
 
     def global_targets(self, offset: int) -> int:
@@ -104,21 +105,39 @@ class TrainBatches:
 
     def micro_batch(self, offset: int, micro: int, rank: int) -> dict[str, torch.Tensor]:
         rows = self.rows_for(offset, micro, rank)
-        batch = collate_table(self.table.take(pa.array(rows)), self.pad_id)
+        batch = collate_table(self.table.take(pa.array(rows)), self.pad_id, self.join_rows)
         batch["rows"] = torch.from_numpy(rows)  # a sample is a row, packed or not
         return batch
 
 
-def collate_table(table: pa.Table, pad_id: int) -> dict[str, Any]:
+def collate_table(table: pa.Table, pad_id: int, join_rows: bool = False) -> dict[str, Any]:
     """A batch from tokenized rows, whichever optional columns (loss_mask, seq_lens, label) they have,
-    built from the Arrow buffers with numpy: no Python work per token or per row."""
-    def column(name: str) -> Ragged | None:
-        return ragged_column(table.column(name)) if name in table.column_names else None
+    built from the Arrow buffers with numpy: no Python work per token or per row.
 
-    batch = collate_ragged(column("input_ids"), pad_id, column("loss_mask"), column("seq_lens"))
+    join_rows: packed rows become one row of all their tokens, without the padding that rounds each up
+    to the longest (about 2% of a micro-batch of short chat lines), where the attention scores it in
+    tiles (train/tiled_attention.py); flash kernels read the same examples from cu_seq_lens. Only
+    where the joined row's tiles would score at most half the keys of the rows' own L x L masks: rows
+    of long examples stay rows."""
+    columns = {name: ragged_column(table.column(name)) if name in table.column_names else None
+               for name in ("input_ids", "loss_mask", "seq_lens")}
+    batch = _joined(columns, pad_id) if join_rows and columns["seq_lens"] is not None else None
+    if batch is None:
+        batch = collate_ragged(columns["input_ids"], pad_id, columns["loss_mask"], columns["seq_lens"])
     if "label" in table.column_names:
         batch["labels"] = torch.from_numpy(table.column("label").to_numpy().astype(np.int64))
     return batch
+
+
+def _joined(columns: dict[str, Ragged | None], pad_id: int) -> dict[str, Any] | None:
+    """The packed rows as one row, or None where its tiles would not pay (see collate_table)."""
+    joined = {name: None if column is None else Ragged(column.values, np.array([column.values.size]))
+              for name, column in columns.items()}
+    batch = collate_ragged(joined["input_ids"], pad_id, joined["loss_mask"], joined["seq_lens"])
+    lengths = columns["input_ids"].lengths
+    masked = len(lengths) * int(lengths.max()) ** 2  # what the rows' masks would score
+    classes = batch.get("tile_classes")
+    return batch if classes is not None and 2 * tile_work(classes) <= masked else None
 
 
 def collate(sequences: list[list[int]], pad_id: int, masks: list[list[int]] | None = None,

@@ -20,6 +20,13 @@ def attention_backend(model: torch.nn.Module) -> str:
     return getattr(getattr(inner, "config", None), "_attn_implementation", None) or "sdpa"
 
 
+def joins_rows(model: torch.nn.Module) -> bool:
+    """Whether packed rows may be trained as one row (train/data.py collate_table): the attention
+    keeps examples apart by tiles or by cu_seq_lens, not by an L x L mask."""
+    backend = attention_backend(model)
+    return backend == TILED or is_flash(backend)
+
+
 def model_inputs(batch: dict[str, Any], backend: str = "sdpa") -> dict[str, Any]:
     """The forward arguments of a batch. Packed rows (train/data.py packed_inputs) pass restarted
     position_ids, no attention_mask and no cache: transformers then keeps every example to itself

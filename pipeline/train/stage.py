@@ -35,6 +35,7 @@ from pipeline.train.data import TrainBatches, batch_layout, collate
 from pipeline.train.engine import TrainEngine
 from pipeline.train.held_out import HeldOut
 from pipeline.train.loop import LoopSettings, LoopState, train_loop, truncate_logs
+from pipeline.train.objective import joins_rows
 from pipeline.train.prefetch import Prefetcher
 from pipeline.train.step_log import StepLog, matmul_peak
 
@@ -85,7 +86,7 @@ def train(cfg: RunConfig, ctx: StageContext, dist: DistEnv, stop: StopRequest) -
         update={"grad_accum": layout.grad_accum, "precision": precision})})
     engine, saved = _engine_at_checkpoint(cfg, dist, out / "checkpoints")
     pad_id = ctx.run_dir.read_manifest("tokenize")["pad_token_id"]
-    batches = TrainBatches(table, layout, cfg.train.seed, pad_id)
+    batches = TrainBatches(table, layout, cfg.train.seed, pad_id, join_rows=joins_rows(engine.model))
     settings = LoopSettings(
         task=cfg.model.task, lr=cfg.train.lr, warmup_ratio=cfg.train.warmup_ratio,
         checkpoint_every=cfg.train.checkpoint_every, keep_last=cfg.train.keep_last,

@@ -45,6 +45,11 @@ def reach_class(reach: np.ndarray) -> np.ndarray:
     return np.where(steps > 0, rounded, 0) * TILE
 
 
+def tile_work(classes: tuple[tuple[int, int], ...]) -> int:
+    """Query-key pairs (per head) that tiles of these classes score."""
+    return sum(count * TILE * (TILE + reach) for count, reach in classes)
+
+
 def tile_layout(positions: np.ndarray) -> dict[str, Any]:
     """The tiles' layout for packed rows whose position_ids restart at 0 for every example (padding
     tokens: 0 each, examples of their own); {} when tiles would not halve the attention's work.

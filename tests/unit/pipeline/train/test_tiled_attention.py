@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +16,7 @@ from pipeline.config import ModelConfig
 from pipeline.models import load_model
 from pipeline.train import tiled_attention
 from pipeline.train.data import collate_table
-from pipeline.train.objective import attention_backend, model_inputs, summed_loss
+from pipeline.train.objective import attention_backend, joins_rows, model_inputs, summed_loss
 from pipeline.train.tiled_attention import NAME, TILE, reach_class, tile_layout, use_tiled_attention
 
 PAD = 3
@@ -148,3 +149,43 @@ def test_the_saved_config_names_no_ftpipe_attention(models, tmp_path):
     tiled.config.save_pretrained(tmp_path)
     assert NAME not in (tmp_path / "config.json").read_text()
     assert json.loads((tmp_path / "config.json").read_text()).get("attn_implementation") is None
+
+
+# --- packed rows joined into one row (train/data.py collate_table, join_rows) ---------------------------
+
+def test_joined_rows_carry_every_token_once_and_no_padding():
+    table = packed_rows(SHORT)
+    rows, joined = collate_table(table, PAD), collate_table(table, PAD, join_rows=True)
+    real = rows["attention_mask"].bool()
+    assert joined["input_ids"].shape == (1, int(real.sum())) and bool(joined["attention_mask"].all())
+    for key in ("input_ids", "labels", "position_ids"):
+        torch.testing.assert_close(joined[key][0], rows[key][real], msg=key)
+
+
+@pytest.mark.parametrize("lengths", [SHORT, ONE_LONG], ids=["short", "one-long"])
+def test_joined_rows_give_the_loss_and_gradients_of_the_rows(models, lengths, tile_calls):
+    _, tiled = models
+    table = packed_rows(lengths)
+    expected, expected_grads = loss_and_grads(tiled, collate_table(table, PAD))
+    joined = collate_table(table, PAD, join_rows=True)
+    tile_calls.clear()
+    loss, grads = loss_and_grads(tiled, joined)
+    assert sum(tile_calls) == len(joined["tile_queries"]) // TILE * tiled.config.num_hidden_layers
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_rows_of_long_examples_stay_rows():
+    """Joined, their tiles would score more than half the keys of the rows' own masks."""
+    for lengths in ([[150]] * 4, [[100, 50]] * 2):
+        assert collate_table(packed_rows(lengths), PAD, join_rows=True)["input_ids"].shape[0] == len(lengths)
+
+
+def test_rows_are_joined_only_for_attention_that_needs_no_mask(models):
+    plain, tiled = models
+    assert joins_rows(tiled) and not joins_rows(plain)
+    eager = load_model(ModelConfig(name_or_path=str(tiled.name_or_path), attn_implementation="eager"))
+    assert not joins_rows(use_tiled_attention(eager))  # eager is not tiled: its mask would be L x L
+    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
+    assert joins_rows(flash)  # flash kernels read the examples from cu_seq_lens
