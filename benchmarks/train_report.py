@@ -4,9 +4,11 @@ MFU, and the markdown table with the targets.
 The peak: every matrix product of one training step of one transformer layer and of the vocabulary
 head, at tokens = micro_batch x max_len, each timed as autograd runs it for a Linear (forward x @ W^T,
 input gradient dy @ W, weight gradient dy^T @ x), best of a few timings; the peak is their FLOPs over
-their time, the layer's products weighted by the number of layers. MFU = 6 N tokens/s / peak (N: the
-trainable parameters); attention's products (QK^T, AV: 6 x layers x heads x head_dim x n(n+1) per
-example of n tokens, causal, forward + backward) are a separate column against the same peak.
+their time, the layer's products weighted by the number of layers. It is probed before and after the
+trainers and the higher counts: this machine's speed drifts, and a peak probed in a slow minute would
+flatter every MFU. MFU = 6 N tokens/s / peak (N: the trainable parameters); attention's products (QK^T,
+AV: 6 x layers x heads x head_dim x n(n+1) per example of n tokens, causal, forward + backward) are a
+separate column against the same peak.
 """
 
 from __future__ import annotations
@@ -88,6 +90,12 @@ def matmul_peak(shape: dict[str, int], tokens: int, precision: str, repeats: int
             "threads": torch.get_num_threads()}
 
 
+def higher_peak(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """The higher of the peaks probed before and after the trainers, with both kept."""
+    probes = [before["flops_per_second"], after["flops_per_second"]]
+    return {**max(before, after, key=lambda peak: peak["flops_per_second"]), "probes": probes}
+
+
 def figures(record: dict[str, Any], warmup: int, shape: dict[str, int], peak: float) -> dict[str, Any]:
     """Steady-state rates of one trainer: the steps after `warmup`."""
     steady = record["steps"][warmup:]
@@ -128,8 +136,9 @@ def heading(report: dict[str, Any]) -> str:
     return (f"{run['model']}: {report['parameters'] / 1e6:.1f}M trainable parameters, "
             f"max_len {run['max_len']}, micro batch {run['micro_batch']}, {run['precision']}, "
             f"{run['steps']} steps of which the first {run['warmup']} left out; matmul peak "
-            f"{peak['flops_per_second'] / 1e9:.1f} GFLOP/s at the model's shapes "
-            f"({peak['tokens']} tokens, {peak['threads']} threads); each peak RSS includes the "
+            f"{peak['flops_per_second'] / 1e9:.1f} GFLOP/s at the model's shapes (probed before and after "
+            f"the trainers: {' and '.join(f'{p / 1e9:.1f}' for p in peak['probes'])}; "
+            f"{peak['tokens']} tokens, {peak['threads']} threads); each peak RSS includes the "
             f"{report['imports_rss_mib']:.0f} MiB of libraries imported before the trainers were forked")
 
 

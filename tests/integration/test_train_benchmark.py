@@ -69,6 +69,9 @@ def test_counts_real_tokens_of_the_trained_batches(bench_run):
     assert min(s["tokens"] for s in records["trl"]["steps"]) > MICRO * K
     assert sum(s["tokens"] for s in records["ftpipe"]["steps"]) == records["ftpipe"]["tokens_trained"]
     assert report["results"]["padded"]["peak_rss_mib"] > 100 and report["peak"]["flops_per_second"] > 0
+    # Probed before and after the trainers; the higher counts (a slow minute must not flatter the MFU).
+    peak = report["peak"]
+    assert len(peak["probes"]) == 2 and peak["flops_per_second"] == max(peak["probes"])
 
 
 def test_example_lengths_of_padded_and_packed_batches():
