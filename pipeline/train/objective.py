@@ -22,9 +22,15 @@ def attention_backend(model: torch.nn.Module) -> str:
 
 def joins_rows(model: torch.nn.Module) -> bool:
     """Whether packed rows may be trained as one row (train/data.py collate_table): the attention
-    keeps examples apart by tiles or by cu_seq_lens, not by an L x L mask."""
+    keeps examples apart by cu_seq_lens, or by tiles in a model without a sliding window (a window
+    shorter than a tile's keys sends a layer back to the L x L mask, which over a joined row would cost
+    rows-fold the rows' own)."""
     backend = attention_backend(model)
-    return backend == TILED or is_flash(backend)
+    if is_flash(backend):
+        return True
+    config = getattr(getattr(model, "module", model), "config", None)
+    windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+    return backend == TILED and not windowed
 
 
 def model_inputs(batch: dict[str, Any], backend: str = "sdpa") -> dict[str, Any]:

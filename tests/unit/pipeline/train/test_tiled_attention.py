@@ -187,5 +187,11 @@ def test_rows_are_joined_only_for_attention_that_needs_no_mask(models):
     assert joins_rows(tiled) and not joins_rows(plain)
     eager = load_model(ModelConfig(name_or_path=str(tiled.name_or_path), attn_implementation="eager"))
     assert not joins_rows(use_tiled_attention(eager))  # eager is not tiled: its mask would be L x L
-    flash = SimpleNamespace(config=SimpleNamespace(_attn_implementation="flash_attention_2"))
-    assert joins_rows(flash)  # flash kernels read the examples from cu_seq_lens
+    def model(backend: str, **config):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=backend, **config))
+
+    # Flash kernels read the examples from cu_seq_lens and apply windows themselves.
+    assert joins_rows(model("flash_attention_2", sliding_window=64))
+    # Tiles step aside for a short window: the mask over the joined row would cost rows-fold.
+    assert not joins_rows(model(NAME, sliding_window=4096))
+    assert joins_rows(model(NAME, sliding_window=4096, use_sliding_window=False))  # Qwen2's switch
