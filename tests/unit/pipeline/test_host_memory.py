@@ -18,10 +18,12 @@ def step():  # a step's worth of large blocks: allocated, written, freed
     del blocks
 for _ in range(3):  # the heap grows to the step's size first
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
 for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print(json.dumps({"kept": kept, "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before}))
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"kept": kept, "faults": faults}))
 """
 
 
@@ -34,7 +36,9 @@ def faults(mode: str) -> dict:
 def test_steps_after_the_first_reuse_their_memory_without_page_faults():
     default, kept = faults("default"), faults("keep")
     assert kept["kept"] is True
-    # 5 steps x 256 MiB: 327,680 pages when every block is mapped afresh (glibc maps any block over
-    # 32 MiB on its own and unmaps it when freed)
-    assert default["faults"] > 300_000, default
-    assert kept["faults"] < default["faults"] / 20, kept
+    # A step allocates 256 MiB: 65,536 pages, each faulted afresh when glibc maps every block over
+    # 32 MiB on its own and unmaps it when freed.
+    assert all(n > 60_000 for n in default["faults"]), default
+    # Kept, a step finds its memory in the heap. One step in five may still fault once under a loaded
+    # machine (seen once in CI with 16 parallel workers), never the steady state.
+    assert sorted(kept["faults"])[3] < 3_000, kept
