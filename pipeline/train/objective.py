@@ -14,10 +14,14 @@ from pipeline.train.tiled_attention import KEYS as TILE_KEYS
 from pipeline.train.tiled_attention import NAME as TILED
 
 
+def _config(model: torch.nn.Module) -> Any:
+    """The model's config, through a DeepSpeed engine's or peft's wrapper (None without one)."""
+    return getattr(getattr(model, "module", model), "config", None)
+
+
 def attention_backend(model: torch.nn.Module) -> str:
-    """The attn_implementation the model runs (through a DeepSpeed engine's or peft's wrapper)."""
-    inner = getattr(model, "module", model)
-    return getattr(getattr(inner, "config", None), "_attn_implementation", None) or "sdpa"
+    """The attn_implementation the model runs."""
+    return getattr(_config(model), "_attn_implementation", None) or "sdpa"
 
 
 def joins_rows(model: torch.nn.Module) -> bool:
@@ -28,7 +32,7 @@ def joins_rows(model: torch.nn.Module) -> bool:
     backend = attention_backend(model)
     if is_flash(backend):
         return True
-    config = getattr(getattr(model, "module", model), "config", None)
+    config = _config(model)
     windowed = getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
     return backend == TILED and not windowed
 

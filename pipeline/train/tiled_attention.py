@@ -59,11 +59,12 @@ def tile_layout(positions: np.ndarray) -> dict[str, Any]:
     # Positions past the row (up to a whole tile) are examples of one token each, like padding.
     padded = np.pad(positions, ((0, 0), (0, tiles * TILE - width)))
     classes = reach_class(padded[:, ::TILE].reshape(-1))
-    if 2 * TILE * int((TILE + classes).sum()) > rows * width * width:
-        return {}
-    example = np.cumsum(padded == 0, axis=1)  # an example's number within its row, from 1
     order = np.argsort(classes, kind="stable")
     reaches, counts = np.unique(classes[order], return_counts=True)
+    listed = tuple(zip(counts.tolist(), reaches.tolist()))  # (tiles, reach) per class
+    if 2 * tile_work(listed) > rows * width * width:
+        return {}
+    example = np.cumsum(padded == 0, axis=1)  # an example's number within its row, from 1
     parts = [_class_layout(example, width, np.divmod(chosen, tiles), int(reach))
              for reach, chosen in zip(reaches, np.split(order, np.cumsum(counts)[:-1]))]
     slots = np.concatenate([part[0] for part in parts]).reshape(-1)  # (row, position) of each query slot
@@ -74,7 +75,7 @@ def tile_layout(positions: np.ndarray) -> dict[str, Any]:
             "tile_keys": torch.from_numpy(np.concatenate([part[1].reshape(-1) for part in parts])),
             "tile_mask": torch.from_numpy(np.concatenate([part[2].reshape(-1) for part in parts])),
             "tile_tokens": torch.from_numpy(place.reshape(rows, tiles * TILE)[:, :width].reshape(-1)),
-            "tile_classes": tuple((int(n), int(r)) for n, r in zip(counts, reaches))}
+            "tile_classes": listed}
 
 
 def _class_layout(example: np.ndarray, width: int, where: tuple[np.ndarray, np.ndarray],
