@@ -1,5 +1,5 @@
 """Stop signals and the time they leave: signal_lead_seconds is checked against a measured step plus
-checkpoint. (SIGTERM's coordinated save: tests/integration/test_distributed.py and tests/cluster.)"""
+checkpoint. (SIGTERM's coordinated save: tests/integration/test_distributed_resume.py and tests/cluster.)"""
 
 from __future__ import annotations
 
