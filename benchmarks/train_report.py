@@ -103,9 +103,12 @@ def figures(record: dict[str, Any], warmup: int, shape: dict[str, int], peak: fl
     tokens = sum(s["tokens"] for s in steady)
     attention = 6 * shape["layers"] * shape["q_width"] * sum(s["attention"] for s in steady)
     rate = tokens / seconds
-    return {"tokens_per_second": rate, "steady_steps": len(steady), "step_seconds": seconds / len(steady),
-            "tokens_per_step": tokens / len(steady), "mfu": 6 * record["parameters"] * rate / peak,
-            "attention_mfu": attention / seconds / peak, "first_losses": record["losses"][:3]}
+    figures = {"tokens_per_second": rate, "steady_steps": len(steady), "step_seconds": seconds / len(steady),
+               "tokens_per_step": tokens / len(steady), "mfu": 6 * record["parameters"] * rate / peak,
+               "attention_mfu": attention / seconds / peak, "first_losses": record["losses"][:3]}
+    if "mean_step_tokens" in record:  # the padded Trainer: its rate at the whole dataset's mean row
+        figures["tokens_per_second_at_mean_rows"] = record["mean_step_tokens"] / figures["step_seconds"]
+    return figures
 
 
 def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -142,7 +145,20 @@ def heading(report: dict[str, Any]) -> str:
             f"{report['imports_rss_mib']:.0f} MiB of libraries imported before the trainers were forked")
 
 
+def rows_drawn(results: dict[str, dict[str, Any]]) -> list[str]:
+    """What the padded Trainer's few steps drew against its whole dataset (the targets use what it drew)."""
+    padded, ftpipe = results["padded"], results["ftpipe"]["tokens_per_second"]
+    at_mean = padded.get("tokens_per_second_at_mean_rows")
+    if at_mean is None:
+        return []
+    mean_step = at_mean * padded["step_seconds"]
+    return ["", f"{NAMES['padded']}: its measured steps held {padded['tokens_per_step']:.0f} real tokens a "
+                f"step, its dataset's rows {mean_step:.0f} a step on average; at that mean it would train "
+                f"{at_mean:.1f} tokens/s (ftpipe / that: {ftpipe / at_mean:.2f}x)"]
+
+
 def markdown(report: dict[str, Any]) -> str:
     goals = [f"- {t['what']}: {t['value']:.2f} (target >= {t['target']}): {'met' if t['met'] else 'missed'}"
              for t in report["targets"]]
-    return "\n".join([heading(report), "", *table(report["results"]), "", "Targets:", *goals]) + "\n"
+    return "\n".join([heading(report), "", *table(report["results"]), *rows_drawn(report["results"]), "",
+                      "Targets:", *goals]) + "\n"

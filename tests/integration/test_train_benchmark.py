@@ -74,6 +74,32 @@ def test_counts_real_tokens_of_the_trained_batches(bench_run):
     assert len(peak["probes"]) == 2 and peak["flops_per_second"] == max(peak["probes"])
 
 
+def test_the_padded_trainers_rows_are_set_against_its_whole_dataset(bench_run):
+    """Every row here holds k tokens, so the rows drawn are the dataset's mean and the two rates agree."""
+    done, report = bench_run
+    assert report["records"]["padded"]["mean_step_tokens"] == MICRO * K
+    padded = report["results"]["padded"]
+    assert padded["tokens_per_second_at_mean_rows"] == pytest.approx(padded["tokens_per_second"])
+    step = MICRO * K
+    assert f"held {step} real tokens a step, its dataset's rows {step} a step on average" in done.stdout
+
+
+def test_rows_shorter_than_the_datasets_mean_show_in_the_padded_rate():
+    from benchmarks import train_report
+
+    shape = {"layers": 1, "q_width": 1}
+    steps = [{"tokens": t, "attention": 0, "seconds": 2.0} for t in (300, 100, 140)]
+    padded = train_report.figures({"steps": steps, "losses": [], "parameters": 1, "mean_step_tokens": 240},
+                                  1, shape, 1.0)
+    assert padded["tokens_per_second"] == 60 and padded["tokens_per_second_at_mean_rows"] == 120
+    ftpipe = {"tokens_per_second": 1200.0}
+    line = train_report.rows_drawn({"ftpipe": ftpipe, "padded": padded})[1]
+    assert "held 120 real tokens a step, its dataset's rows 240 a step on average" in line
+    assert line.endswith("at that mean it would train 120.0 tokens/s (ftpipe / that: 10.00x)")
+    del padded["tokens_per_second_at_mean_rows"]  # TRL's and ftpipe's packed rows have no such figure
+    assert train_report.rows_drawn({"ftpipe": ftpipe, "padded": padded}) == []
+
+
 def test_example_lengths_of_padded_and_packed_batches():
     from benchmarks.train_runs import example_lengths
 
