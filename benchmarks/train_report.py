@@ -9,6 +9,10 @@ trainers and the higher counts: this machine's speed drifts, and a peak probed i
 flatter every MFU. MFU = 6 N tokens/s / peak (N: the trainable parameters); attention's products (QK^T,
 AV: 6 x layers x heads x head_dim x n(n+1) per example of n tokens, causal, forward + backward) are a
 separate column against the same peak.
+
+The padded Trainer's step costs the same whatever its rows hold, so its tokens/s over a few steps moves with
+the rows they drew; the report sets it beside its rate at its whole dataset's mean row (the targets use what
+it drew).
 """
 
 from __future__ import annotations
@@ -103,12 +107,12 @@ def figures(record: dict[str, Any], warmup: int, shape: dict[str, int], peak: fl
     tokens = sum(s["tokens"] for s in steady)
     attention = 6 * shape["layers"] * shape["q_width"] * sum(s["attention"] for s in steady)
     rate = tokens / seconds
-    figures = {"tokens_per_second": rate, "steady_steps": len(steady), "step_seconds": seconds / len(steady),
-               "tokens_per_step": tokens / len(steady), "mfu": 6 * record["parameters"] * rate / peak,
-               "attention_mfu": attention / seconds / peak, "first_losses": record["losses"][:3]}
+    rates = {"tokens_per_second": rate, "steady_steps": len(steady), "step_seconds": seconds / len(steady),
+             "tokens_per_step": tokens / len(steady), "mfu": 6 * record["parameters"] * rate / peak,
+             "attention_mfu": attention / seconds / peak, "first_losses": record["losses"][:3]}
     if "mean_step_tokens" in record:  # the padded Trainer: its rate at the whole dataset's mean row
-        figures["tokens_per_second_at_mean_rows"] = record["mean_step_tokens"] / figures["step_seconds"]
-    return figures
+        rates["tokens_per_second_at_mean_rows"] = record["mean_step_tokens"] / rates["step_seconds"]
+    return rates
 
 
 def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
