@@ -24,6 +24,8 @@ TWO_RANKS = {"backend": "torchrun", "nproc_per_node": 2}
 HELD_OUT = {"eval_every": 3}  # scored at steps 3 and 5 (the last); how, not what, is trained
 # The same global batch (8) on one rank (grad_accum 4) and on two (grad_accum 2).
 BATCH = {"max_steps": 5, "micro_batch_size": 2, "global_batch_size": 8, "lr": 1e-3, "checkpoint_every": 5}
+DATA_RUN = "data"
+TRAINED = ("--stages", "train,consolidate", "--no-progress")  # what these tests compare; evaluate has its own
 
 
 def run_config(tmp: Path, model: Path, data: Path, name: str, train: dict,
@@ -37,6 +39,3 @@ def run_config(tmp: Path, model: Path, data: Path, name: str, train: dict,
         link_shared_data(RunDir(tmp / "runs" / DATA_RUN), RunDir(tmp / "runs" / name))
     return fixtures.write_config(tmp / f"{name}.yaml", cfg)
 
-
-DATA_RUN = "data"
-TRAINED = ("--stages", "train,consolidate", "--no-progress")  # what these tests compare; evaluate has its own
