@@ -111,6 +111,7 @@ def figures(record: dict[str, Any], warmup: int, shape: dict[str, int], peak: fl
              "tokens_per_step": tokens / len(steady), "mfu": 6 * record["parameters"] * rate / peak,
              "attention_mfu": attention / seconds / peak, "first_losses": record["losses"][:3]}
     if "mean_step_tokens" in record:  # the padded Trainer: its rate at the whole dataset's mean row
+        rates["mean_step_tokens"] = record["mean_step_tokens"]
         rates["tokens_per_second_at_mean_rows"] = record["mean_step_tokens"] / rates["step_seconds"]
     return rates
 
@@ -155,10 +156,9 @@ def rows_drawn(results: dict[str, dict[str, Any]]) -> list[str]:
     at_mean = padded.get("tokens_per_second_at_mean_rows")
     if at_mean is None:
         return []
-    mean_step = at_mean * padded["step_seconds"]
     return ["", f"{NAMES['padded']}: its measured steps held {padded['tokens_per_step']:.0f} real tokens a "
-                f"step, its dataset's rows {mean_step:.0f} a step on average; at that mean it would train "
-                f"{at_mean:.1f} tokens/s (ftpipe / that: {ftpipe / at_mean:.2f}x)"]
+                f"step, its dataset's rows {padded['mean_step_tokens']:.0f} a step on average; at that mean "
+                f"it would train {at_mean:.1f} tokens/s (ftpipe / that: {ftpipe / at_mean:.2f}x)"]
 
 
 def markdown(report: dict[str, Any]) -> str:
