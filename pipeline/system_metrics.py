@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from types import TracebackType
+from types import ModuleType, TracebackType
 
 import psutil
 
@@ -22,22 +22,36 @@ def host_sample() -> dict[str, float]:
             "system/system_memory_usage_percentage": memory.percent}
 
 
-def gpu_sample() -> dict[str, float]:
-    """Per visible GPU, through NVML (the nvidia-ml-py package); nothing without it or without GPUs."""
+def open_nvml() -> ModuleType | None:
+    """NVML (the nvidia-ml-py package) initialised once for a monitor's life; None without it, a driver or
+    GPUs. NVML counts its initialisations, so each `open_nvml` needs its `close_nvml`."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
     except Exception:  # noqa: BLE001 - no package, no driver, no GPU: no GPU metrics
-        return {}
+        return None
+    return pynvml
+
+
+def close_nvml(nvml: ModuleType | None) -> None:
+    if nvml is not None:
+        nvml.nvmlShutdown()
+
+
+def gpu_sample(nvml: ModuleType | None) -> dict[str, float]:
+    """Per visible GPU, through an NVML from `open_nvml`; nothing without one."""
     sample = {}
-    for index in range(pynvml.nvmlDeviceGetCount()):
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-        memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-        busy = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
-        sample[f"system/gpu_{index}_utilization_percentage"] = float(busy)
-        sample[f"system/gpu_{index}_memory_usage_megabytes"] = memory.used / MIB
-        sample[f"system/gpu_{index}_memory_usage_percentage"] = 100.0 * memory.used / max(1, memory.total)
+    try:
+        for index in range(nvml.nvmlDeviceGetCount() if nvml is not None else 0):
+            handle = nvml.nvmlDeviceGetHandleByIndex(index)
+            memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            busy = nvml.nvmlDeviceGetUtilizationRates(handle).gpu
+            sample[f"system/gpu_{index}_utilization_percentage"] = float(busy)
+            sample[f"system/gpu_{index}_memory_usage_megabytes"] = memory.used / MIB
+            sample[f"system/gpu_{index}_memory_usage_percentage"] = 100.0 * memory.used / max(1, memory.total)
+    except Exception:  # noqa: BLE001 - a GPU lost mid-run: this sample has none, training goes on
+        return {}
     return sample
 
 
@@ -48,12 +62,14 @@ class SystemMetrics:
                  enabled: bool = True):
         self.log, self.interval, self.enabled = log, interval, enabled
         self.samples = 0
+        self.nvml: ModuleType | None = None
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="ftpipe-system-metrics", daemon=True)
 
     def __enter__(self) -> SystemMetrics:
         if self.enabled:
             psutil.cpu_percent(interval=None)  # the first call only starts psutil's CPU interval
+            self.nvml = open_nvml()
             self.thread.start()
         return self
 
@@ -63,6 +79,8 @@ class SystemMetrics:
             self.stopped.set()
             self.thread.join(timeout=5)
             self.record()
+            if not self.thread.is_alive():  # a sample still running keeps NVML; the process ends soon
+                close_nvml(self.nvml)
 
     def _loop(self) -> None:
         self.record()
@@ -70,5 +88,5 @@ class SystemMetrics:
             self.record()
 
     def record(self) -> None:
-        self.log({**host_sample(), **gpu_sample()}, self.samples)
+        self.log({**host_sample(), **gpu_sample(self.nvml)}, self.samples)
         self.samples += 1
