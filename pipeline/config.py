@@ -54,6 +54,11 @@ FORMAT_ONLY_KEYS = {"chat_template": "chat", "role_map": "chat", "text_pair_fiel
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
+def inline_template(value: str) -> bool:
+    """data.chat_template's text is the Jinja template itself, not the path of a file holding one."""
+    return "{{" in value or "{%" in value
+
+
 class DataConfig(Section):
     train: list[SourceEntry] = Field(
         min_length=1, description="Training files or globs (jsonl, parquet, csv, txt); an entry may also be "
@@ -75,7 +80,8 @@ class DataConfig(Section):
         default_factory=dict, description="chat: source role names to system/user/assistant/tool, e.g. "
         "{human: user, gpt: assistant}.")
     chat_template: str | None = Field(
-        None, description="chat: a Jinja template file; null: the tokenizer's own chat template.")
+        None, description="chat: a Jinja chat template, inline (text holding {{ or {%) or the path of a "
+        "file holding one; null: the tokenizer's own chat template.")
     loss_on: Literal["all", "completion", "assistant"] | None = Field(
         None, description="Tokens the loss counts: all; completion (the answer of instruction / "
         "prompt_completion rows); assistant (the assistant turns of chat rows). null: completion, assistant "

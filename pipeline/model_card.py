@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pipeline
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, inline_template
 from pipeline.run_dir import RunDir, atomic_write_text
 
 CARD = "README.md"
@@ -70,7 +70,9 @@ def _prompt_format(cfg: RunConfig) -> str:
     text = f"data.format `{cfg.data.format}`, loss on `{cfg.data.loss_on or 'default'}`."
     if cfg.data.format != "chat":
         return text + " No chat template: prompts are plain text as in training."
-    source = cfg.data.chat_template or "the base tokenizer's own"
+    template = cfg.data.chat_template
+    source = ("`data.chat_template`, inline" if template and inline_template(template)
+              else template or "the base tokenizer's own")
     return (text + f" Chat template ({source}) saved with the tokenizer: render prompts with "
             "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)`.")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, inline_template
 from pipeline.errors import UserError
 from pipeline.run_dir import atomic_write_json, atomic_write_text
 
@@ -38,19 +38,37 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
                         f"{str(err).splitlines()[0]}") from None
 
 
+def template_text(value: str) -> str:
+    """The Jinja template data.chat_template gives, inline or in a file; its syntax checked, so a broken
+    template is one config error before any row is rendered (transformers would reject every row)."""
+    try:
+        text = value if inline_template(value) else Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"data.chat_template: cannot read {value!r}: {err}") from None
+    from jinja2 import TemplateSyntaxError
+
+    try:  # transformers' own environment (its tags, e.g. {% generation %}); it caches what it compiled
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # moved in another transformers: the first row rendered reports the error
+        return text
+    try:
+        _compile_jinja_template(text)
+    except TemplateSyntaxError as err:
+        where = "inline template" if inline_template(value) else value
+        raise UserError(f"data.chat_template: {where}, line {err.lineno}: {err.message}") from None
+    return text
+
+
 def chat_template(cfg: RunConfig, tokenizer) -> str | None:
-    """The data.chat_template file's text; for format chat, the tokenizer must have one otherwise."""
+    """data.chat_template's template; for format chat, the tokenizer must have one otherwise."""
     if cfg.data.format != "chat":
         return None
     if cfg.data.chat_template is None:
         if not getattr(tokenizer, "chat_template", None):
             raise UserError(f"data.chat_template: the tokenizer of {cfg.model.name_or_path!r} has no chat "
-                            "template; set data.chat_template to a Jinja file")
+                            "template; set data.chat_template to a Jinja template or a file holding one")
         return None
-    try:
-        return Path(cfg.data.chat_template).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"data.chat_template: cannot read {cfg.data.chat_template!r}: {err}") from None
+    return template_text(cfg.data.chat_template)
 
 
 @dataclass

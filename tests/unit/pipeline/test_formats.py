@@ -98,13 +98,16 @@ def llama_with_template(tiny_llama, tmp_path_factory, tokenizer) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("fmt", ["instruction", "prompt_completion", "chat-file", "chat-tokenizer"])
+@pytest.mark.parametrize("fmt", ["instruction", "prompt_completion", "chat-file", "chat-inline",
+                                 "chat-tokenizer"])
 def test_only_answer_tokens_are_counted(tmp_path, tiny_llama, llama_with_template, tokenizer, fmt):
     rows = {"instruction": INSTRUCTION_ROWS, "prompt_completion": PROMPT_ROWS}.get(fmt, CHAT_ROWS)
     extra, model = {}, tiny_llama
     if fmt == "chat-file":
         (tmp_path / "chat.jinja").write_text(TEMPLATE)
         extra = {"chat_template": str(tmp_path / "chat.jinja")}
+    if fmt == "chat-inline":
+        extra = {"chat_template": TEMPLATE}
     if fmt == "chat-tokenizer":
         model = llama_with_template
     assert tokenize(config(tmp_path, model, rows, fmt.split("-")[0], **extra)) == 0
@@ -330,7 +333,30 @@ def test_chat_without_any_template_is_a_one_line_error(tmp_path, tiny_llama, cap
     assert tokenize(config(tmp_path, tiny_llama, CHAT_ROWS, "chat")) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"ftpipe: error: data.chat_template: the tokenizer of {str(tiny_llama)!r} has no chat template; "
-        "set data.chat_template to a Jinja file")
+        "set data.chat_template to a Jinja template or a file holding one")
+
+
+@pytest.mark.parametrize("where", ["file", "inline"])
+def test_a_chat_template_of_broken_syntax_is_one_error_before_any_row(tmp_path, tiny_llama, capsys, where):
+    broken = TEMPLATE.replace("{% endif %}{{ '\\n' }}", "{{ '\\n' }}", 1)  # an if never closed
+    template = tmp_path / "broken.jinja"
+    template.write_text("{# ChatML-like #}\n" + broken)
+    value = str(template) if where == "file" else "{# ChatML-like #}\n" + broken
+    cfg = config(tmp_path, tiny_llama, CHAT_ROWS, "chat", chat_template=value)
+    for command in (("validate", cfg), ("run", cfg, "--no-progress", "--stages", "shard,tokenize")):
+        assert ftpipe(*command) == 2
+        named = str(template) if where == "file" else "inline template"
+        assert capsys.readouterr().err.splitlines()[-1] == (
+            f"ftpipe: error: data.chat_template: {named}, line 2: Encountered unknown tag 'endfor'. You "
+            "probably made a nesting mistake. Jinja is expecting this tag, but currently looking for 'elif' "
+            "or 'else' or 'endif'. The innermost block that needs to be closed is 'if'.")
+    assert not (tmp_path / "runs" / "fmt" / "shard").exists()
+
+
+def test_a_template_with_transformers_generation_tags_passes_the_check(tmp_path, tiny_llama):
+    """{% generation %} is a tag of transformers' Jinja environment, not of plain Jinja."""
+    tagged = TEMPLATE.replace("{{ eos_token }}", "{% generation %}{{ eos_token }}{% endgeneration %}")
+    assert tokenize(config(tmp_path, tiny_llama, CHAT_ROWS, "chat", chat_template=tagged)) == 0
 
 
 def test_template_errors_reject_the_row(tmp_path, tiny_llama):

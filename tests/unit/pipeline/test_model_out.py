@@ -116,3 +116,21 @@ def test_lora_options_reach_peft_in_training(tiny_llama):
     model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_llama), validate_config(raw))
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert q_proj.scaling["default"] == 8.0 / 2 and "default" in q_proj.lora_magnitude_vector
+
+
+def test_an_inline_chat_template_goes_with_the_tokenizer_and_the_card_says_so(tmp_path, tiny_llama):
+    from transformers import AutoTokenizer
+
+    template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+    data = {"format": "chat", "chat_template": template}
+    cfg, ctx, step = trained_stage(tmp_path, tiny_llama, sections={"data": data})
+    model = _trained_llama(tiny_llama)
+    save_torch(model.state_dict(), step)
+    save_verify(model, ctx.run_dir)
+    consolidate.run(cfg, ctx)
+    out = ctx.run_dir.model_dir
+    assert AutoTokenizer.from_pretrained(out).chat_template == template
+    card = (out / "README.md").read_text()
+    assert "Chat template (`data.chat_template`, inline) saved with the tokenizer" in card
+    assert template not in card
