@@ -17,7 +17,7 @@ from typing import Any
 
 import pipeline
 from pipeline.config import RunConfig, inline_template
-from pipeline.digests import DigestCache, model_digest
+from pipeline.digests import DigestCache, fingerprint, model_digest
 
 PACKAGE_ROOT = Path(pipeline.__file__).parent.parent
 
@@ -52,7 +52,9 @@ def shard_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
 
 def tokenize_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
     template = cfg.data.chat_template
-    if template and not inline_template(template) and Path(template).is_file():
+    if template and inline_template(template):  # its digest: a change is then named in one short line
+        template = f"inline {fingerprint(template)}"
+    elif template and Path(template).is_file():
         template = cache.digest(Path(template))
     data = {"max_seq_len": cfg.data.max_seq_len, "format": cfg.data.format, "loss_on": cfg.data.loss_on,
             "overlong": cfg.data.overlong, "packing": cfg.data.packing, "chat_template": template}

@@ -313,16 +313,23 @@ def test_instruction_run_end_to_end(tmp_path, tiny_llama):
     assert samples and all(s["prompt"].endswith("### Response:\n") for s in samples)
 
 
-def test_chat_template_content_is_part_of_the_tokenize_fingerprint(tmp_path, tiny_llama):
+@pytest.mark.parametrize("where", ["file", "inline"])
+def test_chat_template_content_is_part_of_the_tokenize_fingerprint(tmp_path, tiny_llama, where):
     from pipeline.config import load_config
     from pipeline.runner import plan
 
     template = tmp_path / "chat.jinja"
     template.write_text(TEMPLATE)
-    cfg = config(tmp_path, tiny_llama, CHAT_ROWS, "chat", chat_template=str(template))
+    value = str(template) if where == "file" else TEMPLATE
+    cfg = config(tmp_path, tiny_llama, CHAT_ROWS, "chat", chat_template=value)
     assert tokenize(cfg) == 0
-    template.write_text(TEMPLATE.replace("<|", "<<|"))
-    with pytest.raises(UserError, match=r"^tokenize: data\.chat_template: \w+ -> \w+ since it finished"):
+    changed = TEMPLATE.replace("<|", "<<|") + "\n"
+    if where == "file":
+        template.write_text(changed)
+    else:
+        cfg = config(tmp_path, tiny_llama, CHAT_ROWS, "chat", chat_template=changed)
+    named = r"\w+ -> \w+" if where == "file" else r"inline \w{16} -> inline \w{16}"
+    with pytest.raises(UserError, match=rf"^tokenize: data\.chat_template: {named} since it finished[^\n]*$"):
         plan(load_config(cfg), ["shard", "tokenize"])
     forced = plan(load_config(cfg), ["shard", "tokenize"], force=("tokenize",))
     actions = {p.name: (p.action, p.reason) for p in forced}
