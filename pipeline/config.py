@@ -55,8 +55,14 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 def inline_template(value: str) -> bool:
-    """data.chat_template's text is the Jinja template itself, not the path of a file holding one."""
-    return "{{" in value or "{%" in value
+    """data.chat_template's text is the Jinja template itself (it holds {{ or {% and names no file), not
+    the path of a file holding one."""
+    if "{{" not in value and "{%" not in value:
+        return False
+    try:
+        return not Path(value).is_file()
+    except OSError:  # a template's text is no usable path (too long a name)
+        return True
 
 
 class DataConfig(Section):

@@ -16,6 +16,11 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def text_digest(text: str) -> str:
+    """What `file_digest` gives a file holding `text` in UTF-8."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+
+
 def file_digest(path: Path, cache: dict[str, Any] | None = None) -> str:
     """Content hash of a file; `cache` (keyed by path, size, mtime) avoids re-reading big inputs."""
     stat = path.stat()

@@ -1,6 +1,7 @@
 """Checks `validate` (and every run or submission) makes of the files a config names, before
 anything is written: the model directory, the output folder, and whether a batch can fit in memory.
-Import-light (no torch, no transformers): the command line runs it before choosing what to import."""
+Import-light (no torch; transformers only to compile a data.chat_template): the command line runs it before
+choosing what to import."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, inline_template
 from pipeline.digests import WEIGHT_SUFFIXES
 from pipeline.errors import UserError
 from pipeline.prompts import read_prompts
 from pipeline.sources import check_paths
+from pipeline.tokenizer import template_text
 
 HUB_ID = r"[\w.-]+(/[\w.-]+)?"
 NAME_MAX = 255  # bytes in one path component on every file system ftpipe is used on
@@ -29,6 +31,8 @@ RUN_DIR_DEPTH = 200
 def check_inputs(cfg: RunConfig) -> None:
     """Every check a config gets before anything runs; UserError naming the key on the first problem."""
     check_paths(cfg)
+    if cfg.data.chat_template is not None:
+        check_template(cfg.data.chat_template)
     if cfg.train.deepspeed.config:
         check_json_file("train.deepspeed.config", Path(cfg.train.deepspeed.config))
     if cfg.evaluate.prompts:
@@ -39,6 +43,18 @@ def check_inputs(cfg: RunConfig) -> None:
     check_output(cfg)
     if model_config is not None:
         check_memory(cfg, model_config)
+
+
+def check_template(template: str) -> None:
+    """data.chat_template: an inline template or an existing file, either of valid Jinja syntax."""
+    if not inline_template(template):
+        try:
+            found = Path(template).is_file()
+        except OSError as err:  # a name longer than the file system allows
+            raise UserError(f"data.chat_template: {err.strerror}: {template[:60]!r}...") from None
+        if not found:
+            raise UserError(f"data.chat_template: no file {template!r} (inline templates hold {{{{ or {{%)")
+    template_text(template)
 
 
 def check_model(name: str) -> dict[str, Any] | None:

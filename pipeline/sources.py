@@ -9,12 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DataConfig, RunConfig, inline_template
+from pipeline.config import DataConfig, RunConfig
 from pipeline.config_sources import SourceSpec
 from pipeline.digests import DigestCache
 from pipeline.errors import UserError
 from pipeline.hf_sources import DatasetRef, dataset_digest, is_saved_dataset, load
-from pipeline.tokenizer import template_text
 
 
 @dataclass(frozen=True)
@@ -108,20 +107,6 @@ def check_paths(cfg: RunConfig) -> None:
     """Fail early, naming the key, when an input file the run reads is missing or cannot be read."""
     for source in source_files(cfg):
         check_source(source)
-    if cfg.data.chat_template is not None:
-        check_template(cfg.data.chat_template)
-
-
-def check_template(template: str) -> None:
-    """data.chat_template: an inline template or an existing file, either of valid Jinja syntax."""
-    if not inline_template(template):
-        try:
-            found = Path(template).is_file()
-        except OSError as err:  # a name longer than the file system allows
-            raise UserError(f"data.chat_template: {err.strerror}: {template[:60]!r}...") from None
-        if not found:
-            raise UserError(f"data.chat_template: no file {template!r} (inline templates hold {{{{ or {{%)")
-    template_text(template)
 
 
 def source_key(source: SourceFile) -> str:

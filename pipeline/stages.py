@@ -17,7 +17,7 @@ from typing import Any
 
 import pipeline
 from pipeline.config import RunConfig, inline_template
-from pipeline.digests import DigestCache, fingerprint, model_digest
+from pipeline.digests import DigestCache, model_digest, text_digest
 
 PACKAGE_ROOT = Path(pipeline.__file__).parent.parent
 
@@ -52,8 +52,8 @@ def shard_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
 
 def tokenize_inputs(cfg: RunConfig, cache: DigestCache) -> dict[str, Any]:
     template = cfg.data.chat_template
-    if template and inline_template(template):  # its digest: a change is then named in one short line
-        template = f"inline {fingerprint(template)}"
+    if template and inline_template(template):  # as a file's: the same text inline or in a file is no change
+        template = text_digest(template)
     elif template and Path(template).is_file():
         template = cache.digest(Path(template))
     data = {"max_seq_len": cfg.data.max_seq_len, "format": cfg.data.format, "loss_on": cfg.data.loss_on,

@@ -5,6 +5,7 @@ either. MLflow's own monitor is not used: it logs around ftpipe's retries and sp
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from types import ModuleType, TracebackType
@@ -36,7 +37,8 @@ def open_nvml() -> ModuleType | None:
 
 def close_nvml(nvml: ModuleType | None) -> None:
     if nvml is not None:
-        nvml.nvmlShutdown()
+        with contextlib.suppress(Exception):  # a driver gone at the end must not fail a finished run
+            nvml.nvmlShutdown()
 
 
 def gpu_sample(nvml: ModuleType | None) -> dict[str, float]:
@@ -69,7 +71,6 @@ class SystemMetrics:
     def __enter__(self) -> SystemMetrics:
         if self.enabled:
             psutil.cpu_percent(interval=None)  # the first call only starts psutil's CPU interval
-            self.nvml = open_nvml()
             self.thread.start()
         return self
 
@@ -77,15 +78,18 @@ class SystemMetrics:
                  trace: TracebackType | None) -> None:
         if self.enabled:
             self.stopped.set()
-            self.thread.join(timeout=5)
-            self.record()
-            if not self.thread.is_alive():  # a sample still running keeps NVML; the process ends soon
-                close_nvml(self.nvml)
+            self.thread.join(timeout=5)  # a hung NVML call must not hold up the end of training
 
     def _loop(self) -> None:
-        self.record()
-        while not self.stopped.wait(self.interval):
+        """The one thread that opens NVML, samples (the last sample at exit) and closes it."""
+        self.nvml = open_nvml()
+        try:
             self.record()
+            while not self.stopped.wait(self.interval):
+                self.record()
+            self.record()
+        finally:
+            close_nvml(self.nvml)
 
     def record(self) -> None:
         self.log({**host_sample(), **gpu_sample(self.nvml)}, self.samples)

@@ -55,7 +55,8 @@ def template_text(value: str) -> str:
         _compile_jinja_template(text)
     except TemplateSyntaxError as err:
         where = "inline template" if inline_template(value) else value
-        raise UserError(f"data.chat_template: {where}, line {err.lineno}: {err.message}") from None
+        said = (err.message or "syntax error").splitlines()[0]
+        raise UserError(f"data.chat_template: {where}, line {err.lineno}: {said}") from None
     return text
 
 

@@ -82,3 +82,20 @@ def test_a_gpu_lost_mid_run_leaves_host_metrics(monkeypatch):
     assert all("system/gpu_0_utilization_percentage" not in metrics and
                "system/cpu_utilization_percentage" in metrics for metrics in samples[1:])
     assert len(samples) == 3 and calls == ["init", "shutdown"]
+
+
+def test_an_nvml_that_fails_to_shut_down_ends_the_monitor_quietly(monkeypatch):
+    calls: list[str] = []
+    nvml = fake_nvml(calls)
+
+    def gone() -> None:
+        raise RuntimeError("NVML_ERROR_DRIVER_NOT_LOADED")
+
+    nvml.nvmlShutdown = gone
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    raised: list[BaseException] = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: raised.append(args.exc_value))
+    samples = []
+    with SystemMetrics(lambda metrics, step: samples.append(metrics), interval=60) as monitor:
+        pass
+    assert not monitor.thread.is_alive() and raised == [] and len(samples) == 2
