@@ -16,9 +16,16 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _content_hash() -> Any:
+    """The one hash of file and text contents, so that `text_digest` and `file_digest` agree."""
+    return hashlib.blake2b(digest_size=16)
+
+
 def text_digest(text: str) -> str:
     """What `file_digest` gives a file holding `text` in UTF-8."""
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).hexdigest()
+    digest = _content_hash()
+    digest.update(text.encode("utf-8"))
+    return digest.hexdigest()
 
 
 def file_digest(path: Path, cache: dict[str, Any] | None = None) -> str:
@@ -27,7 +34,7 @@ def file_digest(path: Path, cache: dict[str, Any] | None = None) -> str:
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     if cache is not None and key in cache:
         return cache[key]
-    digest = hashlib.blake2b(digest_size=16)
+    digest = _content_hash()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)

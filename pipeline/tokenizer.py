@@ -41,8 +41,9 @@ def load_tokenizer(name_or_path: str | Path) -> Any:
 def template_text(value: str) -> str:
     """The Jinja template data.chat_template gives, inline or in a file; its syntax checked, so a broken
     template is one config error before any row is rendered (transformers would reject every row)."""
+    inline = inline_template(value)
     try:
-        text = value if inline_template(value) else Path(value).read_text(encoding="utf-8")
+        text = value if inline else Path(value).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"data.chat_template: cannot read {value!r}: {err}") from None
     from jinja2 import TemplateSyntaxError
@@ -54,7 +55,7 @@ def template_text(value: str) -> str:
     try:
         _compile_jinja_template(text)
     except TemplateSyntaxError as err:
-        where = "inline template" if inline_template(value) else value
+        where = "inline template" if inline else value
         said = (err.message or "syntax error").splitlines()[0]
         raise UserError(f"data.chat_template: {where}, line {err.lineno}: {said}") from None
     return text
